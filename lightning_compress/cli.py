@@ -1,0 +1,121 @@
+"""The ``lightning-compress`` Hydra app: train with a recipe's compression callbacks, evaluate, report.
+
+    lightning-compress                                   # default recipe: digits, 90 % pruning
+    lightning-compress recipe=dense                      # the dense baseline
+    lightning-compress compression.pruning.final_sparsity=0.95 logger=csv
+    lightning-compress -m compression.pruning.final_sparsity=0.8,0.9,0.95
+
+Every job writes into its Hydra run directory: ``report.json``, ``checkpoints/last.ckpt``,
+``model.lcz`` (the compact artifact) and, with the default logger, the offline W&B run under ``wandb/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from lightning_compress.artifacts import compression_summary, model_report
+from lightning_compress.config import CONFIG_NAME, instantiate
+from lightning_compress.pruning import MagnitudePruning
+
+log = logging.getLogger(__name__)
+
+
+def _build_callbacks(cfg: DictConfig) -> tuple[list[pl.Callback], list[pl.Callback]]:
+    compression = [instantiate(c) for c in (cfg.get("compression") or {}).values() if c]
+    others = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    return compression, others
+
+
+def _selected_layers(callbacks: list[pl.Callback]) -> list[str]:
+    layers: list[str] = []
+    for cb in callbacks:
+        if isinstance(cb, MagnitudePruning):
+            layers += [n for n in cb.selected_layers if n not in layers]
+    return layers
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.2f} MiB"
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """Print the compression report of :func:`train` as two rich tables: per layer, then the totals."""
+    console = console or Console()
+    layers = Table(title=f"compression report: {report.get('recipe', '')}", title_justify="left")
+    for col in ("layer", "type", "params", "non-zeros", "sparsity", "fp32 size"):
+        layers.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for row in report["layers"]:
+        layers.add_row(
+            row["name"], row["type"], f"{row['params']:,}", f"{row['nonzero']:,}",
+            f"{row['sparsity']:.2%}", _fmt_bytes(row["bytes"]),
+        )  # fmt: skip
+    console.print(layers)
+    totals = Table(show_header=True)
+    for col in ("accuracy", "sparsity", "params", "non-zeros", "fp32 size", "compressed size", "ratio"):
+        totals.add_column(col, justify="right")
+    totals.add_row(
+        f"{report['accuracy']:.2%}", f"{report['sparsity']:.2%}", f"{report['params']:,}",
+        f"{report['nonzero_params']:,}", _fmt_bytes(report["size_bytes_fp32"]),
+        _fmt_bytes(report["size_bytes_compressed"]), f"{report['compression_ratio']:.1f}×",
+    )  # fmt: skip
+    console.print(totals)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job of the app on a composed config and return its report (also written as report.json)."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    # Everything that can be refused is built before training starts.
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
+    compression, others = _build_callbacks(cfg)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*compression, *others], logger=logger)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule)
+    accuracy = float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
+
+    report: dict[str, Any] = {"recipe": cfg.get("task_name"), "accuracy": accuracy}
+    report.update(model_report(module, out / "model.lcz", _selected_layers(compression) or None))
+    report["layers"] = [r.as_dict() for r in compression_summary(module)]
+    checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
+        trainer.checkpoint_callback, "best_model_path", ""
+    )
+    report["checkpoint"] = checkpoint or None
+    if trainer.is_global_zero:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        for lg in trainer.loggers:
+            lg.log_metrics({f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_compress.conf", config_name=CONFIG_NAME)
+def main(cfg: DictConfig) -> float:
+    """Entry point of the ``lightning-compress`` console script; returns the test accuracy (sweeps)."""
+    try:
+        report = train(cfg)
+    finally:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()  # one run per job, also in multiruns and when a job fails
+    print_report(report)
+    return float(report["accuracy"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""MagnitudePruning: gradual pruning as a Lightning callback.
+
+The callback only adapts the pure functions of :mod:`~lightning_compress.pruning.schedules` and
+:mod:`~lightning_compress.pruning.masks` to the Trainer: it picks the weights, asks the schedule for a
+target at the current optimizer step, asks the masks for the zeros and writes them into the weights in
+place. No forward hooks, no extra parameters: the model's ``state_dict`` keys stay those of the user's
+class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress.artifacts import compression_summary
+from lightning_compress.pruning.masks import (
+    CRITERIA,
+    Granularity,
+    compute_masks,
+    nm_groups,
+    parse_granularity,
+    random_scores,
+)
+from lightning_compress.pruning.schedules import SCHEDULES, sparsity_at
+from lightning_compress.selection import check_overrides_match, match_overrides, select_modules
+
+SCOPES = ("global", "layer")
+#: With ``update_every_n_steps=None`` the masks are updated this many times along the ramp.
+DEFAULT_UPDATES_PER_RAMP = 50
+
+
+def _check_sparsity(name: str, value: Any, granularity: Granularity) -> float:
+    """A sparsity in [0, 1) — or in [0, N/M] for N:M, which reaches N/M exactly."""
+    nm = granularity.kind == "nm"
+    allowed = f"[0, {granularity.max_sparsity:g}] for granularity '{granularity}'" if nm else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number in {allowed}, got {value!r}.")
+    value = float(value)
+    upper_ok = value <= granularity.max_sparsity if nm else value < 1.0
+    if math.isnan(value) or value < 0.0 or not upper_ok:
+        raise ValueError(f"`{name}` must be in {allowed}, got {value!r}.")
+    return value
+
+
+def _check_epoch(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"`{name}` must be a number of epochs >= 0 (fractions allowed), got {value!r}.")
+    return float(value)
+
+
+class MagnitudePruning(Callback):
+    r"""Gradual magnitude pruning (Zhu & Gupta, 2017) of a LightningModule's Conv and Linear weights.
+
+    Sparsity ramps from ``initial_sparsity`` at ``start_epoch`` to ``final_sparsity`` at ``end_epoch``
+    along a cubic (default) or linear schedule, then holds. Progress counts optimizer steps, so gradient
+    accumulation does not distort it, and epochs may be fractional. The masks are recomputed every
+    ``update_every_n_steps`` optimizer steps during the ramp and at its end; after every optimizer step the
+    pruned weights are written back to exactly zero, so momentum or weight decay cannot revive them.
+
+    Args:
+        final_sparsity: Fraction of the selected weights that are zero at the end, in [0, 1).
+        initial_sparsity: Sparsity at ``start_epoch``, in [0, ``final_sparsity``].
+        start_epoch: Epoch (fractional allowed) at which pruning starts.
+        end_epoch: Epoch at which ``final_sparsity`` is reached. Must not exceed the Trainer's
+            ``max_epochs`` (an error, raised before the first step: the ramp would never finish).
+        schedule: ``"cubic"`` or ``"linear"``.
+        granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole output channels ranked by
+            L2 norm) or ``"N:M"`` such as ``"2:4"`` (in every group of M consecutive input weights the N
+            smallest are zero; ``final_sparsity`` may then be at most N/M, reached when every group follows
+            the pattern).
+        scope: ``"global"`` (one ranking across all selected layers; unstructured only, its default) or
+            ``"layer"`` (every layer at the target; the default for channel and N:M).
+        criterion: ``"magnitude"`` (default), ``"random"`` (fixed random scores from ``seed``) or
+            ``"threshold"`` (every ``|w| < threshold`` is pruned at each update; the schedule's target is
+            then not used and the measured sparsity is what the threshold gives).
+        threshold: The magnitude threshold for ``criterion="threshold"``.
+        layer_sparsity: ``{regex: final sparsity}`` overrides; a matching layer is ranked on its own and
+            ramps to its own value along the same schedule. Every pattern must match a selected layer.
+        include: Regular expression(s) searched in ``pl_module.named_modules()`` names; only matching
+            Conv/Linear modules are pruned. Each must match at least one.
+        exclude: Regular expression(s) for modules to leave dense.
+        update_every_n_steps: Optimizer steps between mask updates during the ramp. ``None`` spreads
+            50 updates evenly over it.
+        seed: Seed of the random scores for ``criterion="random"``.
+        verbose: Print a line at every mask update (rank zero only).
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_compress import MagnitudePruning
+
+        trainer = pl.Trainer(max_epochs=10, callbacks=[MagnitudePruning(final_sparsity=0.9, end_epoch=8)])
+        trainer.fit(model, datamodule)   # model's Conv/Linear weights are now 90 % zeros
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float = 0.9,
+        initial_sparsity: float = 0.0,
+        start_epoch: float = 0.0,
+        end_epoch: float = 10.0,
+        schedule: str = "cubic",
+        granularity: str = "unstructured",
+        scope: str | None = None,
+        criterion: str = "magnitude",
+        threshold: float | None = None,
+        layer_sparsity: dict[str, float] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        update_every_n_steps: int | None = None,
+        seed: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__()
+        self.granularity: Granularity = parse_granularity(granularity)
+        self.final_sparsity = _check_sparsity("final_sparsity", final_sparsity, self.granularity)
+        self.initial_sparsity = _check_sparsity("initial_sparsity", initial_sparsity, self.granularity)
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(
+                f"`initial_sparsity` ({initial_sparsity}) must not exceed `final_sparsity` ({final_sparsity})."
+            )
+        self.start_epoch = _check_epoch("start_epoch", start_epoch)
+        self.end_epoch = _check_epoch("end_epoch", end_epoch)
+        if self.start_epoch > self.end_epoch:
+            raise ValueError(f"`start_epoch` ({start_epoch}) must not be after `end_epoch` ({end_epoch}).")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
+        self.schedule = schedule
+        if scope is None:
+            scope = "global" if self.granularity.kind == "unstructured" else "layer"
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
+        if scope == "global" and self.granularity.kind != "unstructured":
+            raise ValueError(
+                f"`scope='global'` ranks single weights across layers and needs granularity='unstructured'; "
+                f"got granularity={granularity!r}. Use scope='layer'."
+            )
+        self.scope = scope
+        if criterion not in CRITERIA:
+            raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
+        self.criterion = criterion
+        if criterion == "threshold":
+            if (
+                isinstance(threshold, bool)
+                or not isinstance(threshold, (int, float))
+                or not math.isfinite(threshold)
+                or threshold <= 0
+            ):
+                raise ValueError(f"criterion='threshold' needs a finite `threshold` > 0, got {threshold!r}.")
+            if self.granularity.kind != "unstructured":
+                raise ValueError(f"criterion='threshold' needs granularity='unstructured', got {granularity!r}.")
+        elif threshold is not None:
+            raise ValueError(f"`threshold` ({threshold!r}) is only used with criterion='threshold'.")
+        self.threshold = None if threshold is None else float(threshold)
+        self.layer_sparsity = {
+            str(pattern): _check_sparsity(f"layer_sparsity[{pattern!r}]", value, self.granularity)
+            for pattern, value in dict(layer_sparsity or {}).items()
+        }
+        self.include, self.exclude = include, exclude
+        if update_every_n_steps is not None and (
+            isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int) or update_every_n_steps < 1
+        ):
+            raise ValueError(f"`update_every_n_steps` must be an integer >= 1 or None, got {update_every_n_steps!r}.")
+        self.update_every_n_steps = update_every_n_steps
+        self.seed = int(seed)
+        self.verbose = verbose
+
+        self._modules: dict[str, nn.Module] = {}
+        self._masks: dict[str, Tensor] = {}
+        self._scores: dict[str, Tensor] | None = None
+        self._loaded: dict[str, Any] | None = None
+        self._last_update_step = -1
+        self._last_seen_step = -1
+        self._target = 0.0
+        self._sparsity = 0.0
+        self._start_step = self._end_step = self._every = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            granularity=str(self.granularity), include=self.include, exclude=self.exclude
+        )
+
+    # ------------------------------------------------------------------ policy (overridable)
+    def filter_modules(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs whose ``weight`` is pruned. Override for other selections."""
+        return select_modules(pl_module, self.include, self.exclude)
+
+    def should_update(self, step: int) -> bool:
+        """Whether the masks are recomputed after optimizer step ``step``."""
+        if step < self._start_step:
+            return False
+        if self._last_update_step < 0:
+            return True  # first update (at the ramp's start, or on entering it after a late start)
+        if step <= self._end_step:
+            return (step - self._start_step) % self._every == 0 or step == self._end_step
+        return self._last_update_step < self._end_step
+
+    def target_sparsity(self, step: int, final: float | None = None) -> float:
+        """The schedule's target after optimizer step ``step`` (for a layer override, its own ``final``)."""
+        final = self.final_sparsity if final is None else final
+        span = self._end_step - self._start_step
+        progress = 1.0 if span <= 0 else (step - self._start_step) / span
+        return sparsity_at(progress, min(self.initial_sparsity, final), final, self.schedule)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._modules:
+            return
+        selected = self.filter_modules(pl_module)
+        names = [name for name, _ in selected]
+        check_overrides_match(names, self.layer_sparsity, "layer_sparsity")
+        if self.granularity.kind == "nm":
+            for name, module in selected:
+                try:
+                    nm_groups(module.weight.shape, self.granularity.m)
+                except ValueError as err:
+                    raise ValueError(
+                        f"granularity='{self.granularity}' cannot prune layer {name!r}: {err}. "
+                        f"Leave it out with `exclude`."
+                    ) from None
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.end_epoch > max_epochs:
+            raise ValueError(
+                f"`end_epoch` ({self.end_epoch:g}) is past the Trainer's max_epochs ({max_epochs}): the ramp "
+                f"would never reach final_sparsity={self.final_sparsity:g}. Set end_epoch <= {max_epochs}."
+            )
+        self._modules = dict(selected)
+        if self.criterion == "random":
+            generator = torch.Generator().manual_seed(self.seed)
+            self._scores = {n: random_scores(m.weight, generator) for n, m in selected}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "MagnitudePruning counts its schedule in epochs and needs a sized train dataloader "
+                "(its length is unknown)."
+            )
+        steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        self._start_step = round(self.start_epoch * steps_per_epoch)
+        self._end_step = round(self.end_epoch * steps_per_epoch)
+        if trainer.max_steps is not None and 0 <= trainer.max_steps < self._end_step:
+            raise ValueError(
+                f"`end_epoch` ({self.end_epoch:g}) is {self._end_step} optimizer steps, past the Trainer's "
+                f"max_steps ({trainer.max_steps}): the ramp would never reach final_sparsity."
+            )
+        span = self._end_step - self._start_step
+        self._every = self.update_every_n_steps or max(1, round(span / DEFAULT_UPDATES_PER_RAMP))
+        if self._loaded is not None:
+            self._restore(self._loaded)
+            self._loaded = None
+        self._last_seen_step = trainer.global_step
+        self._step(trainer, pl_module, trainer.global_step, log=False)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_seen_step:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._last_seen_step = step
+        self._step(trainer, pl_module, step)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        per_layer = self.layer_sparsities()
+        pl_module.log_dict({f"compress/sparsity/{n}": v for n, v in per_layer.items()}, on_epoch=True)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                rows = [r for r in compression_summary(pl_module) if r.name in self._modules]
+                logger.log_table(
+                    key="compress/layers",
+                    columns=["layer", "type", "params", "nonzero", "sparsity", "bytes"],
+                    data=[[r.name, r.type, r.params, r.nonzero, r.sparsity, r.bytes] for r in rows],
+                )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {name: mask.cpu() for name, mask in self._masks.items()},
+            "last_update_step": self._last_update_step,
+            "target": self._target,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    # ------------------------------------------------------------------ internals
+    def _restore(self, state: dict[str, Any]) -> None:
+        masks = state.get("masks", {})
+        if masks and set(masks) != set(self._modules):
+            raise ValueError(
+                f"The checkpoint's pruning masks are for layers {sorted(masks)}, but this MagnitudePruning "
+                f"selects {sorted(self._modules)}. Use the include/exclude of the run that wrote it."
+            )
+        self._masks = {n: m.to(self._modules[n].weight.device, torch.bool) for n, m in masks.items()}
+        self._last_update_step = int(state.get("last_update_step", -1))
+        self._target = float(state.get("target", 0.0))
+        self._apply()
+        self._sparsity = self.sparsity()
+
+    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
+        if self.should_update(step):
+            self._update(trainer, step)
+        elif self._masks:
+            self._apply()
+        if self._masks and log:
+            pl_module.log("compress/sparsity", self._sparsity, on_step=True, on_epoch=False)
+            pl_module.log("compress/target_sparsity", self._target, on_step=True, on_epoch=False)
+
+    @torch.no_grad()
+    def _update(self, trainer: pl.Trainer, step: int) -> None:
+        weights = {n: m.weight for n, m in self._modules.items()}
+        own = {n: v for n in weights if (v := match_overrides(n, self.layer_sparsity)) is not None}
+        self._target = self.target_sparsity(step)
+        try:
+            masks = compute_masks(
+                weights,
+                self._target,
+                granularity=self.granularity,
+                scope=self.scope,
+                criterion=self.criterion,
+                layer_sparsity={n: self.target_sparsity(step, final) for n, final in own.items()},
+                previous=self._masks or None,
+                scores=self._scores,
+                threshold=self.threshold,
+            )
+        except ValueError as err:
+            raise RuntimeError(f"MagnitudePruning stopped training at optimizer step {step}: {err}") from err
+        if trainer.world_size > 1:
+            # Every rank holds the same weights under DDP, so the masks agree already; broadcasting rank
+            # zero's makes that a guarantee rather than an assumption (e.g. ties broken differently).
+            masks = trainer.strategy.broadcast(masks, src=0)
+            masks = {n: m.to(weights[n].device) for n, m in masks.items()}
+        self._masks = masks
+        self._last_update_step = step
+        self._apply()
+        self._sparsity = self.sparsity()
+        if self.criterion == "threshold":
+            self._target = self._sparsity
+        if self.verbose:
+            rank_zero_info(
+                f"MagnitudePruning: step {step}, target {self._target:.4f}, measured {self._sparsity:.4f}"
+            )
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        for name, mask in self._masks.items():
+            self._modules[name].weight.mul_(mask)
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The current masks, layer name → bool tensor (``True`` keeps the weight)."""
+        return dict(self._masks)
+
+    def layer_sparsities(self) -> dict[str, float]:
+        """Measured fraction of zero weights in each selected layer."""
+        return {
+            n: 1.0 - int(torch.count_nonzero(m.weight)) / m.weight.numel() for n, m in self._modules.items()
+        }
+
+    def sparsity(self) -> float:
+        """Measured fraction of zero weights over all selected layers together."""
+        total = sum(m.weight.numel() for m in self._modules.values())
+        zeros = sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for m in self._modules.values())
+        return zeros / total if total else 0.0
+
+    @property
+    def selected_layers(self) -> list[str]:
+        """Names of the layers this callback prunes (known after ``setup``)."""
+        return list(self._modules)

@@ -1,0 +1,18 @@
+"""What the CLI trains: data modules, models and a classification LightningModule.
+
+The compression core does not depend on this package; a user's own LightningModule is the normal case.
+"""
+
+from lightning_compress.tasks.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
+from lightning_compress.tasks.models import MLP, ResNet20, SmallCNN
+from lightning_compress.tasks.module import ClassificationModule
+
+__all__ = [
+    "MLP",
+    "CIFAR10DataModule",
+    "ClassificationModule",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "ResNet20",
+    "SmallCNN",
+]

@@ -1,0 +1,89 @@
+"""Models the CLI trains: a small CNN for digits, an MLP and a CIFAR-style ResNet-20.
+
+Every model takes ``input_shape`` (C, H, W) and ``num_classes``, which the CLI reads from the data module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
+
+
+class SmallCNN(nn.Module):
+    """Three 3×3 conv layers with BatchNorm, one pooling, two Linear layers (about 190 k weights for 8×8)."""
+
+    def __init__(
+        self, input_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, width: int = 32, hidden: int = 128
+    ) -> None:
+        super().__init__()
+        channels, height, width_px = input_shape
+        self.features = nn.Sequential(
+            *_conv_bn(channels, width), nn.ReLU(inplace=True),
+            *_conv_bn(width, 2 * width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            *_conv_bn(2 * width, 2 * width), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        flat = 2 * width * (height // 2) * (width_px // 2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    """A multi-layer perceptron on the flattened input."""
+
+    def __init__(
+        self, input_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, hidden: Sequence[int] = (256, 128)
+    ) -> None:
+        super().__init__()
+        sizes = [int(torch.tensor(input_shape).prod()), *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for cin, cout in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(cin, cout), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(sizes[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(cin, cout, stride), nn.ReLU(inplace=True), *_conv_bn(cout, cout))
+        self.shortcut = (
+            nn.Sequential(*_conv_bn(cin, cout, stride, kernel=1)) if stride != 1 or cin != cout else nn.Identity()
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet-20 (He et al. 2016): 3 stages of 3 basic blocks at widths w, 2w, 4w."""
+
+    def __init__(
+        self, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, width: int = 16, blocks: int = 3
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [*_conv_bn(input_shape[0], width), nn.ReLU(inplace=True)]
+        cin = width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for block in range(blocks):
+                layers.append(BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
+                cin = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
