@@ -81,9 +81,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
     compression, others = _build_callbacks(cfg)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*compression, *others], logger=logger)
-    if logger:
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*compression, *others], logger=logger or False)
+    if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(module, datamodule=datamodule)

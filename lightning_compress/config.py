@@ -22,6 +22,8 @@ def instantiate(cfg: DictConfig | dict[str, Any], **kwargs: Any) -> Any:
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """Compose the app's configuration without running it (as tests and notebooks do).
 
+    Pass ``paths.output_dir=...``: outside a running app Hydra has no run directory.
+
     Example:
         >>> cfg = compose(["recipe=dense", "paths.output_dir=/tmp/x"])
         >>> cfg.trainer.max_epochs
@@ -29,6 +31,14 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
     with initialize_config_module("lightning_compress.conf", version_base="1.3"):
-        return hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config)
+        cfg = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+    # ${hydra:...} interpolations (task_name, the run directory) resolve as they do inside the app.
+    HydraConfig.instance().set_config(cfg)
+    if not return_hydra_config:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg

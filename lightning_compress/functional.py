@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lightning_compress.artifacts import compression_summary
 from lightning_compress.pruning.masks import compute_masks, parse_granularity, sparsity
 from lightning_compress.pruning.schedules import sparsity_at
-from lightning_compress.selection import select_modules
+from lightning_compress.selection import select_modules, weights_of
 
 __all__ = ["compression_summary", "compute_masks", "prune_", "sparsity", "sparsity_at"]
 
@@ -34,8 +34,8 @@ def prune_(
     """
     gran = parse_granularity(granularity)
     scope = scope or ("global" if gran.kind == "unstructured" else "layer")
-    modules = dict(select_modules(model, include, exclude))
-    masks = compute_masks({n: m.weight for n, m in modules.items()}, sparsity, granularity=gran, scope=scope)
+    weights = weights_of(select_modules(model, include, exclude))
+    masks = compute_masks(weights, sparsity, granularity=gran, scope=scope)
     for name, mask in masks.items():
-        modules[name].weight.mul_(mask)
+        weights[name].mul_(mask)
     return masks

@@ -8,9 +8,9 @@ silent no-op: a typo would otherwise leave a layer uncompressed without anyone n
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 #: Module types whose ``weight`` the techniques compress by default.
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (
@@ -61,7 +61,7 @@ def select_modules(
             or nothing is left to select.
 
     Example:
-        >>> from torch import nn
+        >>> from torch import Tensor, nn
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> [name for name, _ in select_modules(net, exclude=r"^2$")]
         ['0']
@@ -92,6 +92,17 @@ def select_modules(
     return selected
 
 
+def weights_of(selected: Sequence[tuple[str, nn.Module]]) -> dict[str, Tensor]:
+    """Name → ``weight`` parameter of the selected modules (the tensors a technique rewrites in place)."""
+    out: dict[str, Tensor] = {}
+    for name, module in selected:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor to compress.")
+        out[name] = weight
+    return out
+
+
 def match_overrides(name: str, overrides: dict[str, float] | None) -> float | None:
     """The override value for ``name``: the first pattern of ``overrides`` found in it, else ``None``."""
     for pattern, value in (overrides or {}).items():
@@ -100,9 +111,7 @@ def match_overrides(name: str, overrides: dict[str, float] | None) -> float | No
     return None
 
 
-def check_overrides_match(
-    names: Sequence[str], overrides: dict[str, object] | None, argument: str
-) -> None:
+def check_overrides_match(names: Sequence[str], overrides: Mapping[str, object] | None, argument: str) -> None:
     """Raise if a pattern of a per-layer override dict matches none of the selected ``names``."""
     for pattern in _as_patterns(argument, list((overrides or {}).keys())):
         if not any(re.search(pattern, name) for name in names):

@@ -31,7 +31,7 @@ from lightning_compress.pruning.masks import (
     random_scores,
 )
 from lightning_compress.pruning.schedules import SCHEDULES, sparsity_at
-from lightning_compress.selection import check_overrides_match, match_overrides, select_modules
+from lightning_compress.selection import check_overrides_match, match_overrides, select_modules, weights_of
 
 SCOPES = ("global", "layer")
 #: With ``update_every_n_steps=None`` the masks are updated this many times along the ramp.
@@ -167,14 +167,16 @@ class MagnitudePruning(Callback):
         }
         self.include, self.exclude = include, exclude
         if update_every_n_steps is not None and (
-            isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int) or update_every_n_steps < 1
+            isinstance(update_every_n_steps, bool)
+            or not isinstance(update_every_n_steps, int)
+            or update_every_n_steps < 1
         ):
             raise ValueError(f"`update_every_n_steps` must be an integer >= 1 or None, got {update_every_n_steps!r}.")
         self.update_every_n_steps = update_every_n_steps
         self.seed = int(seed)
         self.verbose = verbose
 
-        self._modules: dict[str, nn.Module] = {}
+        self._weights: dict[str, Tensor] = {}
         self._masks: dict[str, Tensor] = {}
         self._scores: dict[str, Tensor] | None = None
         self._loaded: dict[str, Any] | None = None
@@ -187,9 +189,7 @@ class MagnitudePruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            granularity=str(self.granularity), include=self.include, exclude=self.exclude
-        )
+        return self._generate_state_key(granularity=str(self.granularity), include=self.include, exclude=self.exclude)
 
     # ------------------------------------------------------------------ policy (overridable)
     def filter_modules(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
@@ -216,15 +216,15 @@ class MagnitudePruning(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._modules:
+        if stage != "fit" or self._weights:
             return
-        selected = self.filter_modules(pl_module)
-        names = [name for name, _ in selected]
+        weights = weights_of(self.filter_modules(pl_module))
+        names = list(weights)
         check_overrides_match(names, self.layer_sparsity, "layer_sparsity")
         if self.granularity.kind == "nm":
-            for name, module in selected:
+            for name, weight in weights.items():
                 try:
-                    nm_groups(module.weight.shape, self.granularity.m)
+                    nm_groups(weight.shape, self.granularity.m)
                 except ValueError as err:
                     raise ValueError(
                         f"granularity='{self.granularity}' cannot prune layer {name!r}: {err}. "
@@ -236,10 +236,10 @@ class MagnitudePruning(Callback):
                 f"`end_epoch` ({self.end_epoch:g}) is past the Trainer's max_epochs ({max_epochs}): the ramp "
                 f"would never reach final_sparsity={self.final_sparsity:g}. Set end_epoch <= {max_epochs}."
             )
-        self._modules = dict(selected)
+        self._weights = weights
         if self.criterion == "random":
             generator = torch.Generator().manual_seed(self.seed)
-            self._scores = {n: random_scores(m.weight, generator) for n, m in selected}
+            self._scores = {n: random_scores(w, generator) for n, w in weights.items()}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,7 +284,7 @@ class MagnitudePruning(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                rows = [r for r in compression_summary(pl_module) if r.name in self._modules]
+                rows = [r for r in compression_summary(pl_module) if r.name in self._weights]
                 logger.log_table(
                     key="compress/layers",
                     columns=["layer", "type", "params", "nonzero", "sparsity", "bytes"],
@@ -306,12 +306,12 @@ class MagnitudePruning(Callback):
     # ------------------------------------------------------------------ internals
     def _restore(self, state: dict[str, Any]) -> None:
         masks = state.get("masks", {})
-        if masks and set(masks) != set(self._modules):
+        if masks and set(masks) != set(self._weights):
             raise ValueError(
                 f"The checkpoint's pruning masks are for layers {sorted(masks)}, but this MagnitudePruning "
-                f"selects {sorted(self._modules)}. Use the include/exclude of the run that wrote it."
+                f"selects {sorted(self._weights)}. Use the include/exclude of the run that wrote it."
             )
-        self._masks = {n: m.to(self._modules[n].weight.device, torch.bool) for n, m in masks.items()}
+        self._masks = {n: m.to(self._weights[n].device, torch.bool) for n, m in masks.items()}
         self._last_update_step = int(state.get("last_update_step", -1))
         self._target = float(state.get("target", 0.0))
         self._apply()
@@ -328,7 +328,7 @@ class MagnitudePruning(Callback):
 
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
-        weights = {n: m.weight for n, m in self._modules.items()}
+        weights = self._weights
         own = {n: v for n in weights if (v := match_overrides(n, self.layer_sparsity)) is not None}
         self._target = self.target_sparsity(step)
         try:
@@ -357,14 +357,12 @@ class MagnitudePruning(Callback):
         if self.criterion == "threshold":
             self._target = self._sparsity
         if self.verbose:
-            rank_zero_info(
-                f"MagnitudePruning: step {step}, target {self._target:.4f}, measured {self._sparsity:.4f}"
-            )
+            rank_zero_info(f"MagnitudePruning: step {step}, target {self._target:.4f}, measured {self._sparsity:.4f}")
 
     @torch.no_grad()
     def _apply(self) -> None:
         for name, mask in self._masks.items():
-            self._modules[name].weight.mul_(mask)
+            self._weights[name].mul_(mask)
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -374,17 +372,20 @@ class MagnitudePruning(Callback):
 
     def layer_sparsities(self) -> dict[str, float]:
         """Measured fraction of zero weights in each selected layer."""
-        return {
-            n: 1.0 - int(torch.count_nonzero(m.weight)) / m.weight.numel() for n, m in self._modules.items()
-        }
+        return {n: 1.0 - int(torch.count_nonzero(w)) / w.numel() for n, w in self._weights.items()}
 
     def sparsity(self) -> float:
         """Measured fraction of zero weights over all selected layers together."""
-        total = sum(m.weight.numel() for m in self._modules.values())
-        zeros = sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for m in self._modules.values())
+        total = sum(w.numel() for w in self._weights.values())
+        zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in self._weights.values())
         return zeros / total if total else 0.0
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        """The pruned weight tensors, layer name → parameter (known after ``setup``)."""
+        return dict(self._weights)
 
     @property
     def selected_layers(self) -> list[str]:
         """Names of the layers this callback prunes (known after ``setup``)."""
-        return list(self._modules)
+        return list(self._weights)

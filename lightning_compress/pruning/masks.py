@@ -133,9 +133,7 @@ def nm_groups(shape: torch.Size | tuple[int, ...], m: int) -> int:
     return shape[0] * row // m
 
 
-def nm_mask(
-    scores: Tensor, n: int, m: int, fraction: float = 1.0, previous: Tensor | None = None
-) -> Tensor:
+def nm_mask(scores: Tensor, n: int, m: int, fraction: float = 1.0, previous: Tensor | None = None) -> Tensor:
     """N:M mask: in each group of M consecutive input weights of an output row, the N smallest are zero.
 
     The input weights of an output channel are taken in memory order (``weight.reshape(out, -1)``: for a

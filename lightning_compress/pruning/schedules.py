@@ -7,9 +7,7 @@ import math
 SCHEDULES = ("cubic", "linear")
 
 
-def sparsity_at(
-    progress: float, initial_sparsity: float, final_sparsity: float, schedule: str = "cubic"
-) -> float:
+def sparsity_at(progress: float, initial_sparsity: float, final_sparsity: float, schedule: str = "cubic") -> float:
     """Target sparsity at ``progress`` ∈ [0, 1] of the pruning ramp.
 
     ``cubic`` is the schedule of Zhu & Gupta (2017), "To prune, or not to prune":

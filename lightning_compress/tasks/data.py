@@ -111,9 +111,7 @@ class DigitsDataModule(_LoadersMixin):
         self.val_fraction = _check_fraction("val_fraction", val_fraction)
         self.test_fraction = _check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
-            raise ValueError(
-                f"`val_fraction` + `test_fraction` must be < 1, got {val_fraction} + {test_fraction}."
-            )
+            raise ValueError(f"`val_fraction` + `test_fraction` must be < 1, got {val_fraction} + {test_fraction}.")
         if not 0.0 < train_label_fraction <= 1.0:
             raise ValueError(f"`train_label_fraction` must be in (0, 1], got {train_label_fraction!r}.")
         self.train_label_fraction = train_label_fraction
@@ -170,7 +168,9 @@ class ImageFolderDataModule(_LoadersMixin):
             )
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
         if len(classes) < 2:
-            raise FileNotFoundError(f"ImageFolderDataModule: {str(train_dir)!r} holds {len(classes)} class folders; need 2 or more.")
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: {str(train_dir)!r} holds {len(classes)} class folders; need 2 or more."
+            )
         self.num_classes = len(classes)
         self.input_shape = (3, image_size, image_size)
         self.image_size, self.batch_size = image_size, _check_batch_size(batch_size)
@@ -202,7 +202,13 @@ class CIFAR10DataModule(_LoadersMixin):
     num_classes = 10
 
     def __init__(
-        self, root: str, batch_size: int = 128, val_size: int = 5000, seed: int = 0, shuffle: bool = True, num_workers: int = 2
+        self,
+        root: str,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 2,
     ) -> None:
         super().__init__()
         _require_torchvision("CIFAR10DataModule")
@@ -223,7 +229,12 @@ class CIFAR10DataModule(_LoadersMixin):
 
         norm = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
         train_tf = transforms.Compose(
-            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                norm,
+            ]
         )
         eval_tf = transforms.Compose([transforms.ToTensor(), norm])
         full = datasets.CIFAR10(str(self.root), train=True, transform=train_tf, download=False)

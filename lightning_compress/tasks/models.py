@@ -19,7 +19,11 @@ class SmallCNN(nn.Module):
     """Three 3×3 conv layers with BatchNorm, one pooling, two Linear layers (about 190 k weights for 8×8)."""
 
     def __init__(
-        self, input_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, width: int = 32, hidden: int = 128
+        self,
+        input_shape: Sequence[int] = (1, 8, 8),
+        num_classes: int = 10,
+        width: int = 32,
+        hidden: int = 128,
     ) -> None:
         super().__init__()
         channels, height, width_px = input_shape
@@ -42,7 +46,10 @@ class MLP(nn.Module):
     """A multi-layer perceptron on the flattened input."""
 
     def __init__(
-        self, input_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, hidden: Sequence[int] = (256, 128)
+        self,
+        input_shape: Sequence[int] = (1, 8, 8),
+        num_classes: int = 10,
+        hidden: Sequence[int] = (256, 128),
     ) -> None:
         super().__init__()
         sizes = [int(torch.tensor(input_shape).prod()), *hidden]
@@ -73,7 +80,11 @@ class ResNet20(nn.Module):
     """CIFAR-style ResNet-20 (He et al. 2016): 3 stages of 3 basic blocks at widths w, 2w, 4w."""
 
     def __init__(
-        self, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, width: int = 16, blocks: int = 3
+        self,
+        input_shape: Sequence[int] = (3, 32, 32),
+        num_classes: int = 10,
+        width: int = 16,
+        blocks: int = 3,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [*_conv_bn(input_shape[0], width), nn.ReLU(inplace=True)]

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the tests' own helpers (wandb_records)
+
+# W&B never talks to a server in the tests, whatever the machine's settings.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer writing under tmp_path."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+@pytest.fixture
+def digits():
+    from lightning_compress.tasks import DigitsDataModule
+
+    return DigitsDataModule(batch_size=64, seed=0)
+
+
+def small_module(width: int = 8, hidden: int = 32, **kwargs):
+    from lightning_compress.tasks import ClassificationModule, SmallCNN
+
+    return ClassificationModule(SmallCNN((1, 8, 8), 10, width=width, hidden=hidden), **kwargs)

@@ -1,0 +1,42 @@
+import torch
+from conftest import small_module
+
+from lightning_compress import load_compressed, model_report, save_compressed
+from lightning_compress.artifacts import fp32_size_bytes
+from lightning_compress.functional import prune_
+
+
+def test_roundtrip_is_exact_and_sparse_is_smaller(tmp_path):
+    torch.manual_seed(0)
+    module = small_module(width=16, hidden=64)
+    dense_size = save_compressed(module, tmp_path / "dense.lcz")
+    prune_(module, 0.9)
+    sparse_size = save_compressed(module, tmp_path / "sparse.lcz")
+    loaded = load_compressed(tmp_path / "sparse.lcz")
+    state = module.state_dict()
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value.float() if value.is_floating_point() else value), key
+    assert sparse_size < dense_size / 5
+    assert (tmp_path / "sparse.lcz").stat().st_size == sparse_size
+
+
+def test_model_report_fields(tmp_path):
+    torch.manual_seed(0)
+    module = small_module()
+    masks = prune_(module, 0.8)
+    report = model_report(module, tmp_path / "m.lcz", selected=list(masks))
+    selected = sum(m.numel() for m in masks.values())
+    assert report["sparsity"] == 1 - (selected - round(0.8 * selected)) / selected
+    assert report["params"] == sum(p.numel() for p in module.parameters())
+    assert report["nonzero_params"] == sum(int(torch.count_nonzero(p)) for p in module.parameters())
+    assert report["size_bytes_fp32"] == fp32_size_bytes(module)
+    assert report["compression_ratio"] == report["size_bytes_fp32"] / report["size_bytes_compressed"]
+
+
+def test_bad_file(tmp_path):
+    import pytest
+
+    (tmp_path / "x.lcz").write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(ValueError, match="is not a lightning-compress artifact"):
+        load_compressed(tmp_path / "x.lcz")

@@ -1,0 +1,107 @@
+"""The `lightning-compress` app end to end, as a user runs it: real subprocesses, real Hydra, real W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from wandb_records import config, history, run_file
+
+pytestmark = pytest.mark.slow
+
+REPORT_KEYS = {
+    "accuracy",
+    "sparsity",
+    "params",
+    "nonzero_params",
+    "size_bytes_fp32",
+    "size_bytes_compressed",
+    "compression_ratio",
+}
+
+
+def run_app(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "COLUMNS": "160"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_compress.cli", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"app failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_default_job_prunes_to_90_percent_and_reports(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app(tmp_path, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report) >= REPORT_KEYS
+    assert report["recipe"] == "digits_prune90"
+    assert abs(report["sparsity"] - 0.9) < 1e-5 and report["accuracy"] >= 0.95
+    assert report["size_bytes_compressed"] == (run_dir / "model.lcz").stat().st_size
+    assert report["compression_ratio"] > 5
+    assert {r["name"] for r in report["layers"]} >= {"net.features.0", "net.classifier.3"}
+    # the checkpoint holds the pruned weights and the masks
+    ckpt = torch.load(report["checkpoint"], weights_only=True)
+    assert ckpt["state_dict"]["net.classifier.1.weight"].eq(0).float().mean() > 0.5
+    assert any(k.startswith("MagnitudePruning") for k in ckpt["callbacks"])
+    # the rich table
+    assert "compression report: digits_prune90" in proc.stdout and "compressed size" in proc.stdout
+    assert "net.classifier.1" in proc.stdout
+    # the offline W&B run: the resolved config and what was logged
+    wandb_run = run_file(run_dir / "wandb")
+    logged_config = config(wandb_run)
+    assert logged_config["compression"]["pruning"]["final_sparsity"] == 0.9
+    assert logged_config["paths"]["output_dir"] == str(run_dir)
+    rows = history(wandb_run)
+    final = [r for r in rows if "report/accuracy" in r][-1]
+    assert final["report/accuracy"] == pytest.approx(report["accuracy"])
+    assert final["report/compression_ratio"] == pytest.approx(report["compression_ratio"])
+    targets = [r["compress/target_sparsity"] for r in rows if "compress/target_sparsity" in r]
+    assert targets[0] < 0.5 and targets[-1] == pytest.approx(0.9)
+
+
+def test_multirun_finishes_one_wandb_run_per_job(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    run_app(
+        tmp_path, "-m", f"hydra.sweep.dir={sweep_dir}", "compression.pruning.final_sparsity=0.5,0.8",
+        "trainer.max_epochs=2", "compression.pruning.end_epoch=1", "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    for job, sparsity in (("0", 0.5), ("1", 0.8)):
+        report = json.loads((sweep_dir / job / "report.json").read_text())
+        assert abs(report["sparsity"] - sparsity) < 1e-5
+        assert config(run_file(sweep_dir / job / "wandb"))["compression"]["pruning"]["final_sparsity"] == sparsity
+
+
+def test_csv_logger_and_other_recipe(tmp_path):
+    run_dir = tmp_path / "run"
+    run_app(tmp_path, f"hydra.run.dir={run_dir}", "recipe=dense", "logger=csv", "trainer.max_epochs=1")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["recipe"] == "dense" and report["sparsity"] < 0.01
+    assert list(run_dir.rglob("metrics.csv")) and not (run_dir / "wandb").exists()
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app(tmp_path, f"hydra.run.dir={run_dir}", "compression.pruning.final_sparsity=1.5", check=False)
+    assert proc.returncode != 0
+    assert "`final_sparsity` must be in [0, 1), got 1.5" in proc.stderr
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "report.json").exists()
+
+
+def test_end_epoch_past_max_epochs(tmp_path):
+    proc = run_app(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=5", check=False)
+    assert proc.returncode != 0
+    assert "`end_epoch` (20) is past the Trainer's max_epochs (5)" in proc.stderr
+
+
+def test_unknown_recipe_lists_available(tmp_path):
+    proc = run_app(tmp_path, "recipe=prune_everything", check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'recipe/prune_everything'" in proc.stderr
+    assert "digits_prune90" in proc.stderr  # Hydra lists the available options
