@@ -50,7 +50,7 @@ def compression_summary(model: nn.Module) -> list[LayerStats]:
     Example:
         >>> net = nn.Linear(4, 2)
         >>> with torch.no_grad():
-        ...     net.weight[0].zero_()
+        ...     _ = net.weight[0].zero_()
         >>> row = compression_summary(net)[0]
         >>> (row.params, row.nonzero, round(row.sparsity, 2))
         (10, 6, 0.4)
