@@ -74,10 +74,35 @@ def _rank_first(scores: Tensor, previous: Tensor | None) -> Tensor:
     return scores.masked_fill(~previous, -math.inf)
 
 
-def _keep_all_but_smallest(flat_scores: Tensor, k: int) -> Tensor:
-    keep = torch.ones_like(flat_scores, dtype=torch.bool)
-    if k > 0:
-        keep[torch.topk(flat_scores, k, largest=False, sorted=False).indices] = False
+def _keep_all_but_smallest(flat_scores: Tensor, k: int, previous: Tensor | None = None) -> Tensor:
+    """Keep-mask that drops the ``k`` smallest scores; entries dropped in ``previous`` are dropped first.
+
+    Only the entries still kept are ranked, and the smaller side is selected (the k smallest, or the n − k
+    largest), so a mask update at high sparsity costs a small ``topk`` rather than a full ranking.
+    """
+    if previous is None:
+        candidates, keep = None, torch.ones_like(flat_scores, dtype=torch.bool)
+    else:
+        candidates, keep = previous.nonzero().squeeze(1), previous.clone()
+    scores = flat_scores if candidates is None else flat_scores[candidates]
+    k = k - (flat_scores.numel() - scores.numel())  # how many more to drop
+    if k <= 0:
+        return keep
+    n = scores.numel()
+    if k >= n:
+        keep.fill_(False)
+        return keep
+    if k <= n // 2:
+        drop = torch.topk(scores, k, largest=False, sorted=False).indices
+        keep[drop if candidates is None else candidates[drop]] = False
+    else:
+        stay = torch.topk(scores, n - k, largest=True, sorted=False).indices
+        if candidates is None:
+            keep.fill_(False)
+            keep[stay] = True
+        else:
+            keep[candidates] = False
+            keep[candidates[stay]] = True
     return keep
 
 
@@ -92,8 +117,9 @@ def unstructured_mask(scores: Tensor, sparsity: float, previous: Tensor | None =
         >>> unstructured_mask(torch.tensor([0.3, -2.0, 0.1, 1.0]).abs(), 0.5)
         tensor([False,  True, False,  True])
     """
-    flat = _rank_first(scores, previous).flatten()
-    return _keep_all_but_smallest(flat, _count(sparsity, flat.numel())).view(scores.shape)
+    flat = scores.float().flatten()
+    prev = None if previous is None else previous.flatten()
+    return _keep_all_but_smallest(flat, _count(sparsity, flat.numel()), prev).view(scores.shape)
 
 
 def global_unstructured_masks(
@@ -101,9 +127,19 @@ def global_unstructured_masks(
 ) -> dict[str, Tensor]:
     """One ranking across all layers: exactly ``round(sparsity * total)`` zeros among all of them."""
     names = list(scores)
-    flats = [_rank_first(scores[n], previous.get(n) if previous else None).flatten() for n in names]
+    flats = [scores[n].float().flatten() for n in names]
     flat = torch.cat([f.to(flats[0].device) for f in flats])
-    keep = _keep_all_but_smallest(flat, _count(sparsity, flat.numel()))
+    prev = None
+    if previous and any(n in previous for n in names):
+        prev = torch.cat(
+            [
+                previous[n].flatten().to(flat.device)
+                if n in previous
+                else torch.ones(f.numel(), dtype=torch.bool, device=flat.device)
+                for n, f in zip(names, flats, strict=True)
+            ]
+        )
+    keep = _keep_all_but_smallest(flat, _count(sparsity, flat.numel()), prev)
     out, offset = {}, 0
     for name, f in zip(names, flats, strict=True):
         out[name] = keep[offset : offset + f.numel()].view(scores[name].shape).to(scores[name].device)
@@ -166,6 +202,19 @@ def sparsity(tensors: Tensor | Mapping[str, Tensor]) -> float:
     return 1.0 - nonzero / total
 
 
+def _check_finite(weights: Mapping[str, Tensor]) -> None:
+    # One pass over all layers together; the per-layer scan runs only to name the culprit.
+    device = next(iter(weights.values())).device
+    if bool(torch.isfinite(torch.cat([w.detach().flatten().to(device) for w in weights.values()])).all()):
+        return
+    for name, weight in weights.items():
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"layer {name!r} holds non-finite weights (NaN or inf); refusing to compute a pruning mask "
+                "from them. The run diverged: lower the learning rate or add gradient clipping."
+            )
+
+
 def compute_masks(
     weights: Mapping[str, Tensor],
     sparsity: float,
@@ -198,12 +247,7 @@ def compute_masks(
             does not divide a layer's input size.
     """
     gran = parse_granularity(granularity) if isinstance(granularity, str) else granularity
-    for name, weight in weights.items():
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(
-                f"layer {name!r} holds non-finite weights (NaN or inf); refusing to compute a pruning mask "
-                "from them. The run diverged: lower the learning rate or add gradient clipping."
-            )
+    _check_finite(weights)
     prev = previous or {}
     if criterion == "threshold":
         if threshold is None:

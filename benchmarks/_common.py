@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmarks: the RESULTS.md writer, data, the peer's ramp, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = (
+    "# Benchmark results\n\n"
+    "Every figure below was written by the script named in its section; rerun the script to refresh it.\n"
+)
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, lightning {pl.__version__}"
+    )
+
+
+def update_results(section: str, body: str) -> None:
+    """Replace (or append) the section ``section`` of RESULTS.md, leaving the other scripts' sections."""
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+class StepTimer(Callback):
+    """Wall time between consecutive ``on_train_batch_start`` calls: one whole step with every hook."""
+
+    def __init__(self, skip: int = 5) -> None:
+        self.skip, self.stamps = skip, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.stamps.append(time.perf_counter())
+
+    @property
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)][self.skip :]
+
+
+def cubic_amounts(final: float, end_epoch: int, initial: float = 0.0):
+    """Per-epoch ``amount`` for Lightning's ModelPruning that makes its cumulative sparsity follow the same
+    cubic ramp as MagnitudePruning. torch.nn.utils.prune prunes a fraction of the *remaining* weights, so the
+    amount at epoch e is (s_e − s_{e−1}) / (1 − s_{e−1}). ModelPruning prunes at the end of each epoch."""
+    from lightning_compress.pruning.schedules import sparsity_at
+
+    def target(epoch: int) -> float:
+        return sparsity_at(epoch / end_epoch, initial, final)
+
+    def amount(epoch: int) -> float:
+        # ModelPruning calls this with the current epoch at that epoch's end; after it the sparsity must
+        # be the ramp's value at epoch + 1.
+        if epoch >= end_epoch:
+            return 0.0
+        before, after = target(epoch) if epoch > 0 else 0.0, target(epoch + 1)
+        return max(0.0, (after - before) / (1.0 - before))
+
+    return amount

@@ -1,0 +1,153 @@
+"""Step time of MagnitudePruning vs plain training vs Lightning's ModelPruning, in one process.
+
+ResNet-20-style (width 16) on 32×32 inputs: the digits, upscaled to 32×32 and repeated over 3 channels
+(real images, no download). The three set-ups run interleaved (A B C A B C …) so that drift of the
+machine hits all of them alike; the figure is the median step over all repetitions.
+
+    python benchmarks/step_time.py            # writes the `step_time` section of benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from _common import StepTimer, machine, update_results
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import MagnitudePruning
+from lightning_compress.selection import select_modules
+from lightning_compress.tasks import ClassificationModule, DigitsDataModule, ResNet20
+
+
+def digits_32(batch_size: int) -> DataLoader:
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    x, y = dm.train_set.tensors
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, drop_last=True)
+
+
+KINDS = ("plain", "MagnitudePruning", "MagnitudePruning, update every step", "ModelPruning")
+
+
+class TimedMagnitudePruning(MagnitudePruning):
+    """MagnitudePruning that adds up the wall time of its per-step and per-epoch hooks."""
+
+    hook_seconds = 0.0
+
+    def _timed(self, hook, *args):
+        start = time.perf_counter()
+        hook(*args)
+        TimedMagnitudePruning.hook_seconds += time.perf_counter() - start
+
+    def on_train_batch_end(self, *args):
+        self._timed(super().on_train_batch_end, *args)
+
+    def on_train_epoch_end(self, *args):
+        self._timed(super().on_train_epoch_end, *args)
+
+
+def make_callbacks(kind: str, module: nn.Module, ramp_epochs: int) -> list[pl.Callback]:
+    if kind == "plain":
+        return []
+    if kind == "MagnitudePruning":  # defaults: 50 mask updates along the ramp
+        return [TimedMagnitudePruning(final_sparsity=0.9, end_epoch=ramp_epochs)]
+    if kind == "MagnitudePruning, update every step":
+        return [TimedMagnitudePruning(final_sparsity=0.9, end_epoch=ramp_epochs, update_every_n_steps=1)]
+    params = [(m, "weight") for _, m in select_modules(module)]
+    return [
+        ModelPruning(
+            "l1_unstructured", parameters_to_prune=params, amount=0.5, use_lottery_ticket_hypothesis=False, verbose=0
+        )
+    ]
+
+
+class StopAfter(pl.Callback):
+    """Ends fit after a window of steps: the window of a longer run that a schedule was set up for."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def run_once(kind: str, loader: DataLoader, steps: int, ramp_epochs: int) -> tuple[list[float], float]:
+    """Step times of one run, and the seconds per step spent in MagnitudePruning's hooks."""
+    pl.seed_everything(0)
+    TimedMagnitudePruning.hook_seconds = 0.0
+    module = ClassificationModule(ResNet20((3, 32, 32), 10, width=16), optimizer="sgd", lr=0.05)
+    timer = StepTimer(skip=3)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=ramp_epochs,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*make_callbacks(kind, module, ramp_epochs), StopAfter(steps), timer],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.steps, TimedMagnitudePruning.hook_seconds / trainer.global_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=25, help="steps measured per run")
+    parser.add_argument("--ramp-epochs", type=int, default=60, help="length of the run the schedule is set for")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loader = digits_32(args.batch_size)
+    ramp_steps = args.ramp_epochs * len(loader)
+    steps: dict[str, list[float]] = {k: [] for k in KINDS}
+    hooks: dict[str, list[float]] = {k: [] for k in KINDS}
+    run_once("plain", loader, 5, 1)  # warm-up: allocator, kernels
+    for _ in range(args.repeats):
+        for kind in KINDS:
+            times, hook = run_once(kind, loader, args.steps, args.ramp_epochs)
+            steps[kind] += times
+            hooks[kind].append(hook)
+    plain = statistics.median(steps["plain"])
+    rows = []
+    for kind in KINDS:
+        median = statistics.median(steps[kind])
+        hook = statistics.mean(hooks[kind])
+        hook_text = f"{hook * 1e3:.2f} ms ({1 + hook / plain:.4f}×)" if "Magnitude" in kind else "—"
+        rows.append(f"| {kind} | {median * 1e3:.1f} | {median / plain:.3f}× | {hook_text} | {len(steps[kind])} |")
+        print(f"{kind:38s} median step {median * 1e3:7.1f} ms  {median / plain:.3f}× plain  hooks {hook_text}")
+    every = max(1, round(ramp_steps / 50))
+    body = f"""## Step time: MagnitudePruning vs plain vs Lightning ModelPruning
+
+`python benchmarks/step_time.py` — ResNet-20-style (width 16, 0.27 M weights), 32×32 inputs (digits upscaled to
+32×32, 3 channels), batch {args.batch_size}, SGD, {len(loader)} steps per epoch. Each run is set up for
+{args.ramp_epochs} epochs ({ramp_steps} optimizer steps, the pruning ramp spanning all of them) and timed over its
+first {args.steps} steps; {args.repeats} interleaved repetitions; median step, every hook included.
+MagnitudePruning with its defaults recomputes the masks 50 times along the ramp (here every {every} steps) and
+re-applies them after every optimizer step; the second row recomputes them after every step (the worst case, and
+what the default becomes for a ramp shorter than 50 steps). ModelPruning prunes 50 % of the remaining weights at
+every epoch end (forward pre-hook, torch.nn.utils.prune). Goal: MagnitudePruning ≤ 1.02× plain.
+"Hook time" is the wall time spent inside MagnitudePruning's own hooks per step (mask updates, re-applying
+masks, logging), and in brackets plain step + that time over plain step: the overhead free of the machine's
+noise, which on this shared 2-core machine moves whole-step medians by a few percent between runs.
+Machine: {machine()}.
+
+| set-up | median step (ms) | vs plain | hook time per step | steps measured |
+|---|---:|---:|---:|---:|
+""" + "\n".join(rows)
+    update_results("step_time", body)
+
+
+if __name__ == "__main__":
+    main()
