@@ -63,20 +63,21 @@ def history(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def config(path: str | Path) -> dict[str, Any]:
-    """The run config as logged (later updates override earlier ones)."""
+def _updates(path: str | Path, record_type: str) -> dict[str, Any]:
+    """Key → value of every ``config`` or ``summary`` record, later updates overriding earlier ones."""
     out: dict[str, Any] = {}
     for r in read_records(path):
-        if r.WhichOneof("record_type") == "config":
-            for item in r.config.update:
+        if r.WhichOneof("record_type") == record_type:
+            for item in getattr(r, record_type).update:
                 out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
+
+
+def config(path: str | Path) -> dict[str, Any]:
+    """The run config as logged."""
+    return _updates(path, "config")
 
 
 def summary(path: str | Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for r in read_records(path):
-        if r.WhichOneof("record_type") == "summary":
-            for item in r.summary.update:
-                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return out
+    """The run summary as logged."""
+    return _updates(path, "summary")
