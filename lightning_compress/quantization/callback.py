@@ -1,0 +1,290 @@
+"""QuantizationAwareTraining: fake quantization of Conv/Linear layers as a Lightning callback.
+
+The callback selects the layers (the same include/exclude mechanism as MagnitudePruning), puts quantizers on
+them (:mod:`~lightning_compress.quantization.attach`) and moves through the phases of training by optimizer
+step: float → observer calibration → fake quantization → frozen observers / frozen BatchNorm statistics.
+The numerics live in :mod:`~lightning_compress.quantization.quantizers`; the integer model is written by
+:func:`~lightning_compress.quantization.export.export_onnx`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress.quantization.attach import attach, find_conv_bn_pairs
+from lightning_compress.quantization.quantizers import FakeQuantizer, QuantSpec, check_bits, fake_quantize
+from lightning_compress.selection import check_overrides_match, match_overrides, select_modules
+
+OBSERVERS = ("minmax", "lsq")
+
+
+def _check_epoch(name: str, value: Any, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"`{name}` must be a number of epochs >= 0 (fractions allowed), got {value!r}.")
+    return float(value)
+
+
+class QuantizationAwareTraining(Callback):
+    r"""Quantization-aware training (fake quantization) of a LightningModule's Conv and Linear layers.
+
+    Weights are quantized per output channel (or per tensor), symmetric with zero-point 0 by default — so pruned
+    zeros stay exactly zero; input activations per tensor, unsigned affine by default. Gradients pass straight
+    through. Ranges come from moving-average min/max observers, or are learned (``observer="lsq"``, Esser et al.
+    2020). Observers move only in training steps, never in validation, test or predict.
+
+    Phases, counted in optimizer steps (epochs may be fractional): float training before ``start_epoch``; then
+    ``calibration_steps`` steps in which the observers watch without quantizing; then fake quantization. At
+    ``freeze_observers_epoch`` the ranges freeze; at ``freeze_bn_epoch`` the BatchNorm statistics freeze. A Conv
+    that feeds a BatchNorm is trained with the BatchNorm folded into its quantized weight (``fold_bn``), so that
+    the exported integer model computes what was trained.
+
+    Args:
+        weight_bits: Bits of the weights, 2–8.
+        activation_bits: Bits of the input activations, 2–8.
+        per_channel: Weight scales per output channel (``True``) or per tensor.
+        weight_symmetric: Symmetric weights with zero-point 0 (``True``) or affine.
+        activation_symmetric: Signed symmetric activations, or unsigned affine (``False``, the default).
+        observer: ``"minmax"`` or ``"lsq"`` (learned step sizes).
+        start_epoch: Epoch at which quantization starts.
+        calibration_steps: Optimizer steps of observation before fake quantization starts.
+        freeze_observers_epoch: Epoch at which ranges stop moving (``None``: never). Not before ``start_epoch``.
+        freeze_bn_epoch: Epoch at which BatchNorm running statistics freeze (``None``: never).
+        fold_bn: Fold a Conv's BatchNorm into its quantized weight.
+        layer_bits: ``{regex: bits}`` (weight bits) or ``{regex: {"weight_bits": b, "activation_bits": b}}`` per-layer
+            overrides, e.g. ``{"features\\.0$": 8}`` to keep the first layer at 8 bits while the rest use 4.
+        include: Regular expression(s) selecting layers, as in MagnitudePruning.
+        exclude: Regular expression(s) of layers to leave in float.
+        averaging_constant: Weight of a new batch in the activation observers' moving average.
+        log_every_n_steps: Optimizer steps between logs of the per-layer scales and clipping fractions.
+
+    Example::
+
+        from lightning_compress import QuantizationAwareTraining, export_onnx
+
+        trainer = pl.Trainer(max_epochs=10, callbacks=[QuantizationAwareTraining(start_epoch=2)])
+        trainer.fit(model, datamodule)
+        export_onnx(model, "model.int8.onnx", example_input)   # QDQ ONNX with int8 weights
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        activation_bits: int = 8,
+        per_channel: bool = True,
+        weight_symmetric: bool = True,
+        activation_symmetric: bool = False,
+        observer: str = "minmax",
+        start_epoch: float = 0.0,
+        calibration_steps: int = 20,
+        freeze_observers_epoch: float | None = None,
+        freeze_bn_epoch: float | None = None,
+        fold_bn: bool = True,
+        layer_bits: Mapping[str, int | Mapping[str, int]] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        averaging_constant: float = 0.01,
+        log_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        self.weight_bits = check_bits("weight_bits", weight_bits)
+        self.activation_bits = check_bits("activation_bits", activation_bits)
+        if observer not in OBSERVERS:
+            raise ValueError(f"`observer` must be one of {OBSERVERS}, got {observer!r}.")
+        self.observer = observer
+        self.per_channel, self.weight_symmetric = bool(per_channel), bool(weight_symmetric)
+        self.activation_symmetric, self.fold_bn = bool(activation_symmetric), bool(fold_bn)
+        self.start_epoch = _check_epoch("start_epoch", start_epoch)
+        self.freeze_observers_epoch = _check_epoch("freeze_observers_epoch", freeze_observers_epoch, allow_none=True)
+        self.freeze_bn_epoch = _check_epoch("freeze_bn_epoch", freeze_bn_epoch, allow_none=True)
+        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < self.start_epoch:  # type: ignore[operator]
+            raise ValueError(
+                f"`freeze_observers_epoch` ({freeze_observers_epoch}) is before `start_epoch` ({start_epoch}): the "
+                "ranges would freeze before anything was observed."
+            )
+        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 0:
+            raise ValueError(f"`calibration_steps` must be an integer >= 0, got {calibration_steps!r}.")
+        self.calibration_steps = calibration_steps
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"`averaging_constant` must be in (0, 1], got {averaging_constant!r}.")
+        self.averaging_constant = float(averaging_constant)
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"`log_every_n_steps` must be an integer >= 1, got {log_every_n_steps!r}.")
+        self.log_every_n_steps = log_every_n_steps
+        self.layer_bits = {str(p): self._parse_override(p, v) for p, v in dict(layer_bits or {}).items()}
+        self.include, self.exclude = include, exclude
+
+        self._layers: dict[str, Any] = {}  # quantized Conv/Linear layers (their class is swapped at run time)
+        self._bns: list[nn.Module] = []
+        self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
+        self._steps: dict[str, int | None] = {}
+
+    @staticmethod
+    def _parse_override(pattern: str, value: Any) -> dict[str, int]:
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"weight_bits", "activation_bits"}
+            if unknown:
+                raise ValueError(
+                    f"`layer_bits[{pattern!r}]` keys must be 'weight_bits' / 'activation_bits', got {sorted(unknown)}."
+                )
+            return {k: check_bits(f"layer_bits[{pattern!r}][{k!r}]", v) for k, v in value.items()}
+        return {"weight_bits": check_bits(f"layer_bits[{pattern!r}]", value)}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._layers:
+            return
+        selected = select_modules(pl_module, self.include, self.exclude)
+        names = [n for n, _ in selected]
+        check_overrides_match(names, self.layer_bits, "layer_bits")
+        pairs = find_conv_bn_pairs(pl_module, names) if self.fold_bn else {}
+        modules = dict(pl_module.named_modules())
+        for name, layer in selected:
+            weight: Any = layer.weight
+            if self.per_channel and weight.dim() < 2:
+                raise ValueError(f"per_channel=True needs a channel axis, but layer {name!r} has a 1-D weight.")
+            bits = {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits}
+            bits.update(match_overrides(name, self.layer_bits) or {})  # type: ignore[arg-type]
+            w_spec = QuantSpec(bits["weight_bits"], self.weight_symmetric, self.per_channel, axis=0)
+            a_spec = QuantSpec(bits["activation_bits"], self.activation_symmetric, per_channel=False)
+            bn = modules[pairs[name]] if name in pairs else None
+            attach(
+                layer,
+                FakeQuantizer(w_spec, self.observer, channels=weight.shape[0], weight=True).to(weight.device),
+                FakeQuantizer(a_spec, self.observer, averaging_constant=self.averaging_constant).to(weight.device),
+                bn,
+            )
+            if bn is not None:
+                self._bns.append(bn)
+        self._layers = dict(selected)
+        # Outside fit (validate/test/predict on a restored checkpoint) the layers quantize as trained.
+        self._set_phase(observing=False, quantizing=stage != "fit", bn_frozen=self._phase["bn_frozen"])
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "QuantizationAwareTraining counts its phases in epochs and needs a sized train dataloader."
+            )
+        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+        def step(epoch: float | None) -> int | None:
+            return None if epoch is None else round(epoch * per_epoch)
+
+        self._steps = {
+            "start": step(self.start_epoch),
+            "freeze_observers": step(self.freeze_observers_epoch),
+            "freeze_bn": step(self.freeze_bn_epoch),
+        }
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        g, s = trainer.global_step, self._steps
+        started = g >= s["start"]  # type: ignore[operator]
+        frozen_obs = s["freeze_observers"] is not None and g >= s["freeze_observers"]
+        frozen_bn = self._phase["bn_frozen"] or (s["freeze_bn"] is not None and g >= s["freeze_bn"])
+        quantizing = started and g >= s["start"] + self.calibration_steps  # type: ignore[operator]
+        self._set_phase(observing=started and not frozen_obs, quantizing=quantizing, bn_frozen=frozen_bn)
+        if frozen_bn:
+            for bn in self._bns:
+                bn.eval()  # Lightning puts the module back in train mode at every epoch start
+        measure = quantizing and (g % self.log_every_n_steps == 0)
+        for layer in self._layers.values():
+            layer.input_quantizer.measure_clipping = measure
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.world_size > 1 and self._phase["observing"]:
+            self._sync_activation_ranges(trainer)
+        if not self._phase["quantizing"]:
+            return
+        metrics = {}
+        for name, layer in self._layers.items():
+            clip = getattr(layer.input_quantizer, "last_clip_fraction", None)
+            if clip is not None and layer.input_quantizer.measure_clipping:
+                metrics[f"qat/clip_fraction/{name}"] = clip
+                metrics[f"qat/act_scale/{name}"] = float(layer.input_quantizer.qparams()[0].mean())
+                metrics[f"qat/weight_scale/{name}"] = float(layer.weight_quantizer.qparams()[0].mean())
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._phase["quantizing"]:
+            pl_module.log_dict({f"qat/weight_error/{n}": e for n, e in self.weight_errors().items()}, on_epoch=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._phase)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._set_phase(
+            observing=bool(state_dict.get("observing", False)),
+            quantizing=bool(state_dict.get("quantizing", True)),
+            bn_frozen=bool(state_dict.get("bn_frozen", False)),
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _set_phase(self, observing: bool, quantizing: bool, bn_frozen: bool) -> None:
+        self._phase = {"observing": observing, "quantizing": quantizing, "bn_frozen": bn_frozen}
+        for layer in self._layers.values():
+            for q in (layer.input_quantizer, layer.weight_quantizer):
+                q.observing, q.quantizing = observing, quantizing
+
+    @torch.no_grad()
+    def _sync_activation_ranges(self, trainer: pl.Trainer) -> None:
+        # Every rank observes its own batches; averaging the ranges after each step keeps the quantization
+        # parameters identical on every rank (weights' ranges already are: DDP keeps the weights identical).
+        quantizers = [layer.input_quantizer for layer in self._layers.values() if layer.input_quantizer.initialized]
+        if not quantizers:
+            return
+        flat = torch.cat([torch.cat([q.min_val, q.max_val]) for q in quantizers])
+        flat = trainer.strategy.reduce(flat, reduce_op="mean")
+        offset = 0
+        for q in quantizers:
+            n = q.min_val.numel()
+            q.min_val.copy_(flat[offset : offset + n])
+            q.max_val.copy_(flat[offset + n : offset + 2 * n])
+            if q.observer == "minmax":  # a learned scale is a parameter: DDP keeps it identical already
+                q.refresh_qparams()
+            offset += 2 * n
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def layers(self) -> dict[str, Any]:
+        """The quantized layers, name → module (known after ``setup``)."""
+        return dict(self._layers)
+
+    @torch.no_grad()
+    def weight_errors(self) -> dict[str, float]:
+        """Relative weight quantization error ‖fq(w) − w‖ / ‖w‖ of every layer (BatchNorm folded in)."""
+        from lightning_compress.quantization.attach import folded_weight_and_bias
+
+        out = {}
+        for name, layer in self._layers.items():
+            weight, _ = folded_weight_and_bias(layer)
+            scale, zero_point = layer.weight_quantizer.qparams()
+            err = fake_quantize(weight, scale, zero_point, layer.weight_quantizer.spec) - weight
+            out[name] = float(err.norm() / weight.norm().clamp_min(1e-12))
+        return out

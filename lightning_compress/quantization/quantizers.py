@@ -1,0 +1,190 @@
+"""Fake quantization on torch's core ops: integer grids, range observers, learned step sizes.
+
+Nothing here uses ``torch.ao.quantization``'s eager/FX API (deprecated, slated for removal); the numerics are
+``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` (straight-through gradients) and their
+learnable twins (LSQ, Esser et al. 2020).
+
+Conventions, chosen so that the export is standard ONNX QDQ that ONNX Runtime runs as int8:
+
+* weights are **signed and symmetric** on the restricted grid ``[−(2^(b−1) − 1), 2^(b−1) − 1]`` with zero-point 0,
+  so a zero weight stays exactly zero (pruned weights survive quantization), per output channel by default;
+* activations are **unsigned affine** on ``[0, 2^b − 1]`` (uint8 for 8 bits) by default, or signed symmetric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: bit-width, signedness/symmetry and granularity."""
+
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = False
+    axis: int = 0
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def check_bits(name: str, bits: object, low: int = 2, high: int = 8) -> int:
+    """A bit-width that is an integer in [low, high], or a clear error naming the argument."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
+        raise ValueError(f"`{name}` must be an integer from {low} to {high}, got {bits!r}.")
+    return bits
+
+
+def qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale (float32) and zero-point (int32) that map [min_val, max_val] onto the spec's integer grid.
+
+    The range is widened to include 0 so that zero is exactly representable. A degenerate range (all equal)
+    gets the smallest positive scale rather than 0 or NaN.
+    """
+    min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+    max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+    eps = torch.finfo(torch.float32).eps
+    if spec.symmetric:
+        scale = torch.maximum(-min_val, max_val) / spec.qmax
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (max_val - min_val) / (spec.qmax - spec.qmin)
+        scale = torch.clamp(scale, min=eps)
+        zero_point = torch.clamp(spec.qmin - torch.round(min_val / scale), spec.qmin, spec.qmax).to(torch.int32)
+    return torch.clamp(scale, min=eps), zero_point
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Quantize then dequantize ``x`` (straight-through gradient inside the grid, zero outside)."""
+    if spec.per_channel:
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, spec.axis, spec.qmin, spec.qmax)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, spec.qmin, spec.qmax)
+
+
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """The integers of ``x`` on the spec's grid (as int32): what an exporter stores."""
+    shape = [1] * x.dim()
+    if spec.per_channel:
+        shape[spec.axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return torch.clamp(torch.round(x / scale) + zero_point, spec.qmin, spec.qmax).to(torch.int32)
+
+
+class FakeQuantizer(nn.Module):
+    """Observes a tensor's range and fake-quantizes it.
+
+    * ``observer="minmax"``: weights use the current min/max (per channel); activations a moving average of the
+      batch min/max (``averaging_constant``). Observation happens only while ``observing`` is on and the module is
+      in training mode, so validation, test and predict never move the ranges.
+    * ``observer="lsq"``: the scale is a learned parameter (initialised from the observed range, then trained with
+      the LSQ gradient scale 1/sqrt(numel·qmax)); the zero-point stays fixed.
+
+    Two switches, both set by the callback: ``observing`` (ranges follow the data) and ``quantizing`` (the
+    output is fake-quantized; off, the quantizer is the identity — e.g. during observer calibration).
+    ``weight=True`` marks a weight quantizer: its min/max range is the current weight's, recomputed on every forward
+    while observing (in evaluation too: it is a function of the weights, not of the data).
+    """
+
+    min_val: Tensor
+    max_val: Tensor
+    zero_point: Tensor
+    scale: Tensor
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        observer: str = "minmax",
+        channels: int = 1,
+        averaging_constant: float = 0.01,
+        weight: bool = False,
+    ):
+        super().__init__()
+        if observer not in ("minmax", "lsq"):
+            raise ValueError(f"`observer` must be 'minmax' or 'lsq', got {observer!r}.")
+        self.spec, self.observer, self.averaging_constant = spec, observer, averaging_constant
+        n = channels if spec.per_channel else 1
+        self.register_buffer("min_val", torch.full((n,), math.inf))
+        self.register_buffer("max_val", torch.full((n,), -math.inf))
+        self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+        if observer == "lsq":
+            self.scale = nn.Parameter(torch.ones(n))
+        else:
+            self.register_buffer("scale", torch.ones(n))
+        self.is_weight = weight
+        self.quantizing = True
+        self.observing = True
+        self.measure_clipping = False  # set by the callback on logging steps
+        self.last_clip_fraction: float | None = None
+
+    @property
+    def initialized(self) -> bool:
+        return bool(torch.isfinite(self.min_val).all())
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        spec = self.spec
+        if spec.per_channel:
+            flat = x.detach().transpose(0, spec.axis).reshape(x.shape[spec.axis], -1)
+            lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        else:
+            lo, hi = x.detach().min().reshape(1), x.detach().max().reshape(1)
+        lo, hi = lo.float(), hi.float()
+        moving = not self.is_weight and self.initialized  # activations: moving average; weights: current range
+        if moving:
+            c = self.averaging_constant
+            lo, hi = self.min_val + c * (lo - self.min_val), self.max_val + c * (hi - self.max_val)
+        first = not self.initialized
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        if self.observer == "minmax" or first:  # a learned scale (and its zero-point) is only initialised here
+            self.refresh_qparams()
+
+    @torch.no_grad()
+    def refresh_qparams(self) -> None:
+        """Scale and zero-point from the observed range (after the range was changed from outside)."""
+        scale, zero_point = qparams_from_range(self.min_val, self.max_val, self.spec)
+        self.scale.data.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing and (self.training or self.is_weight):
+            self.observe(x)
+        if not self.quantizing or not self.initialized:
+            return x  # nothing observed yet (e.g. a validation pass before the first training step)
+        if self.measure_clipping and not self.spec.per_channel:
+            with torch.no_grad():
+                scale, zp = self.qparams()
+                lo, hi = (self.spec.qmin - zp) * scale, (self.spec.qmax - zp) * scale
+                self.last_clip_fraction = float(((x < lo) | (x > hi)).float().mean())
+        if self.observer == "lsq":
+            grad_factor = 1.0 / math.sqrt(x.numel() / self.scale.numel() * self.spec.qmax)
+            scale = self.scale.abs() + torch.finfo(torch.float32).eps
+            zp = self.zero_point.float()
+            if self.spec.per_channel:
+                return torch._fake_quantize_learnable_per_channel_affine(
+                    x, scale, zp, self.spec.axis, self.spec.qmin, self.spec.qmax, grad_factor
+                )
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, scale, zp, self.spec.qmin, self.spec.qmax, grad_factor
+            )
+        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """The scale and zero-point in use (for LSQ, the learned scale's magnitude)."""
+        scale = self.scale.detach().abs() + (torch.finfo(torch.float32).eps if self.observer == "lsq" else 0.0)
+        return scale.float(), self.zero_point
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = "per-channel" if s.per_channel else "per-tensor"
+        return f"bits={s.bits}, {'symmetric' if s.symmetric else 'affine'}, {kind}, observer={self.observer}"
