@@ -2,7 +2,7 @@
 
 Public API::
 
-    from lightning_compress import MagnitudePruning, compression_summary
+    from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export_onnx, compression_summary
 """
 
 from lightning_compress.artifacts import (
@@ -13,6 +13,8 @@ from lightning_compress.artifacts import (
     save_compressed,
 )
 from lightning_compress.pruning import MagnitudePruning
+from lightning_compress.quantization import QuantizationAwareTraining
+from lightning_compress.quantization.export import export_onnx, onnx_parity
 from lightning_compress.selection import select_modules
 
 __version__ = "0.1.0"
@@ -20,9 +22,12 @@ __version__ = "0.1.0"
 __all__ = [
     "LayerStats",
     "MagnitudePruning",
+    "QuantizationAwareTraining",
     "compression_summary",
+    "export_onnx",
     "load_compressed",
     "model_report",
+    "onnx_parity",
     "save_compressed",
     "select_modules",
 ]

@@ -55,10 +55,12 @@ def compression_summary(model: nn.Module) -> list[LayerStats]:
         >>> (row.params, row.nonzero, round(row.sparsity, 2))
         (10, 6, 0.4)
     """
+    from lightning_compress.quantization.quantizers import FakeQuantizer
+
     rows = []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
-        if not own:
+        if not own or isinstance(module, FakeQuantizer):  # a learned scale is part of its layer's encoding
             continue
         rows.append(
             LayerStats(
@@ -77,28 +79,55 @@ def _state_dict(obj: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in sd.items() if isinstance(v, Tensor)}
 
 
+def _state_dict_without_quantizers(model: nn.Module) -> dict[str, Tensor]:
+    # The fp32 reference is the user's model: quantizer buffers (scales, observed ranges) are not part of it.
+    return {k: v for k, v in _state_dict(model).items() if "_quantizer." not in k}
+
+
 def fp32_size_bytes(obj: nn.Module | Mapping[str, Tensor]) -> int:
     """Bytes of the state dict stored densely with every floating-point tensor in float32."""
     return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in _state_dict(obj).values())
 
 
+def compressed_state(model: nn.Module) -> dict[str, Tensor]:
+    """What the compact artifact stores for ``model``.
+
+    A model without quantized layers: its state dict. A model after quantization-aware training: its export
+    form (BatchNorms folded) with every quantized layer's weight as **integers** (``<layer>.weight``, int8) next to
+    its scales (``<layer>.weight_scale``) and its input activation's scale and zero-point.
+    """
+    from lightning_compress.quantization.attach import quantized_layers
+
+    if not quantized_layers(model):
+        return _state_dict(model)
+    from lightning_compress.quantization.export import export_form
+
+    form, info = export_form(model)
+    state = _state_dict(form)
+    for name, data in info.items():
+        state[f"{name}.weight"] = data["weight_int"]
+        state[f"{name}.weight_scale"] = data["weight_scale"]
+        state[f"{name}.input_scale"] = torch.tensor(data["input_scale"])
+        state[f"{name}.input_zero_point"] = torch.tensor(data["input_zero_point"], dtype=torch.int32)
+    return state
+
+
 def save_compressed(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike) -> int:
     """Write the compact artifact of a model (or state dict) and return its size in bytes.
 
-    Floating-point tensors are stored as a packed bitmask of their non-zeros plus the non-zero values
-    (float32); other tensors as they are. The payload is compressed with ``lzma``. Loading it back with
-    :func:`load_compressed` gives the state dict exactly (float tensors as float32).
+    Every tensor is stored as a packed bitmask of its non-zeros plus the non-zero values (floating point as
+    float32, integers in their own type: int8 for quantized weights); the payload is compressed with ``lzma``.
+    A model is stored as :func:`compressed_state` gives it (integers for quantized layers). Loading it back with
+    :func:`load_compressed` gives those tensors exactly (floating point as float32).
     """
+    tensors = compressed_state(obj) if isinstance(obj, nn.Module) else _state_dict(obj)
     header, chunks, offset = [], [], 0
-    for name, tensor in _state_dict(obj).items():
-        if tensor.is_floating_point():
-            values = tensor.float().numpy().ravel()
-            nonzero = values != 0
-            parts = [np.packbits(nonzero).tobytes(), values[nonzero].astype("<f4").tobytes()]
-            entry = {"kind": "sparse", "dtype": "float32"}
-        else:
-            parts = [tensor.contiguous().numpy().tobytes()]
-            entry = {"kind": "dense", "dtype": str(tensor.numpy().dtype)}
+    for name, tensor in tensors.items():
+        array = tensor.float().numpy() if tensor.is_floating_point() else tensor.contiguous().numpy()
+        values = array.ravel()
+        nonzero = values != 0
+        parts = [np.packbits(nonzero).tobytes(), values[nonzero].astype(values.dtype.newbyteorder("<")).tobytes()]
+        entry = {"kind": "sparse", "dtype": str(values.dtype)}
         sizes = [len(p) for p in parts]
         header.append({"name": name, "shape": list(tensor.shape), "offset": offset, "sizes": sizes, **entry})
         chunks.extend(parts)
@@ -123,15 +152,12 @@ def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]:
         start = entry["offset"]
         shape = tuple(entry["shape"])
         count = int(np.prod(shape)) if shape else 1
-        if entry["kind"] == "sparse":
-            mask_len, values_len = entry["sizes"]
-            mask = np.unpackbits(np.frombuffer(payload, np.uint8, mask_len, start))[:count].astype(bool)
-            values = np.zeros(count, np.float32)
-            values[mask] = np.frombuffer(payload, "<f4", values_len // 4, start + mask_len)
-            array = values
-        else:
-            array = np.frombuffer(payload, np.dtype(entry["dtype"]), count, start).copy()
-        out[entry["name"]] = torch.from_numpy(array.reshape(shape))
+        dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+        mask_len, values_len = entry["sizes"]
+        mask = np.unpackbits(np.frombuffer(payload, np.uint8, mask_len, start))[:count].astype(bool)
+        values = np.zeros(count, dtype.newbyteorder("="))
+        values[mask] = np.frombuffer(payload, dtype, values_len // dtype.itemsize, start + mask_len)
+        out[entry["name"]] = torch.from_numpy(values.reshape(shape))
     return out
 
 
@@ -154,7 +180,7 @@ def model_report(
         sparsity = 1.0 - sum(int(torch.count_nonzero(w)) for w in weights) / total
     else:
         sparsity = 1.0 - nonzero / params if params else 0.0
-    fp32 = fp32_size_bytes(model)
+    fp32 = fp32_size_bytes(_state_dict_without_quantizers(model))
     compressed = save_compressed(model, artifact_path)
     return {
         "sparsity": sparsity,

@@ -18,6 +18,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -25,6 +26,8 @@ from rich.table import Table
 from lightning_compress.artifacts import compression_summary, model_report
 from lightning_compress.config import CONFIG_NAME, instantiate
 from lightning_compress.pruning import MagnitudePruning
+from lightning_compress.quantization import QuantizationAwareTraining
+from lightning_compress.quantization.export import export_onnx, onnx_parity
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,57 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         _fmt_bytes(report["size_bytes_compressed"]), f"{report['compression_ratio']:.1f}×",
     )  # fmt: skip
     console.print(totals)
+    if "onnx_parity" in report:
+        quant = Table(title="quantization", title_justify="left")
+        for col in ("float accuracy", "fake-quant accuracy", "ONNX Runtime accuracy", "top-1 agreement",
+                    "max logit diff", "ONNX size"):  # fmt: skip
+            quant.add_column(col, justify="right")
+        parity = report["onnx_parity"]
+        quant.add_row(
+            f"{report['accuracy_float']:.2%}", f"{report['accuracy']:.2%}", f"{report['accuracy_onnx']:.2%}",
+            f"{parity['top1_agreement']:.2%}", f"{parity['max_logit_diff']:.4f}", _fmt_bytes(report["size_bytes_onnx"]),
+        )  # fmt: skip
+        console.print(quant)
+
+
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"A quantization recipe ends with an ONNX export and an ONNX Runtime parity check, which need "
+            f"{', '.join(missing)}: install them with `pip install 'lightning-compress[onnx]'`."
+        )
+
+
+@torch.no_grad()
+def _accuracy(module: pl.LightningModule, loader: Any) -> float:
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((module(x.to(module.device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    module.train(was_training)
+    return correct / total
+
+
+def quantization_report(
+    module: pl.LightningModule, qat: QuantizationAwareTraining, loader: Any, out: Path
+) -> dict[str, Any]:
+    """Float vs quantized accuracy, the int8 ONNX file and its parity with the fake-quantized model."""
+    with qat.disabled():
+        accuracy_float = _accuracy(module, loader)
+    path = export_onnx(module, out / "model.int8.onnx", next(iter(loader))[0])
+    parity = onnx_parity(module, path, loader)
+    return {
+        "accuracy_float": accuracy_float,
+        "accuracy_onnx": parity.pop("accuracy_onnx"),
+        "onnx_parity": {k: v for k, v in parity.items() if k != "accuracy_torch"},
+        "onnx_path": str(path),
+        "size_bytes_onnx": path.stat().st_size,
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -81,6 +135,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
     compression, others = _build_callbacks(cfg)
+    qat = next((cb for cb in compression if isinstance(cb, QuantizationAwareTraining)), None)
+    if qat is not None:
+        _require_onnx()
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*compression, *others], logger=logger or False)
     if logger is not None:
@@ -96,10 +153,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.checkpoint_callback, "best_model_path", ""
     )
     report["checkpoint"] = checkpoint or None
+    if qat is not None and trainer.is_global_zero:
+        report.update(quantization_report(module, qat, datamodule.test_dataloader(), out))
     if trainer.is_global_zero:
         (out / "report.json").write_text(json.dumps(report, indent=2))
+        flat = {**report, **{f"onnx_parity/{k}": v for k, v in report.get("onnx_parity", {}).items()}}
         for lg in trainer.loggers:
-            lg.log_metrics({f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+            lg.log_metrics({f"report/{k}": v for k, v in flat.items() if isinstance(v, (int, float))})
+    minimum = cfg.get("onnx_parity_min_agreement")
+    if "onnx_parity" in report and minimum is not None and report["onnx_parity"]["top1_agreement"] < minimum:
+        raise RuntimeError(
+            f"ONNX Runtime and the fake-quantized model agree on {report['onnx_parity']['top1_agreement']:.2%} of "
+            f"the test predictions, below onnx_parity_min_agreement={minimum}; see {out / 'report.json'}."
+        )
     return report
 
 

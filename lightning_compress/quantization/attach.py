@@ -66,6 +66,12 @@ class _QATMixin:
         weight: Tensor = self.weight  # type: ignore[attr-defined]
         bias: Tensor | None = self.bias  # type: ignore[attr-defined]
         bn = self._qat_bn
+        if not self.weight_quantizer.quantizing:
+            # Float phases (before start_epoch, observer calibration): exactly the plain layer's computation;
+            # the weight's range is still observed, BatchNorm folded in, so quantization starts calibrated.
+            if self.weight_quantizer.observing:
+                self.weight_quantizer(weight if bn is None else folded_weight_and_bias(self)[0].detach())
+            return self._compute(x, weight, bias)
         if bn is None:
             return self._compute(x, self.weight_quantizer(weight), bias)
         factor = bn_factor(bn)

@@ -10,7 +10,8 @@ The numerics live in :mod:`~lightning_compress.quantization.quantizers`; the int
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -271,6 +272,16 @@ class QuantizationAwareTraining(Callback):
             offset += 2 * n
 
     # ------------------------------------------------------------------ read-outs
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within the block the layers compute in float (same weights, BatchNorm folding undone exactly)."""
+        previous = dict(self._phase)
+        self._set_phase(observing=False, quantizing=False, bn_frozen=previous["bn_frozen"])
+        try:
+            yield
+        finally:
+            self._set_phase(**previous)
+
     @property
     def layers(self) -> dict[str, Any]:
         """The quantized layers, name → module (known after ``setup``)."""
