@@ -74,11 +74,14 @@ class _QATMixin:
             return self._compute(x, weight, bias)
         if bn is None:
             return self._compute(x, self.weight_quantizer(weight), bias)
-        factor = bn_factor(bn)
+        # The folding factor is treated as a constant: through the fold, conv(x, w·f)/f depends on γ only via
+        # quantization error, and γ gets its gradient from the BatchNorm itself. (Differentiating it costs a
+        # reduction over the whole output per layer.)
+        factor = bn_factor(bn).detach()
         shape = (-1,) + (1,) * (weight.dim() - 1)
         y = self._compute(x, self.weight_quantizer(weight * factor.reshape(shape)), None)
         out_shape = (1, -1) + (1,) * (y.dim() - 2)
-        y = y / factor.reshape(out_shape)
+        y = y * factor.reciprocal().reshape(out_shape)
         return y if bias is None else y + bias.reshape(out_shape)
 
 

@@ -1,8 +1,8 @@
 """Fake quantization on torch's core ops: integer grids, range observers, learned step sizes.
 
-Nothing here uses ``torch.ao.quantization``'s eager/FX API (deprecated, slated for removal); the numerics are
-``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` (straight-through gradients) and their
-learnable twins (LSQ, Esser et al. 2020).
+Nothing here uses ``torch.ao.quantization``'s eager/FX API (deprecated, slated for removal). Fake quantization is
+composed of torch's elementwise ops with a straight-through gradient (:func:`fake_quantize`); learned step sizes
+(LSQ, Esser et al. 2020) use torch's ``_fake_quantize_learnable_per_tensor_affine`` / ``..._per_channel_affine``.
 
 Conventions, chosen so that the export is standard ONNX QDQ that ONNX Runtime runs as int8:
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,11 +65,34 @@ def qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tup
     return torch.clamp(scale, min=eps), zero_point
 
 
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """``(clamp(round(x / s) + z, qmin, qmax) − z) · s`` with the straight-through gradient (1 inside the grid,
+    0 where clamped). Composed of vectorised elementwise ops: on CPU several times faster than
+    ``torch.fake_quantize_per_tensor_affine``, whose kernel dominated a QAT step in profiles."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+        with torch.no_grad():
+            q = torch.div(x, scale).round_().add_(zero_point)
+            inside = (q >= qmin) & (q <= qmax)
+            out = q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+        ctx.save_for_backward(inside)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
     """Quantize then dequantize ``x`` (straight-through gradient inside the grid, zero outside)."""
+    shape = [1] * x.dim()
     if spec.per_channel:
-        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, spec.axis, spec.qmin, spec.qmax)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, spec.qmin, spec.qmax)
+        shape[spec.axis] = -1
+    s = scale.float().reshape(shape)
+    z = zero_point.float().reshape(shape)
+    return _FakeQuantizeSTE.apply(x, s, z, spec.qmin, spec.qmax)
 
 
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
@@ -135,9 +159,10 @@ class FakeQuantizer(nn.Module):
         spec = self.spec
         if spec.per_channel:
             flat = x.detach().transpose(0, spec.axis).reshape(x.shape[spec.axis], -1)
-            lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+            lo, hi = torch.aminmax(flat, dim=1)
         else:
-            lo, hi = x.detach().min().reshape(1), x.detach().max().reshape(1)
+            lo, hi = torch.aminmax(x.detach())
+            lo, hi = lo.reshape(1), hi.reshape(1)
         lo, hi = lo.float(), hi.float()
         moving = not self.is_weight and self.initialized  # activations: moving average; weights: current range
         if moving:
