@@ -45,6 +45,7 @@ def test_qat_int8_on_digits_keeps_accuracy_and_exports_with_parity(tmp_path):
     path = export_onnx(module, tmp_path / "m.onnx", next(iter(dm.test_dataloader()))[0])
     parity = onnx_parity(module, path, dm.test_dataloader())
     assert parity["top1_agreement"] >= PARITY_GOAL and parity["samples"] == 360
+    assert parity["max_logit_diff"] < 0.05  # BatchNorm frozen: PyTorch computes the folded integer model itself
     assert abs(parity["accuracy_onnx"] - accuracy) <= 1 / 360 + 1e-9
     # int8 initializers instead of float weights; about a quarter of the float export
     proto = onnx.load(path)
@@ -149,9 +150,7 @@ def test_four_bit_weights_and_activations_export_with_parity(tmp_path):
     assert np.abs(inits["net.features.3.weight_quantized"]).max() <= 7
     assert np.abs(inits["net.features.0.weight_quantized"]).max() > 7  # the 8-bit override
     assert sum(n.op_type == "Clip" for n in proto.graph.node) == 5  # 4-bit activations are clipped to their grid
-    # The parity goal is for 8-bit activations (checked above and in the recipes); with 4-bit activations a
-    # float rounding difference that crosses one of only 16 levels moves more, and 99.4 % was measured here.
-    assert onnx_parity(module, path, dm.test_dataloader())["top1_agreement"] >= 0.99
+    assert onnx_parity(module, path, dm.test_dataloader())["top1_agreement"] >= PARITY_GOAL
 
 
 def test_lsq_trains_and_exports(tmp_path):

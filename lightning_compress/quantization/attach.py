@@ -6,10 +6,11 @@ added (``input_quantizer``, ``weight_quantizer``). The model's own ``state_dict`
 quantizers add theirs beside them (scales, zero-points, observed ranges), so a checkpoint carries them.
 
 **Conv + BatchNorm folding.** When a Conv feeds a BatchNorm directly, the weight that is quantized is the folded
-one, ``w · γ/√(σ²+ε)`` (running statistics), and the conv output is divided back by that factor so that the
-BatchNorm still normalises with batch statistics while training (Jacob et al. 2018; Krishnamoorthi 2018). With the
-BatchNorm in evaluation mode (always, once frozen) the layer then computes exactly what the exported integer model
-computes: ``conv(x, fq(w_fold)) + β − μ·γ/√(σ²+ε)``.
+one, ``w · γ/√(σ²+ε)`` (running statistics). While the BatchNorm trains with batch statistics, the conv output is
+divided back by that factor so that the BatchNorm still normalises it (Jacob et al. 2018; Krishnamoorthi 2018).
+Once the BatchNorm is in evaluation mode (in validation and test, and in training once frozen) the conv computes
+the folded layer itself — ``conv(x, fq(w_fold)) + fq(b_fold)``, the bias on the int32 grid of the export — and
+the BatchNorm passes its input on: PyTorch then computes what the exported integer model computes.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.quantization.quantizers import FakeQuantizer
+from lightning_compress.quantization.quantizers import FakeQuantizer, QuantSpec, fake_quantize
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_SWAPPED: dict[type, type] = {}
+_SWAPPED: dict[tuple[type, type], type] = {}
 
 
 def bn_factor(bn: Any) -> Tensor:
@@ -56,6 +57,15 @@ class _QATMixin:
     weight_quantizer: FakeQuantizer
     _qat_bn: nn.Module | None
 
+    def _quantized_bias(self, bias: Tensor) -> Tensor:
+        w_scale, _ = self.weight_quantizer.qparams()
+        a_scale, _ = self.input_quantizer.qparams()
+        if not self.input_quantizer.initialized:
+            return bias
+        grid = (a_scale.reshape(-1)[0] * w_scale).expand_as(bias)
+        spec = QuantSpec(32, symmetric=True, per_channel=True, axis=0)  # int32 accumulator grid, never clamped
+        return fake_quantize(bias, grid, torch.zeros_like(grid, dtype=torch.int32), spec)
+
     def _compute(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if isinstance(self, nn.Linear):
             return F.linear(x, weight, bias)
@@ -72,11 +82,16 @@ class _QATMixin:
             if self.weight_quantizer.observing:
                 self.weight_quantizer(weight if bn is None else folded_weight_and_bias(self)[0].detach())
             return self._compute(x, weight, bias)
-        if bn is None:
-            return self._compute(x, self.weight_quantizer(weight), bias)
-        # The folding factor is treated as a constant: through the fold, conv(x, w·f)/f depends on γ only via
-        # quantization error, and γ gets its gradient from the BatchNorm itself. (Differentiating it costs a
-        # reduction over the whole output per layer.)
+        if bn is None or not bn.training:
+            # Exactly the integer model's computation: folded weight on its grid, bias on the int32 grid
+            # input_scale x weight_scale. A folded BatchNorm (frozen, or in evaluation) then passes its input on.
+            if bn is not None:
+                weight, bias = folded_weight_and_bias(self)
+            w_q = self.weight_quantizer(weight)
+            return self._compute(x, w_q, None if bias is None else self._quantized_bias(bias))
+        # Training with batch statistics. The folding factor is treated as a constant: through the fold,
+        # conv(x, w·f)/f depends on γ only via quantization error, and γ gets its gradient from the BatchNorm
+        # itself (differentiating it would cost a reduction over the whole output per layer).
         factor = bn_factor(bn).detach()
         shape = (-1,) + (1,) * (weight.dim() - 1)
         y = self._compute(x, self.weight_quantizer(weight * factor.reshape(shape)), None)
@@ -85,16 +100,31 @@ class _QATMixin:
         return y if bias is None else y + bias.reshape(out_shape)
 
 
-def _qat_class(cls: type) -> type:
-    if cls not in _SWAPPED:
+class _FoldedBatchNormMixin:
+    """A BatchNorm folded into the quantized conv before it: while the conv computes the folded integer model
+    (BatchNorm not training, conv quantizing) the BatchNorm passes its input on unchanged."""
+
+    _qat_conv: Any
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training and self._qat_conv.weight_quantizer.quantizing:  # type: ignore[attr-defined]
+            return x
+        return super().forward(x)  # type: ignore[misc]
+
+
+def _swapped_class(cls: type, mixin: type, prefix: str) -> type:
+    key = (cls, mixin)
+    if key not in _SWAPPED:
         # Named in this module's namespace so that pickling a quantized model (torch.save) finds the class.
         name = (
-            f"QAT{cls.__name__}" if cls.__module__.startswith("torch.") else f"QAT_{cls.__module__}_{cls.__qualname__}"
+            f"{prefix}{cls.__name__}"
+            if cls.__module__.startswith("torch.")
+            else f"{prefix}_{cls.__module__}_{cls.__qualname__}"
         )
         name = "".join(c if c.isalnum() else "_" for c in name)
-        new = type(name, (_QATMixin, cls), {"_original_class": cls, "__module__": __name__, "__qualname__": name})
-        globals()[name] = _SWAPPED[cls] = new
-    return _SWAPPED[cls]
+        new = type(name, (mixin, cls), {"_original_class": cls, "__module__": __name__, "__qualname__": name})
+        globals()[name] = _SWAPPED[key] = new
+    return _SWAPPED[key]
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -110,16 +140,23 @@ def attach(
     """Make ``layer`` fake-quantize its input and weight (folding ``bn`` when given). Idempotent."""
     if is_quantized(layer):
         return
-    layer.__class__ = _qat_class(type(layer))
+    layer.__class__ = _swapped_class(type(layer), _QATMixin, "QAT")
     layer.add_module("weight_quantizer", weight_quantizer)
     layer.add_module("input_quantizer", input_quantizer)
     object.__setattr__(layer, "_qat_bn", bn)  # a reference, not a child: the BatchNorm stays where it is
+    if bn is not None:
+        bn.__class__ = _swapped_class(type(bn), _FoldedBatchNormMixin, "Folded")
+        object.__setattr__(bn, "_qat_conv", layer)
 
 
 def detach(layer: nn.Module) -> None:
     """Undo :func:`attach`: the layer is a plain Conv/Linear again (quantizers and their state removed)."""
     if not is_quantized(layer):
         return
+    bn = layer._qat_bn
+    if bn is not None:
+        bn.__class__ = bn._original_class  # type: ignore[assignment]
+        object.__delattr__(bn, "_qat_conv")
     layer.__class__ = layer._original_class  # type: ignore[attr-defined,assignment]
     del layer.weight_quantizer, layer.input_quantizer
     object.__delattr__(layer, "_qat_bn")
