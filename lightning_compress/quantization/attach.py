@@ -155,7 +155,7 @@ def detach(layer: nn.Module) -> None:
         return
     bn = layer._qat_bn
     if bn is not None:
-        bn.__class__ = bn._original_class  # type: ignore[assignment]
+        bn.__class__ = bn._original_class  # type: ignore[assignment,union-attr]
         object.__delattr__(bn, "_qat_conv")
     layer.__class__ = layer._original_class  # type: ignore[attr-defined,assignment]
     del layer.weight_quantizer, layer.input_quantizer
