@@ -40,3 +40,29 @@ def test_bad_file(tmp_path):
     (tmp_path / "x.lcz").write_bytes(b"PK\x03\x04junk")
     with pytest.raises(ValueError, match="is not a lightning-compress artifact"):
         load_compressed(tmp_path / "x.lcz")
+
+
+def test_quantized_model_artifact_stores_the_export_integers(tmp_path):
+    import lightning.pytorch as pl
+    from conftest import make_trainer
+
+    from lightning_compress import MagnitudePruning, QuantizationAwareTraining
+    from lightning_compress.quantization.export import export_form
+    from lightning_compress.tasks import DigitsDataModule
+
+    pl.seed_everything(0)
+    module = small_module(width=16, hidden=64)
+    callbacks = [
+        MagnitudePruning(final_sparsity=0.9, end_epoch=1),
+        QuantizationAwareTraining(start_epoch=1, calibration_steps=2),
+    ]
+    make_trainer(tmp_path, callbacks=callbacks, max_epochs=2).fit(module, DigitsDataModule())
+    size = save_compressed(module, tmp_path / "q.lcz")
+    loaded = load_compressed(tmp_path / "q.lcz")
+    _, info = export_form(module)
+    for name, data in info.items():
+        assert loaded[f"{name}.weight"].dtype == torch.int8
+        assert torch.equal(loaded[f"{name}.weight"], data["weight_int"])
+        assert torch.equal(loaded[f"{name}.weight_scale"], data["weight_scale"])
+    assert not any("_quantizer." in k for k in loaded)  # quantizer bookkeeping is not part of the artifact
+    assert size * 20 < fp32_size_bytes({k: v for k, v in module.state_dict().items() if "_quantizer." not in k})

@@ -105,3 +105,47 @@ def test_unknown_recipe_lists_available(tmp_path):
     assert proc.returncode != 0
     assert "Could not find 'recipe/prune_everything'" in proc.stderr
     assert "digits_prune90" in proc.stderr  # Hydra lists the available options
+
+
+def test_qat_recipe_reports_float_quantized_and_onnx_parity(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app(
+        tmp_path, f"hydra.run.dir={run_dir}", "recipe=digits_qat_int8", "trainer.max_epochs=4",
+        "compression.quantization.start_epoch=1", "compression.quantization.freeze_bn_epoch=3",
+        "compression.quantization.freeze_observers_epoch=3", "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {"accuracy_float", "accuracy_onnx", "onnx_parity", "size_bytes_onnx"} <= set(report)
+    assert report["onnx_parity"]["top1_agreement"] >= 0.995 and report["onnx_parity"]["samples"] == 360
+    assert abs(report["accuracy_onnx"] - report["accuracy"]) <= 1 / 360 + 1e-9
+    assert report["size_bytes_onnx"] == (run_dir / "model.int8.onnx").stat().st_size
+    assert report["size_bytes_fp32"] / report["size_bytes_compressed"] > 3.5  # int8 integers in the artifact
+    assert "top-1 agreement" in proc.stdout and "ONNX Runtime" in proc.stdout
+    logged = [r for r in history(run_file(run_dir / "wandb")) if "report/onnx_parity/top1_agreement" in r]
+    assert logged and logged[-1]["report/onnx_parity/top1_agreement"] == report["onnx_parity"]["top1_agreement"]
+    qat_metrics = {k for r in history(run_file(run_dir / "wandb")) for k in r if k.startswith("qat/")}
+    assert any(k.startswith("qat/weight_error/") for k in qat_metrics)
+
+
+def test_parity_below_the_stated_minimum_fails_the_job(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app(
+        tmp_path, f"hydra.run.dir={run_dir}", "recipe=digits_qat_int8", "trainer.max_epochs=2",
+        "compression.quantization.start_epoch=1", "onnx_parity_min_agreement=1.01", "logger=none",
+    check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "below onnx_parity_min_agreement=1.01" in proc.stderr
+    assert (run_dir / "report.json").exists()  # the report is written before the job fails
+
+
+def test_qat_bad_bits_refused_before_training(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app(
+        tmp_path,
+        f"hydra.run.dir={run_dir}",
+        "recipe=digits_qat_int8",
+        "compression.quantization.weight_bits=1",
+        check=False,
+    )
+    assert proc.returncode != 0 and "`weight_bits` must be an integer from 2 to 8, got 1" in proc.stderr
+    assert not (run_dir / "checkpoints").exists()
