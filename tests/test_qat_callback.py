@@ -316,3 +316,52 @@ def test_ddp_spawn_identical_quantization_parameters(tmp_path):
         tmp_path, callbacks=[qat, _SameQParamsOnEveryRank()], max_epochs=1, strategy="ddp_spawn", devices=2
     )
     trainer.fit(small_module(), DigitsDataModule())
+
+
+class TanhSigmoidMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.sigmoid(self.fc2(torch.tanh(self.fc1(x.flatten(1))))))
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_binary_and_two_bit_bounded_activations_export_with_parity(tmp_path, bits):
+    pl.seed_everything(0)
+    qat = QuantizationAwareTraining(
+        start_epoch=1,
+        layer_bits={
+            r"fc2$": {"activation_bits": bits, "activation_range": (-1, 1)},
+            r"fc3$": {"activation_bits": bits, "activation_range": (0, 1)},
+        },
+    )
+    trainer, module, dm = fit(tmp_path, [qat], module=ClassificationModule(TanhSigmoidMLP()), max_epochs=4)
+    assert trainer.test(module, dm, verbose=False)[0]["test/acc"] > 0.6
+    assert module.net.fc2.input_quantizer.binary == (bits == 1)
+    path = export_onnx(module, tmp_path / "m.onnx", torch.zeros(2, 1, 8, 8))
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("Where") == (2 if bits == 1 else 0)
+    assert onnx_parity(module, path, dm.test_dataloader())["top1_agreement"] >= PARITY_GOAL
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(activation_bits=1),
+            r"`activation_bits`=1 is the binary quantizer for bounded activations and needs `activation_range`",
+        ),
+        (dict(activation_range=(1, -1)), r"`activation_range` must be finite with low < high, got \(1, -1\)"),
+        (dict(activation_range="tanh"), r"`activation_range` must be a pair \(low, high\)"),
+        (
+            dict(layer_bits={"fc": {"activation_bits": 1}}),
+            r"`layer_bits\['fc'\]\['activation_bits'\]`=1 is the binary quantizer",
+        ),
+        (dict(activation_bits=0, activation_range=(0, 1)), r"`activation_bits` must be an integer from 1 to 8, got 0"),
+    ],
+)
+def test_bad_bounded_activation_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantizationAwareTraining(**kwargs)

@@ -130,3 +130,26 @@ def test_lsq_scale_is_learned():
 def test_bad_bits(bits):
     with pytest.raises(ValueError, match=rf"`weight_bits` must be an integer from 2 to 8, got {bits!r}"):
         check_bits("weight_bits", bits)
+
+
+def test_binary_quantizer_is_the_sign_with_hardtanh_gradient():
+    q = FakeQuantizer(QuantSpec(1, symmetric=False), fixed_range=(-1.0, 1.0)).train()
+    x = torch.tensor([-2.0, -0.3, 0.0, 0.4, 1.5], requires_grad=True)
+    out = q(x)
+    assert out.tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0]
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert q.min_val.item() == -1.0 and q.max_val.item() == 1.0  # nothing is observed
+
+
+def test_two_bit_fixed_range_for_sigmoid_outputs():
+    q = FakeQuantizer(QuantSpec(2, symmetric=False), fixed_range=(0.0, 1.0)).train()
+    x = torch.linspace(-0.5, 1.5, 41)
+    out = q(x)
+    assert sorted(set(out.tolist())) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    assert q.max_val.item() == 1.0
+
+
+def test_binary_needs_a_range():
+    with pytest.raises(ValueError, match="a 1-bit .binary. quantizer needs a `fixed_range`"):
+        FakeQuantizer(QuantSpec(1, symmetric=False))

@@ -60,8 +60,8 @@ class _QATMixin:
     def _quantized_bias(self, bias: Tensor) -> Tensor:
         w_scale, _ = self.weight_quantizer.qparams()
         a_scale, _ = self.input_quantizer.qparams()
-        if not self.input_quantizer.initialized:
-            return bias
+        if not self.input_quantizer.initialized or self.input_quantizer.binary:
+            return bias  # a binary input is not on an integer grid: the export keeps this bias in float
         grid = (a_scale.reshape(-1)[0] * w_scale).expand_as(bias)
         spec = QuantSpec(32, symmetric=True, per_channel=True, axis=0)  # int32 accumulator grid, never clamped
         return fake_quantize(bias, grid, torch.zeros_like(grid, dtype=torch.int32), spec)

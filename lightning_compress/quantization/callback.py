@@ -67,6 +67,10 @@ class QuantizationAwareTraining(Callback):
         exclude: Regular expression(s) of layers to leave in float.
         averaging_constant: Weight of a new batch in the activation observers' moving average.
         log_every_n_steps: Optimizer steps between logs of the per-layer scales and clipping fractions.
+        activation_range: ``(low, high)`` of bounded input activations (the outputs of tanh: ``(-1, 1)``, of
+            sigmoid: ``(0, 1)``): the grid spans it and nothing is observed. With it, ``activation_bits=1`` is the
+            binary quantizer (the sign for ``(-1, 1)``). Per layer: ``layer_bits={regex: {"activation_bits": 2,
+            "activation_range": (0, 1)}}``.
 
     Example::
 
@@ -95,10 +99,12 @@ class QuantizationAwareTraining(Callback):
         exclude: str | Sequence[str] | None = None,
         averaging_constant: float = 0.01,
         log_every_n_steps: int = 50,
+        activation_range: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.weight_bits = check_bits("weight_bits", weight_bits)
-        self.activation_bits = check_bits("activation_bits", activation_bits)
+        self.activation_range = self._check_range("activation_range", activation_range)
+        self.activation_bits = self._check_activation_bits("activation_bits", activation_bits, self.activation_range)
         if observer not in OBSERVERS:
             raise ValueError(f"`observer` must be one of {OBSERVERS}, got {observer!r}.")
         self.observer = observer
@@ -130,15 +136,46 @@ class QuantizationAwareTraining(Callback):
         self._steps: dict[str, int | None] = {}
 
     @staticmethod
-    def _parse_override(pattern: str, value: Any) -> dict[str, int]:
-        if isinstance(value, Mapping):
-            unknown = set(value) - {"weight_bits", "activation_bits"}
-            if unknown:
-                raise ValueError(
-                    f"`layer_bits[{pattern!r}]` keys must be 'weight_bits' / 'activation_bits', got {sorted(unknown)}."
-                )
-            return {k: check_bits(f"layer_bits[{pattern!r}][{k!r}]", v) for k, v in value.items()}
-        return {"weight_bits": check_bits(f"layer_bits[{pattern!r}]", value)}
+    def _check_range(name: str, value: Any) -> tuple[float, float] | None:
+        if value is None:
+            return None
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"`{name}` must be a pair (low, high), e.g. (-1, 1) after tanh; got {value!r}.") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"`{name}` must be finite with low < high, got {value!r}.")
+        return lo, hi
+
+    @staticmethod
+    def _check_activation_bits(name: str, bits: Any, fixed_range: tuple[float, float] | None) -> int:
+        if bits == 1 and not isinstance(bits, bool) and fixed_range is None:
+            raise ValueError(
+                f"`{name}`=1 is the binary quantizer for bounded activations and needs `activation_range` "
+                "(e.g. (-1, 1) after tanh, (0, 1) after sigmoid); otherwise use 2 to 8 bits."
+            )
+        return check_bits(name, bits, low=1 if fixed_range is not None else 2)
+
+    def _parse_override(self, pattern: str, value: Any) -> dict[str, Any]:
+        where = f"layer_bits[{pattern!r}]"
+        if not isinstance(value, Mapping):
+            return {"weight_bits": check_bits(where, value)}
+        unknown = set(value) - {"weight_bits", "activation_bits", "activation_range"}
+        if unknown:
+            raise ValueError(
+                f"`{where}` keys must be 'weight_bits' / 'activation_bits' / 'activation_range', got {sorted(unknown)}."
+            )
+        out: dict[str, Any] = {}
+        if "activation_range" in value:
+            out["activation_range"] = self._check_range(f"{where}['activation_range']", value["activation_range"])
+        if "weight_bits" in value:
+            out["weight_bits"] = check_bits(f"{where}['weight_bits']", value["weight_bits"])
+        if "activation_bits" in value:
+            fixed = out.get("activation_range", self.activation_range)
+            out["activation_bits"] = self._check_activation_bits(
+                f"{where}['activation_bits']", value["activation_bits"], fixed
+            )
+        return out
 
     @property
     @override
@@ -159,15 +196,26 @@ class QuantizationAwareTraining(Callback):
             weight: Any = layer.weight
             if self.per_channel and weight.dim() < 2:
                 raise ValueError(f"per_channel=True needs a channel axis, but layer {name!r} has a 1-D weight.")
-            bits = {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits}
+            bits: dict[str, Any] = {
+                "weight_bits": self.weight_bits,
+                "activation_bits": self.activation_bits,
+                "activation_range": self.activation_range,
+            }
             bits.update(match_overrides(name, self.layer_bits) or {})  # type: ignore[arg-type]
             w_spec = QuantSpec(bits["weight_bits"], self.weight_symmetric, self.per_channel, axis=0)
-            a_spec = QuantSpec(bits["activation_bits"], self.activation_symmetric, per_channel=False)
+            fixed = bits["activation_range"]
+            a_spec = QuantSpec(bits["activation_bits"], self.activation_symmetric and fixed is None, per_channel=False)
+            input_quantizer = FakeQuantizer(
+                a_spec,
+                "minmax" if fixed is not None else self.observer,  # a fixed range is not learned
+                averaging_constant=self.averaging_constant,
+                fixed_range=fixed,
+            )
             bn = modules[pairs[name]] if name in pairs else None
             attach(
                 layer,
                 FakeQuantizer(w_spec, self.observer, channels=weight.shape[0], weight=True).to(weight.device),
-                FakeQuantizer(a_spec, self.observer, averaging_constant=self.averaging_constant).to(weight.device),
+                input_quantizer.to(weight.device),
                 bn,
             )
             if bn is not None:

@@ -77,6 +77,7 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
             "input_scale": float(a_scale.reshape(-1)[0]),
             "input_zero_point": int(a_zp.reshape(-1)[0]),
             "input_spec": layer.input_quantizer.spec,
+            "input_range": layer.input_quantizer.fixed_range,
             "weight_spec": wq.spec,
         }
         if layer._qat_bn is not None:
@@ -181,8 +182,26 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
             )
         )
         node.input[1] = f"{prefix}.weight_dequantized"
-        # activation: [Clip] -> QuantizeLinear -> DequantizeLinear
         a_spec, a_scale, a_zp = data["input_spec"], data["input_scale"], data["input_zero_point"]
+        if a_spec.bits == 1:  # binary activation: GreaterOrEqual -> Where (no integer grid; the bias stays float)
+            lo, hi = data["input_range"]
+            added_inits += [
+                numpy_helper.from_array(np.array((lo + hi) / 2, np.float32), f"{prefix}.input_threshold"),
+                numpy_helper.from_array(np.array(lo, np.float32), f"{prefix}.input_low"),
+                numpy_helper.from_array(np.array(hi, np.float32), f"{prefix}.input_high"),
+            ]
+            added += [
+                helper.make_node("GreaterOrEqual", [node.input[0], f"{prefix}.input_threshold"],
+                                 [f"{prefix}.input_above"], name=f"{prefix}/input/GreaterOrEqual"),
+                helper.make_node("Where", [f"{prefix}.input_above", f"{prefix}.input_high", f"{prefix}.input_low"],
+                                 [f"{prefix}.input_binarized"], name=f"{prefix}/input/Where"),
+            ]  # fmt: skip
+            node.input[0] = f"{prefix}.input_binarized"
+            graph.initializer.extend(added_inits)
+            new_nodes += [*added, node]
+            done.add(layer)
+            continue
+        # activation: [Clip] -> QuantizeLinear -> DequantizeLinear
         a_dtype = np.int8 if a_spec.symmetric else np.uint8
         added_inits += [
             numpy_helper.from_array(np.array(a_scale, np.float32), f"{prefix}.input_scale"),

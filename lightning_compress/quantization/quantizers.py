@@ -104,6 +104,21 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> T
     return torch.clamp(torch.round(x / scale) + zero_point, spec.qmin, spec.qmax).to(torch.int32)
 
 
+class _BinarizeSTE(torch.autograd.Function):
+    """``hi`` where ``x ≥ (lo + hi)/2`` else ``lo`` (sign for [−1, 1], a 0.5 threshold for [0, 1]); the gradient passes
+    straight through inside [lo, hi] and is 0 outside (the hard-tanh estimator of binarised networks)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lo: float, hi: float) -> Tensor:
+        ctx.save_for_backward((x >= lo) & (x <= hi))
+        return torch.where(x >= (lo + hi) / 2, torch.full_like(x, hi), torch.full_like(x, lo))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
 class FakeQuantizer(nn.Module):
     """Observes a tensor's range and fake-quantizes it.
 
@@ -117,6 +132,10 @@ class FakeQuantizer(nn.Module):
     output is fake-quantized; off, the quantizer is the identity — e.g. during observer calibration).
     ``weight=True`` marks a weight quantizer: its min/max range is the current weight's, recomputed on every forward
     while observing (in evaluation too: it is a function of the weights, not of the data).
+
+    ``fixed_range=(lo, hi)`` is for bounded activations (the outputs of tanh or sigmoid): the grid spans that range
+    and nothing is observed. With ``spec.bits == 1`` it is the binary quantizer: ``hi`` above the midpoint of the
+    range, ``lo`` below (the sign for ``(-1, 1)``).
     """
 
     min_val: Tensor
@@ -131,10 +150,13 @@ class FakeQuantizer(nn.Module):
         channels: int = 1,
         averaging_constant: float = 0.01,
         weight: bool = False,
+        fixed_range: tuple[float, float] | None = None,
     ):
         super().__init__()
         if observer not in ("minmax", "lsq"):
             raise ValueError(f"`observer` must be 'minmax' or 'lsq', got {observer!r}.")
+        if spec.bits == 1 and fixed_range is None:
+            raise ValueError("a 1-bit (binary) quantizer needs a `fixed_range`.")
         self.spec, self.observer, self.averaging_constant = spec, observer, averaging_constant
         n = channels if spec.per_channel else 1
         self.register_buffer("min_val", torch.full((n,), math.inf))
@@ -149,6 +171,16 @@ class FakeQuantizer(nn.Module):
         self.observing = True
         self.measure_clipping = False  # set by the callback on logging steps
         self.last_clip_fraction: float | None = None
+        self.fixed_range = None if fixed_range is None else (float(fixed_range[0]), float(fixed_range[1]))
+        if self.fixed_range is not None:
+            self.min_val.fill_(self.fixed_range[0])
+            self.max_val.fill_(self.fixed_range[1])
+            if spec.bits > 1:
+                self.refresh_qparams()
+
+    @property
+    def binary(self) -> bool:
+        return self.spec.bits == 1
 
     @property
     def initialized(self) -> bool:
@@ -182,15 +214,17 @@ class FakeQuantizer(nn.Module):
         self.zero_point.copy_(zero_point)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.observing and (self.training or self.is_weight):
+        if self.observing and (self.training or self.is_weight) and self.fixed_range is None:
             self.observe(x)
         if not self.quantizing or not self.initialized:
             return x  # nothing observed yet (e.g. a validation pass before the first training step)
         if self.measure_clipping and not self.spec.per_channel:
             with torch.no_grad():
-                scale, zp = self.qparams()
-                lo, hi = (self.spec.qmin - zp) * scale, (self.spec.qmax - zp) * scale
+                lo, hi = self.grid_range()
                 self.last_clip_fraction = float(((x < lo) | (x > hi)).float().mean())
+        if self.binary:
+            assert self.fixed_range is not None
+            return _BinarizeSTE.apply(x, *self.fixed_range)
         if self.observer == "lsq":
             grad_factor = 1.0 / math.sqrt(x.numel() / self.scale.numel() * self.spec.qmax)
             scale = self.scale.abs() + torch.finfo(torch.float32).eps
@@ -204,6 +238,14 @@ class FakeQuantizer(nn.Module):
             )
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
 
+    def grid_range(self) -> tuple[Tensor, Tensor]:
+        """The smallest and largest value the quantizer outputs (per channel for per-channel quantizers)."""
+        if self.binary:
+            assert self.fixed_range is not None
+            return torch.tensor(self.fixed_range[0]), torch.tensor(self.fixed_range[1])
+        scale, zp = self.qparams()
+        return (self.spec.qmin - zp) * scale, (self.spec.qmax - zp) * scale
+
     def qparams(self) -> tuple[Tensor, Tensor]:
         """The scale and zero-point in use (for LSQ, the learned scale's magnitude)."""
         scale = self.scale.detach().abs() + (torch.finfo(torch.float32).eps if self.observer == "lsq" else 0.0)
@@ -212,4 +254,6 @@ class FakeQuantizer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         kind = "per-channel" if s.per_channel else "per-tensor"
+        if self.fixed_range is not None:
+            return f"bits={s.bits}, {'binary' if self.binary else 'affine'}, fixed range {self.fixed_range}"
         return f"bits={s.bits}, {'symmetric' if s.symmetric else 'affine'}, {kind}, observer={self.observer}"
