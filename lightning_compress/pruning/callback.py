@@ -32,6 +32,7 @@ from lightning_compress.pruning.masks import (
 )
 from lightning_compress.pruning.schedules import SCHEDULES, sparsity_at
 from lightning_compress.selection import check_overrides_match, match_overrides, select_modules, weights_of
+from lightning_compress.training import optimizer_steps_per_epoch
 
 SCOPES = ("global", "layer")
 #: With ``update_every_n_steps=None`` the masks are updated this many times along the ramp.
@@ -243,13 +244,7 @@ class MagnitudePruning(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise ValueError(
-                "MagnitudePruning counts its schedule in epochs and needs a sized train dataloader "
-                "(its length is unknown)."
-            )
-        steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        steps_per_epoch = optimizer_steps_per_epoch(trainer, "MagnitudePruning")
         self._start_step = round(self.start_epoch * steps_per_epoch)
         self._end_step = round(self.end_epoch * steps_per_epoch)
         if trainer.max_steps is not None and 0 <= trainer.max_steps < self._end_step:

@@ -23,6 +23,7 @@ from typing_extensions import override
 from lightning_compress.quantization.attach import attach, find_conv_bn_pairs
 from lightning_compress.quantization.quantizers import FakeQuantizer, QuantSpec, check_bits, fake_quantize
 from lightning_compress.selection import check_overrides_match, match_overrides, select_modules
+from lightning_compress.training import optimizer_steps_per_epoch
 
 OBSERVERS = ("minmax", "lsq")
 
@@ -226,12 +227,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise ValueError(
-                "QuantizationAwareTraining counts its phases in epochs and needs a sized train dataloader."
-            )
-        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        per_epoch = optimizer_steps_per_epoch(trainer, "QuantizationAwareTraining")
 
         def step(epoch: float | None) -> int | None:
             return None if epoch is None else round(epoch * per_epoch)

@@ -145,6 +145,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     return path
 
 
+def _dequantize(name: str, ints: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> tuple[list[Any], Any]:
+    """Initializers ``<name>_quantized/_scale/_zero_point`` and the per-channel DequantizeLinear reading them."""
+    from onnx import helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(ints, f"{name}_quantized"),
+        numpy_helper.from_array(scale, f"{name}_scale"),
+        numpy_helper.from_array(zero_point, f"{name}_zero_point"),
+    ]
+    node = helper.make_node(
+        "DequantizeLinear",
+        [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+        [f"{name}_dequantized"],
+        axis=0,
+        name=f"{name}/DequantizeLinear",
+    )
+    return inits, node
+
+
 def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
     from onnx import helper, numpy_helper
 
@@ -167,21 +186,11 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
         w_name = node.input[1]
         graph.initializer.remove(initializers[w_name])
         w_scale = data["weight_scale"].numpy().astype(np.float32)
-        added_inits = [
-            numpy_helper.from_array(data["weight_int"].numpy(), f"{prefix}.weight_quantized"),
-            numpy_helper.from_array(w_scale, f"{prefix}.weight_scale"),
-            numpy_helper.from_array(data["weight_zero_point"].numpy(), f"{prefix}.weight_zero_point"),
-        ]
-        added.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{prefix}.weight_quantized", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point"],
-                [f"{prefix}.weight_dequantized"],
-                axis=0,
-                name=f"{prefix}/weight/DequantizeLinear",
-            )
+        added_inits, dq = _dequantize(
+            f"{prefix}.weight", data["weight_int"].numpy(), w_scale, data["weight_zero_point"].numpy()
         )
-        node.input[1] = f"{prefix}.weight_dequantized"
+        added.append(dq)
+        node.input[1] = dq.output[0]
         a_spec, a_scale, a_zp = data["input_spec"], data["input_scale"], data["input_zero_point"]
         if a_spec.bits == 1:  # binary activation: GreaterOrEqual -> Where (no integer grid; the bias stays float)
             lo, hi = data["input_range"]
@@ -245,21 +254,10 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
                 graph.initializer.remove(initializers[b_name])
             b_scale = (a_scale * w_scale).astype(np.float32)
             b_int = np.round(data["bias"].numpy() / b_scale).astype(np.int32)
-            added_inits += [
-                numpy_helper.from_array(b_int, f"{prefix}.bias_quantized"),
-                numpy_helper.from_array(b_scale, f"{prefix}.bias_scale"),
-                numpy_helper.from_array(np.zeros_like(b_int), f"{prefix}.bias_zero_point"),
-            ]
-            added.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [f"{prefix}.bias_quantized", f"{prefix}.bias_scale", f"{prefix}.bias_zero_point"],
-                    [f"{prefix}.bias_dequantized"],
-                    axis=0,
-                    name=f"{prefix}/bias/DequantizeLinear",
-                )
-            )
-            node.input[2] = f"{prefix}.bias_dequantized"
+            bias_inits, dq = _dequantize(f"{prefix}.bias", b_int, b_scale, np.zeros_like(b_int))
+            added_inits += bias_inits
+            added.append(dq)
+            node.input[2] = dq.output[0]
         graph.initializer.extend(added_inits)
         new_nodes += [*added, node]
         done.add(layer)
