@@ -12,6 +12,7 @@ from lightning_compress.artifacts import (
     model_report,
     save_compressed,
 )
+from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining
 from lightning_compress.quantization.export import export_onnx, onnx_parity
@@ -20,6 +21,7 @@ from lightning_compress.selection import select_modules
 __version__ = "0.1.0"
 
 __all__ = [
+    "KnowledgeDistillation",
     "LayerStats",
     "MagnitudePruning",
     "QuantizationAwareTraining",

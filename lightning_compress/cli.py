@@ -19,12 +19,13 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
 from lightning_compress.artifacts import compression_summary, model_report
 from lightning_compress.config import CONFIG_NAME, instantiate
+from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining
 from lightning_compress.quantization.export import export_onnx, onnx_parity
@@ -71,6 +72,15 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         _fmt_bytes(report["size_bytes_compressed"]), f"{report['compression_ratio']:.1f}×",
     )  # fmt: skip
     console.print(totals)
+    if "accuracy_teacher" in report:
+        kd = Table(title="distillation", title_justify="left")
+        for col in ("teacher", "student alone", "distilled student"):
+            kd.add_column(col, justify="right")
+        teacher = report["accuracy_teacher"]
+        teacher_text = ", ".join(f"{a:.2%}" for a in teacher) if isinstance(teacher, list) else f"{teacher:.2%}"
+        alone = report.get("accuracy_student_alone")
+        kd.add_row(teacher_text, "—" if alone is None else f"{alone:.2%}", f"{report['accuracy']:.2%}")
+        console.print(kd)
     if "onnx_parity" in report:
         quant = Table(title="quantization", title_justify="left")
         for col in ("float accuracy", "fake-quant accuracy", "ONNX Runtime accuracy", "top-1 agreement",
@@ -96,15 +106,33 @@ def _require_onnx() -> None:
 
 
 @torch.no_grad()
-def _accuracy(module: pl.LightningModule, loader: Any) -> float:
+def _accuracy(module: torch.nn.Module, loader: Any) -> float:
     was_training = module.training
     module.eval()
+    device = next(module.parameters()).device
     correct = total = 0
     for x, y in loader:
-        correct += int((module(x.to(module.device)).argmax(1).cpu() == y).sum())
+        correct += int((module(x.to(device)).argmax(1).cpu() == y).sum())
         total += len(y)
     module.train(was_training)
     return correct / total
+
+
+def distillation_report(cfg: DictConfig, kd: KnowledgeDistillation, loader: Any, out: Path) -> dict[str, Any]:
+    """The teachers' accuracy and, with ``distillation_baseline``, the student trained alone (same recipe, no
+    teacher), so that the report shows teacher, student alone and distilled student side by side."""
+    report: dict[str, Any] = {"accuracy_teacher": [_accuracy(t, loader) for t in kd.teachers]}
+    if len(kd.teachers) == 1:
+        report["accuracy_teacher"] = report["accuracy_teacher"][0]
+    if cfg.get("distillation_baseline"):
+        alone = cfg.copy()
+        with open_dict(alone):
+            alone.compression = {k: v for k, v in cfg.compression.items() if k != "distillation"}
+            alone.logger = None
+            alone.callbacks = None
+            alone.paths.output_dir = str(out / "student_alone")
+        report["accuracy_student_alone"] = train(alone)["accuracy"]
+    return report
 
 
 def quantization_report(
@@ -155,6 +183,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     report["checkpoint"] = checkpoint or None
     if qat is not None and trainer.is_global_zero:
         report.update(quantization_report(module, qat, datamodule.test_dataloader(), out))
+    kd = next((cb for cb in compression if isinstance(cb, KnowledgeDistillation)), None)
+    if kd is not None and trainer.is_global_zero:
+        report.update(distillation_report(cfg, kd, datamodule.test_dataloader(), out))
     if trainer.is_global_zero:
         (out / "report.json").write_text(json.dumps(report, indent=2))
         flat = {**report, **{f"onnx_parity/{k}": v for k, v in report.get("onnx_parity", {}).items()}}

@@ -149,3 +149,28 @@ def test_qat_bad_bits_refused_before_training(tmp_path):
     )
     assert proc.returncode != 0 and "`weight_bits` must be an integer from 2 to 8, got 1" in proc.stderr
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_distillation_recipe_reports_teacher_student_alone_and_distilled(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_app(
+        tmp_path, f"hydra.run.dir={run_dir}", "recipe=digits_distill", "trainer.max_epochs=3",
+        "compression.distillation.teacher.max_epochs=3", "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["accuracy_teacher"] > 0.8
+    assert 0 < report["accuracy_student_alone"] <= 1 and 0 < report["accuracy"] <= 1
+    assert (run_dir / "teacher.ckpt").exists() and (run_dir / "student_alone" / "report.json").exists()
+    assert "distilled student" in proc.stdout
+    kd = [r for r in history(run_file(run_dir / "wandb")) if "kd/loss_kd" in r]
+    assert kd and all(r["kd/loss_kd"] >= 0 for r in kd)
+    # the teacher checkpoint it wrote loads back as the teacher of another run
+    report2_dir = tmp_path / "run2"
+    run_app(
+        tmp_path, f"hydra.run.dir={report2_dir}", "recipe=digits_distill", "trainer.max_epochs=1",
+        f"compression.distillation.teacher.checkpoint={run_dir / 'teacher.ckpt'}", "distillation_baseline=false",
+        "logger=none",
+    )  # fmt: skip
+    assert json.loads((report2_dir / "report.json").read_text())["accuracy_teacher"] == pytest.approx(
+        report["accuracy_teacher"]
+    )

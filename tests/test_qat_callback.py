@@ -365,3 +365,28 @@ def test_binary_and_two_bit_bounded_activations_export_with_parity(tmp_path, bit
 def test_bad_bounded_activation_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantizationAwareTraining(**kwargs)
+
+
+def test_quantized_outputs_export_qdq_after_every_layer_with_parity(tmp_path):
+    pl.seed_everything(0)
+    qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, quantize_outputs=True)
+    trainer, module, dm = fit(tmp_path, [qat], max_epochs=4)
+    assert module.net.features[0].output_quantizer.initialized
+    path = export_onnx(module, tmp_path / "m.onnx", torch.zeros(2, 1, 8, 8))
+    graph = onnx.load(path).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    for name in quantized_layers(module):
+        conv = producers[f"{name}.output_float"]
+        assert conv.op_type in ("Conv", "Gemm")
+        consumers = [n.op_type for n in graph.node if f"{name}.output_float" in n.input]
+        assert consumers == ["QuantizeLinear"], name
+    assert onnx_parity(module, path, dm.test_dataloader())["top1_agreement"] >= PARITY_GOAL
+
+
+def test_shared_initializers_in_the_float_export_are_handled(tmp_path):
+    # BatchNorm frozen from the start: every folded bias is zero, and the exporter shares one zero initializer
+    pl.seed_everything(0)
+    qat = QuantizationAwareTraining(start_epoch=0, calibration_steps=2, freeze_bn_epoch=0)
+    trainer, module, dm = fit(tmp_path, [qat], max_epochs=1)
+    path = export_onnx(module, tmp_path / "m.onnx", torch.zeros(2, 1, 8, 8))
+    assert onnx_parity(module, path, dm.test_dataloader())["top1_agreement"] >= PARITY_GOAL

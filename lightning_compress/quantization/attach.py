@@ -88,7 +88,9 @@ class _QATMixin:
             if bn is not None:
                 weight, bias = folded_weight_and_bias(self)
             w_q = self.weight_quantizer(weight)
-            return self._compute(x, w_q, None if bias is None else self._quantized_bias(bias))
+            y = self._compute(x, w_q, None if bias is None else self._quantized_bias(bias))
+            output_quantizer = getattr(self, "output_quantizer", None)
+            return y if output_quantizer is None else output_quantizer(y)
         # Training with batch statistics. The folding factor is treated as a constant: through the fold,
         # conv(x, w·f)/f depends on γ only via quantization error, and γ gets its gradient from the BatchNorm
         # itself (differentiating it would cost a reduction over the whole output per layer).
@@ -136,13 +138,17 @@ def attach(
     weight_quantizer: FakeQuantizer,
     input_quantizer: FakeQuantizer,
     bn: nn.Module | None = None,
+    output_quantizer: FakeQuantizer | None = None,
 ) -> None:
-    """Make ``layer`` fake-quantize its input and weight (folding ``bn`` when given). Idempotent."""
+    """Make ``layer`` fake-quantize its input and weight (folding ``bn`` when given) and, with
+    ``output_quantizer``, its output once it computes the folded layer. Idempotent."""
     if is_quantized(layer):
         return
     layer.__class__ = _swapped_class(type(layer), _QATMixin, "QAT")
     layer.add_module("weight_quantizer", weight_quantizer)
     layer.add_module("input_quantizer", input_quantizer)
+    if output_quantizer is not None:
+        layer.add_module("output_quantizer", output_quantizer)
     object.__setattr__(layer, "_qat_bn", bn)  # a reference, not a child: the BatchNorm stays where it is
     if bn is not None:
         bn.__class__ = _swapped_class(type(bn), _FoldedBatchNormMixin, "Folded")
@@ -159,6 +165,8 @@ def detach(layer: nn.Module) -> None:
         object.__delattr__(bn, "_qat_conv")
     layer.__class__ = layer._original_class  # type: ignore[attr-defined,assignment]
     del layer.weight_quantizer, layer.input_quantizer
+    if hasattr(layer, "output_quantizer"):
+        del layer.output_quantizer
     object.__delattr__(layer, "_qat_bn")
 
 

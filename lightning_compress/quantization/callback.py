@@ -68,6 +68,10 @@ class QuantizationAwareTraining(Callback):
         exclude: Regular expression(s) of layers to leave in float.
         averaging_constant: Weight of a new batch in the activation observers' moving average.
         log_every_n_steps: Optimizer steps between logs of the per-layer scales and clipping fractions.
+        quantize_outputs: Also quantize each layer's output (per tensor, like its input) once the layer computes the
+            folded integer model (BatchNorm frozen or absent). The export then puts QuantizeLinear/DequantizeLinear
+            after the layer too — the pattern ONNX Runtime turns into integer kernels (QLinearConv) everywhere,
+            including convolutions that feed residual additions.
         activation_range: ``(low, high)`` of bounded input activations (the outputs of tanh: ``(-1, 1)``, of
             sigmoid: ``(0, 1)``): the grid spans it and nothing is observed. With it, ``activation_bits=1`` is the
             binary quantizer (the sign for ``(-1, 1)``). Per layer: ``layer_bits={regex: {"activation_bits": 2,
@@ -101,6 +105,7 @@ class QuantizationAwareTraining(Callback):
         averaging_constant: float = 0.01,
         log_every_n_steps: int = 50,
         activation_range: Sequence[float] | None = None,
+        quantize_outputs: bool = False,
     ) -> None:
         super().__init__()
         self.weight_bits = check_bits("weight_bits", weight_bits)
@@ -130,6 +135,7 @@ class QuantizationAwareTraining(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.layer_bits = {str(p): self._parse_override(p, v) for p, v in dict(layer_bits or {}).items()}
         self.include, self.exclude = include, exclude
+        self.quantize_outputs = bool(quantize_outputs)
 
         self._layers: dict[str, Any] = {}  # quantized Conv/Linear layers (their class is swapped at run time)
         self._bns: list[nn.Module] = []
@@ -218,6 +224,13 @@ class QuantizationAwareTraining(Callback):
                 FakeQuantizer(w_spec, self.observer, channels=weight.shape[0], weight=True).to(weight.device),
                 input_quantizer.to(weight.device),
                 bn,
+                FakeQuantizer(
+                    QuantSpec(self.activation_bits if self.activation_range is None else 8, self.activation_symmetric),
+                    self.observer,
+                    averaging_constant=self.averaging_constant,
+                ).to(weight.device)
+                if self.quantize_outputs
+                else None,
             )
             if bn is not None:
                 self._bns.append(bn)
@@ -294,14 +307,20 @@ class QuantizationAwareTraining(Callback):
     def _set_phase(self, observing: bool, quantizing: bool, bn_frozen: bool) -> None:
         self._phase = {"observing": observing, "quantizing": quantizing, "bn_frozen": bn_frozen}
         for layer in self._layers.values():
-            for q in (layer.input_quantizer, layer.weight_quantizer):
-                q.observing, q.quantizing = observing, quantizing
+            for q in (layer.input_quantizer, layer.weight_quantizer, getattr(layer, "output_quantizer", None)):
+                if q is not None:
+                    q.observing, q.quantizing = observing, quantizing
 
     @torch.no_grad()
     def _sync_activation_ranges(self, trainer: pl.Trainer) -> None:
         # Every rank observes its own batches; averaging the ranges after each step keeps the quantization
         # parameters identical on every rank (weights' ranges already are: DDP keeps the weights identical).
-        quantizers = [layer.input_quantizer for layer in self._layers.values() if layer.input_quantizer.initialized]
+        quantizers = [
+            q
+            for layer in self._layers.values()
+            for q in (layer.input_quantizer, getattr(layer, "output_quantizer", None))
+            if q is not None and q.initialized and q.fixed_range is None
+        ]
         if not quantizers:
             return
         flat = torch.cat([torch.cat([q.min_val, q.max_val]) for q in quantizers])

@@ -78,6 +78,7 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
             "input_zero_point": int(a_zp.reshape(-1)[0]),
             "input_spec": layer.input_quantizer.spec,
             "input_range": layer.input_quantizer.fixed_range,
+            "output": _output_qparams(layer),
             "weight_spec": wq.spec,
         }
         if layer._qat_bn is not None:
@@ -97,6 +98,14 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
             parent_name, _, child = bn_names[name].rpartition(".")
             setattr(modules[parent_name] if parent_name else form, child, nn.Identity())
     return form, info
+
+
+def _output_qparams(layer: Any) -> tuple[float, int, Any] | None:
+    quantizer = getattr(layer, "output_quantizer", None)
+    if quantizer is None or not quantizer.initialized:
+        return None
+    scale, zero_point = quantizer.qparams()
+    return float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]), quantizer.spec
 
 
 def _check_input(form: nn.Module, example_input: Tensor) -> None:
@@ -164,11 +173,42 @@ def _dequantize(name: str, ints: np.ndarray, scale: np.ndarray, zero_point: np.n
     return inits, node
 
 
+def _quantize_dequantize(source: str, name: str, scale: float, zero_point: int, spec: Any) -> tuple[list, list, str]:
+    """``[Clip] -> QuantizeLinear -> DequantizeLinear`` of a per-tensor activation; returns the initializers, the
+    nodes and the name of the dequantized output. Below 8 bits the Clip bounds the values to the spec's grid
+    (QuantizeLinear itself saturates at the 8-bit range)."""
+    from onnx import helper, numpy_helper
+
+    dtype = np.int8 if spec.symmetric else np.uint8
+    inits = [
+        numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
+        numpy_helper.from_array(np.array(zero_point, dtype), f"{name}_zero_point"),
+    ]
+    nodes = []
+    if spec.bits < 8:
+        lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
+        inits += [
+            numpy_helper.from_array(np.array(lo, np.float32), f"{name}_clip_min"),
+            numpy_helper.from_array(np.array(hi, np.float32), f"{name}_clip_max"),
+        ]
+        nodes.append(
+            helper.make_node("Clip", [source, f"{name}_clip_min", f"{name}_clip_max"], [f"{name}_clipped"],
+                             name=f"{name}/Clip")
+        )  # fmt: skip
+        source = f"{name}_clipped"
+    nodes += [
+        helper.make_node("QuantizeLinear", [source, f"{name}_scale", f"{name}_zero_point"], [f"{name}_quantized"],
+                         name=f"{name}/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                         [f"{name}_dequantized"], name=f"{name}/DequantizeLinear"),
+    ]  # fmt: skip
+    return inits, nodes, f"{name}_dequantized"
+
+
 def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    initializers = {init.name: init for init in graph.initializer}
     by_weight = {f"{name}.weight": name for name in info}
     new_nodes, done = [], set()
     for node in graph.node:
@@ -183,8 +223,6 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
                 raise ValueError(f"export_onnx: unexpected Gemm layout for layer {layer!r}.")
         added = []
         # weight: int8 initializer -> DequantizeLinear
-        w_name = node.input[1]
-        graph.initializer.remove(initializers[w_name])
         w_scale = data["weight_scale"].numpy().astype(np.float32)
         added_inits, dq = _dequantize(
             f"{prefix}.weight", data["weight_int"].numpy(), w_scale, data["weight_zero_point"].numpy()
@@ -211,61 +249,38 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
             done.add(layer)
             continue
         # activation: [Clip] -> QuantizeLinear -> DequantizeLinear
-        a_dtype = np.int8 if a_spec.symmetric else np.uint8
-        added_inits += [
-            numpy_helper.from_array(np.array(a_scale, np.float32), f"{prefix}.input_scale"),
-            numpy_helper.from_array(np.array(a_zp, a_dtype), f"{prefix}.input_zero_point"),
-        ]
-        source = node.input[0]
-        if a_spec.bits < 8:
-            lo, hi = (a_spec.qmin - a_zp) * a_scale, (a_spec.qmax - a_zp) * a_scale
-            added_inits += [
-                numpy_helper.from_array(np.array(lo, np.float32), f"{prefix}.input_clip_min"),
-                numpy_helper.from_array(np.array(hi, np.float32), f"{prefix}.input_clip_max"),
-            ]
-            added.append(
-                helper.make_node(
-                    "Clip",
-                    [source, f"{prefix}.input_clip_min", f"{prefix}.input_clip_max"],
-                    [f"{prefix}.input_clipped"],
-                    name=f"{prefix}/input/Clip",
-                )
-            )
-            source = f"{prefix}.input_clipped"
-        added += [
-            helper.make_node(
-                "QuantizeLinear",
-                [source, f"{prefix}.input_scale", f"{prefix}.input_zero_point"],
-                [f"{prefix}.input_quantized"],
-                name=f"{prefix}/input/QuantizeLinear",
-            ),
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{prefix}.input_quantized", f"{prefix}.input_scale", f"{prefix}.input_zero_point"],
-                [f"{prefix}.input_dequantized"],
-                name=f"{prefix}/input/DequantizeLinear",
-            ),
-        ]
-        node.input[0] = f"{prefix}.input_dequantized"
+        inits, nodes, node.input[0] = _quantize_dequantize(node.input[0], f"{prefix}.input", a_scale, a_zp, a_spec)
+        added_inits += inits
+        added += nodes
         # bias: int32 on the grid input_scale x weight_scale -> DequantizeLinear
         if len(node.input) > 2 and node.input[2] and data["bias"] is not None:
-            b_name = node.input[2]
-            if b_name in initializers:
-                graph.initializer.remove(initializers[b_name])
             b_scale = (a_scale * w_scale).astype(np.float32)
             b_int = np.round(data["bias"].numpy() / b_scale).astype(np.int32)
             bias_inits, dq = _dequantize(f"{prefix}.bias", b_int, b_scale, np.zeros_like(b_int))
             added_inits += bias_inits
             added.append(dq)
             node.input[2] = dq.output[0]
+        after: list[Any] = []
+        if data.get("output") is not None:  # the layer's output on its own grid: Conv -> Q -> DQ -> consumers
+            o_scale, o_zp, o_spec = data["output"]
+            produced = node.output[0]
+            node.output[0] = f"{prefix}.output_float"
+            inits, after, result = _quantize_dequantize(node.output[0], f"{prefix}.output", o_scale, o_zp, o_spec)
+            added_inits += inits
+            after[-1].output[0] = produced
         graph.initializer.extend(added_inits)
-        new_nodes += [*added, node]
+        new_nodes += [*added, node, *after]
         done.add(layer)
     missing = set(info) - done
     if missing:
         raise ValueError(f"export_onnx: could not find the exported Conv/Gemm of layers {sorted(missing)}.")
     del graph.node[:]
     graph.node.extend(new_nodes)
+    # The float weights and biases are no longer read. (Removed only now: the exporter may share one initializer
+    # between layers whose values are equal, e.g. two all-zero folded biases.)
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
 
 
 def onnx_parity(

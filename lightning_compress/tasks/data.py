@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+#: The label of a training sample whose label is withheld (``train_label_fraction``); losses ignore it.
+UNLABELED = -1
+
 
 def _check_fraction(name: str, value: float) -> float:
     if not 0.0 < value < 1.0:
@@ -89,8 +92,9 @@ class DigitsDataModule(_LoadersMixin):
         seed: Seed of the split and of the shuffling.
         shuffle: Shuffle the training set each epoch.
         num_workers: DataLoader workers (0: in the main process; the data set is 0.9 MB in memory).
-        train_label_fraction: Keep only this share of the training samples (stratified), for label-scarce
-            experiments.
+        train_label_fraction: Keep the labels of only this share of the training samples (stratified); the others
+            keep their images with the label -1 (:data:`UNLABELED`), which the classification loss ignores — so a
+            distilling teacher can still teach on them (label-scarce experiments).
     """
 
     input_shape = (1, 8, 8)
@@ -130,15 +134,18 @@ class DigitsDataModule(_LoadersMixin):
         rest, test = train_test_split(idx, test_size=self.test_fraction, stratify=y, random_state=self.seed)
         val_share = self.val_fraction / (1.0 - self.test_fraction)
         train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=self.seed)
+        y_train = y.copy()
         if self.train_label_fraction < 1.0:
-            train, _ = train_test_split(
+            _, unlabeled = train_test_split(
                 train, train_size=self.train_label_fraction, stratify=y[train], random_state=self.seed
             )
+            y_train[unlabeled] = UNLABELED
 
-        def subset(ids: np.ndarray) -> TensorDataset:
-            return TensorDataset(torch.from_numpy(x[ids]), torch.from_numpy(y[ids]))
+        def subset(ids: np.ndarray, labels: np.ndarray) -> TensorDataset:
+            return TensorDataset(torch.from_numpy(x[ids]), torch.from_numpy(labels[ids]))
 
-        self.train_set, self.val_set, self.test_set = subset(train), subset(val), subset(test)
+        self.train_set = subset(train, y_train)
+        self.val_set, self.test_set = subset(val, y), subset(test, y)
 
 
 class ImageFolderDataModule(_LoadersMixin):

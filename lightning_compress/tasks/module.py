@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.tasks.data import UNLABELED
+
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -47,7 +49,9 @@ class ClassificationModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        logits = self(x)
+        labeled = y != UNLABELED  # label-scarce training: samples without a label do not enter the task loss
+        loss = F.cross_entropy(logits[labeled], y[labeled]) if labeled.any() else logits.sum() * 0.0
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -1,0 +1,282 @@
+"""KnowledgeDistillation: teacher–student distillation on an unmodified LightningModule.
+
+Lightning callbacks cannot return a new loss (``on_before_backward`` ignores its return value, on purpose), so the
+callback wraps the module's ``training_step`` for the duration of ``fit``: the user's step runs unchanged, its
+forward call is observed (input and output), the teachers run on the same input, and the step's loss is replaced by
+``(1 − alpha) · task + alpha · T² · KL``. Modules whose step cannot be wrapped call :meth:`KnowledgeDistillation.loss`
+themselves (``wrap_training_step=False``). The mathematics is in :mod:`~lightning_compress.distillation.losses`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress.distillation.losses import agreement, kd_loss
+from lightning_compress.distillation.teacher import build_teacher, fingerprint, freeze
+
+TeacherSpec = nn.Module | Mapping[str, Any]
+
+
+class KnowledgeDistillation(Callback):
+    r"""Distil one or several frozen teachers into the LightningModule being trained.
+
+    Loss: ``(1 − alpha) · task + alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` (Hinton et al. 2015),
+    the KL term in float32 under mixed precision. ``alpha=1`` is pure distillation: the labels play no part. With
+    several teachers the KL terms are averaged with ``teacher_weights``.
+
+    The student's ``training_step`` must call the module's forward (``self(x)``) and return a loss tensor or a dict
+    with ``"loss"``; nothing in the module changes. The teachers stay in evaluation mode with frozen parameters,
+    outside every optimizer, on the student's device, run without an autograd graph, are not stored in the
+    student's checkpoint (their identity is: class, checkpoint path, SHA-256 of the weights) and end ``fit`` with
+    bit-identical weights and BatchNorm statistics.
+
+    Args:
+        teacher: An ``nn.Module`` (a LightningModule too), a config with ``_target_``, or a list of them.
+        temperature: Softmax temperature T (> 0).
+        alpha: Weight of the distillation term in [0, 1].
+        teacher_checkpoint: A checkpoint to load into the teacher (a list: one per teacher, ``None`` to skip).
+        teacher_weights: Weights of the teachers' KL terms (normalised to sum 1).
+        cache_teacher_outputs: Keep the teachers' outputs per sample and skip their forward once every sample of a
+            batch is known (from the second epoch on). Samples are keyed by a hash of their bytes, so shuffling is
+            fine; augmentation is not (an augmented sample is a new sample, and the cache would only grow). The
+            cache lives on the student's device.
+        wrap_training_step: Wrap the module's ``training_step`` (default). ``False``: call :meth:`loss` yourself.
+
+    Example::
+
+        teacher = MyBigNet.load_from_checkpoint("teacher.ckpt")
+        trainer = pl.Trainer(callbacks=[KnowledgeDistillation(teacher, temperature=4.0, alpha=0.9)])
+        trainer.fit(small_student, datamodule)
+    """
+
+    def __init__(
+        self,
+        teacher: TeacherSpec | Sequence[TeacherSpec],
+        temperature: float = 4.0,
+        alpha: float = 0.5,
+        teacher_checkpoint: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
+        teacher_weights: Sequence[float] | None = None,
+        cache_teacher_outputs: bool = False,
+        wrap_training_step: bool = True,
+    ) -> None:
+        super().__init__()
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not temperature > 0
+            or not math.isfinite(temperature)
+        ):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or math.isnan(alpha)
+            or not 0.0 <= alpha <= 1.0
+        ):
+            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
+        self.temperature, self.alpha = float(temperature), float(alpha)
+        specs = (
+            list(teacher) if isinstance(teacher, Sequence) and not isinstance(teacher, (str, nn.Module)) else [teacher]
+        )
+        if not specs:
+            raise ValueError("`teacher` is an empty list.")
+        if teacher_checkpoint is None or isinstance(teacher_checkpoint, (str, os.PathLike)):
+            checkpoints: list[Any] = [teacher_checkpoint] * len(specs) if len(specs) == 1 else [None] * len(specs)
+            if teacher_checkpoint is not None and len(specs) > 1:
+                raise ValueError(
+                    "With several teachers, `teacher_checkpoint` must be a list with one entry per teacher."
+                )
+        else:
+            checkpoints = list(teacher_checkpoint)
+            if len(checkpoints) != len(specs):
+                raise ValueError(f"`teacher_checkpoint` has {len(checkpoints)} entries for {len(specs)} teachers.")
+        # Built (and their checkpoints loaded) here, so that a teacher that does not load stops the run at once.
+        self.teachers = [freeze(build_teacher(t, c)) for t, c in zip(specs, checkpoints, strict=True)]
+        self._checkpoints = [None if c is None else os.fspath(c) for c in checkpoints]
+        weights = [1.0] * len(specs) if teacher_weights is None else [float(w) for w in teacher_weights]
+        if len(weights) != len(specs) or any(not (w >= 0 and math.isfinite(w)) for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"`teacher_weights` must hold {len(specs)} finite non-negative numbers with a positive sum, "
+                f"got {teacher_weights!r}."
+            )
+        self.teacher_weights = [w / sum(weights) for w in weights]
+        self.cache_teacher_outputs = bool(cache_teacher_outputs)
+        self.wrap_training_step = bool(wrap_training_step)
+        self._cache: dict[tuple[float, ...], int] = {}  # sample key -> row of _cache_values
+        self._cache_values: Tensor | None = None  # [samples, teachers, outputs]
+        self._projection: Tensor | None = None
+        self._original_step: Any = None
+        self._hook: Any = None
+        self._seen: list[tuple[Any, Any]] = []
+        self._checked_shapes = False
+        self._sums: dict[str, tuple[Any, int]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            teachers=[type(t).__name__ for t in self.teachers], checkpoints=self._checkpoints
+        )
+
+    # ------------------------------------------------------------------ the loss, for explicit use too
+    @torch.no_grad()
+    def teacher_logits(self, x: Any) -> list[Tensor]:
+        """The teachers' outputs for the student's input ``x`` (cached per sample when enabled)."""
+        if self.cache_teacher_outputs and isinstance(x, Tensor):
+            keys = self._sample_keys(x)
+            rows = [self._cache.get(k) for k in keys]
+            if self._cache_values is not None and all(r is not None for r in rows):
+                cached = self._cache_values.index_select(0, torch.tensor(rows, device=self._cache_values.device))
+                return list(cached.to(x.device).unbind(1))
+            outputs = [t(x).float() for t in self.teachers]
+            stacked = torch.stack(outputs, dim=1).detach()
+            start = self._cache_values.shape[0] if self._cache_values is not None else 0
+            self._cache_values = stacked if self._cache_values is None else torch.cat([self._cache_values, stacked])
+            self._cache.update((k, start + i) for i, k in enumerate(keys))
+            return outputs
+        return [t(x).float() for t in self.teachers]
+
+    def _sample_keys(self, x: Tensor) -> list[tuple[float, ...]]:
+        # A sample's key: two random projections of its values, in float64 — computed for the whole batch in one
+        # matrix product (per-sample hashing in Python cost more than the student's step). Equal samples give equal
+        # keys; distinct real inputs colliding on both projections would need a measure-zero coincidence.
+        flat = x.detach().flatten(1).double()
+        if self._projection is None or self._projection.shape[0] != flat.shape[1]:
+            generator = torch.Generator().manual_seed(0)
+            self._projection = torch.randn(flat.shape[1], 2, generator=generator, dtype=torch.float64)
+        return [tuple(row) for row in (flat @ self._projection.to(flat.device)).tolist()]
+
+    def loss(self, pl_module: pl.LightningModule, student_logits: Tensor, x: Any, task_loss: Tensor | None) -> Tensor:
+        """``(1 − alpha) · task_loss + alpha · KD``, logged under ``kd/``. Call it from ``training_step`` when the
+        step cannot be wrapped (``wrap_training_step=False``)."""
+        teacher_outputs = self.teacher_logits(x)
+        if not self._checked_shapes:
+            for i, t in enumerate(teacher_outputs):
+                if t.shape != student_logits.shape:
+                    raise ValueError(
+                        f"teacher {i} ({type(self.teachers[i]).__name__}) and student outputs differ in shape on the "
+                        f"first batch: student {tuple(student_logits.shape)}, teacher {tuple(t.shape)}."
+                    )
+            self._checked_shapes = True
+        distill = sum(
+            w * kd_loss(student_logits, t, self.temperature)
+            for w, t in zip(self.teacher_weights, teacher_outputs, strict=True)
+        )
+        assert isinstance(distill, Tensor)
+        if task_loss is None or self.alpha == 1.0:
+            total = distill  # pure distillation: the labels play no part
+        else:
+            total = (1.0 - self.alpha) * task_loss + self.alpha * distill
+        if not torch.isfinite(total):
+            raise RuntimeError(
+                f"KnowledgeDistillation: the loss is not finite (task {task_loss}, distillation {distill})."
+            )
+        metrics = {
+            "kd/loss_kd": distill.detach(),
+            "kd/teacher_agreement": agreement(student_logits, teacher_outputs[0]),
+        }
+        if task_loss is not None:
+            metrics["kd/loss_task"] = task_loss.detach()
+        self._record(pl_module, metrics)
+        return total
+
+    def _record(self, pl_module: pl.LightningModule, metrics: dict[str, Tensor]) -> None:
+        # Lightning's self.log costs about a millisecond per key — more than a small student's whole step — so the
+        # values are summed here, logged as they are only on the Trainer's logging steps, and as epoch means at the
+        # end of the epoch (kd/<name>_epoch).
+        for key, value in metrics.items():
+            total, count = self._sums.get(key, (0.0, 0))
+            self._sums[key] = (value + total, count + 1)
+        trainer = pl_module._trainer
+        every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+        if trainer is not None and (trainer.global_step + 1) % every == 0:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.wrap_training_step or self._original_step is not None:
+            return
+        original = pl_module.training_step
+        seen = self._seen
+
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if module.training and torch.is_grad_enabled():
+                seen.append((args[0] if args else None, output))
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            seen.clear()
+            result = original(*args, **kwargs)
+            if not seen:
+                raise RuntimeError(
+                    "KnowledgeDistillation: the training_step did not call the module's forward (self(x)), so there "
+                    "is no student output to distil into. Call self(x) in training_step, or set "
+                    "wrap_training_step=False and add callback.loss(self, logits, x, task_loss) yourself."
+                )
+            x, logits = seen[-1]
+            task = result["loss"] if isinstance(result, Mapping) else result
+            total = self.loss(pl_module, logits, x, None if self.alpha == 1.0 else task)
+            if isinstance(result, Mapping):
+                return {**result, "loss": total}
+            return total
+
+        self._hook = pl_module.register_forward_hook(record)
+        self._original_step = original
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for teacher in self.teachers:
+            teacher.to(pl_module.device)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sums = {}
+        for teacher in self.teachers:
+            teacher.eval()  # belt and braces: the teachers are not children of the module, train() never reaches them
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        means = {f"{k}_epoch": total / count for k, (total, count) in self._sums.items() if count}
+        if means:
+            reduced = {k: trainer.strategy.reduce(v, reduce_op="mean") for k, v in means.items()}
+            pl_module.log_dict(reduced, on_step=False, on_epoch=True)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._original_step is not None:
+            del pl_module.training_step  # the instance attribute goes; the class's method is back
+            self._original_step = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "teachers": [
+                {"class": f"{type(t).__module__}.{type(t).__qualname__}", "checkpoint": c, "sha256": fingerprint(t)}
+                for t, c in zip(self.teachers, self._checkpoints, strict=True)
+            ],
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = [t.get("sha256") for t in state_dict.get("teachers", [])]
+        current = [fingerprint(t) for t in self.teachers]
+        if saved and saved != current:
+            raise ValueError(
+                "KnowledgeDistillation: the checkpoint was trained with other teacher weights "
+                f"(sha256 {saved}) than the ones given now ({current})."
+            )
