@@ -14,6 +14,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def fresh_distributed_environment(monkeypatch):
+    """Each test starts without the MASTER_PORT / MASTER_ADDR a previous ddp_spawn test left in os.environ, so that
+    every DDP test picks a free port instead of reusing one that may still be held by the last process group."""
+    for key in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    yield
+
+
 def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     """A quiet CPU Trainer writing under tmp_path."""
     defaults = dict(

@@ -176,29 +176,26 @@ class KnowledgeDistillation(Callback):
             total = distill  # pure distillation: the labels play no part
         else:
             total = (1.0 - self.alpha) * task_loss + self.alpha * distill
-        if not torch.isfinite(total):
-            raise RuntimeError(
-                f"KnowledgeDistillation: the loss is not finite (task {task_loss}, distillation {distill})."
-            )
-        metrics = {
-            "kd/loss_kd": distill.detach(),
-            "kd/teacher_agreement": agreement(student_logits, teacher_outputs[0]),
-        }
+        metrics = {"kd/loss_kd": distill.detach()}
         if task_loss is not None:
             metrics["kd/loss_task"] = task_loss.detach()
-        self._record(pl_module, metrics)
+        self._record(pl_module, metrics, lambda: agreement(student_logits.detach(), teacher_outputs[0]))
         return total
 
-    def _record(self, pl_module: pl.LightningModule, metrics: dict[str, Tensor]) -> None:
+    def _record(self, pl_module: pl.LightningModule, metrics: dict[str, Tensor], agreement_fn: Any) -> None:
         # Lightning's self.log costs about a millisecond per key — more than a small student's whole step — so the
-        # values are summed here, logged as they are only on the Trainer's logging steps, and as epoch means at the
-        # end of the epoch (kd/<name>_epoch).
+        # losses are summed here and logged as they are only on the Trainer's logging steps, and as epoch means at
+        # the end of the epoch (kd/<name>_epoch). The teacher agreement is measured on the logging steps only (its
+        # epoch mean is over those steps).
+        trainer = pl_module._trainer
+        every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+        logging_step = trainer is not None and (trainer.global_step + 1) % every == 0
+        if logging_step:
+            metrics["kd/teacher_agreement"] = agreement_fn()
         for key, value in metrics.items():
             total, count = self._sums.get(key, (0.0, 0))
             self._sums[key] = (value + total, count + 1)
-        trainer = pl_module._trainer
-        every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
-        if trainer is not None and (trainer.global_step + 1) % every == 0:
+        if logging_step:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ hooks

@@ -25,10 +25,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
             f"student and teacher outputs differ in shape: student {tuple(student_logits.shape)}, "
             f"teacher {tuple(teacher_logits.shape)}."
         )
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-        kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    device = student_logits.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device_type=device, enabled=False):
+            return kd_loss(student_logits, teacher_logits, temperature)
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
 
