@@ -273,3 +273,57 @@ def test_ddp_spawn(tmp_path, teacher):
     )
     trainer.fit(module, DigitsDataModule())
     assert trainer.callback_metrics["kd/loss_kd_epoch"] > 0
+
+
+# --------------------------------------------------------------------------- feature (hint) distillation
+def test_feature_hints_train_adapters_and_leave_the_student_clean(tmp_path, teacher):
+    pl.seed_everything(0)
+    module = ClassificationModule(SmallCNN(width=8, hidden=32), lr=1e-2)  # features.3: 16 channels; teacher's: 32
+    kd = KnowledgeDistillation(teacher, alpha=0.5, feature_pairs={"net.features.3": "features.3"}, feature_weight=2.0)
+
+    class WatchAdapters(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            adapter = pl_module._kd_adapters["net__features__3"]
+            assert isinstance(adapter, nn.Conv2d) and adapter.weight.shape == (32, 16, 1, 1)
+            optimised = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+            assert id(adapter.weight) in optimised
+            self.last = adapter.weight.detach().clone()
+
+    watch = WatchAdapters()
+    logger = CSVLogger(tmp_path, name="csv")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    fit(
+        tmp_path,
+        [kd, watch, ckpt],
+        module=module,
+        max_epochs=3,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=True,
+    )
+    with open(logger.experiment.metrics_file_path) as f:
+        hints = [float(r["kd/loss_feature_epoch"]) for r in csv.DictReader(f) if r.get("kd/loss_feature_epoch")]
+    assert len(hints) == 3 and hints[-1] < hints[0]  # the student's features move towards the teacher's
+    assert not hasattr(module, "_kd_adapters") and "on_load_checkpoint" not in vars(module)
+    state = torch.load(ckpt.best_model_path, weights_only=True)
+    assert not any("_kd_adapters" in k for k in state["state_dict"])
+    ClassificationModule(SmallCNN(width=8, hidden=32)).load_state_dict(state["state_dict"], strict=True)
+    assert torch.equal(state["kd_adapters"]["_kd_adapters.net__features__3.weight"], watch.last)
+    # resuming restores the adapters (they were saved beside the state dict)
+    resumed = ClassificationModule(SmallCNN(width=8, hidden=32), lr=1e-2)
+    kd2 = KnowledgeDistillation(teacher, alpha=0.5, feature_pairs={"net.features.3": "features.3"}, feature_weight=2.0)
+    trainer = make_trainer(tmp_path / "resumed", callbacks=[kd2], max_epochs=4)
+    trainer.fit(resumed, DigitsDataModule(), ckpt_path=ckpt.best_model_path)
+    assert trainer.global_step > 0 and not hasattr(resumed, "_kd_adapters")
+
+
+def test_feature_pair_names_must_exist(tmp_path, teacher):
+    with pytest.raises(
+        ValueError, match=r"the teacher has no module 'features.99'. Candidates: 'features', 'features.0'"
+    ):
+        KnowledgeDistillation(teacher, feature_pairs={"net.features.3": "features.99"})
+    kd = KnowledgeDistillation(teacher, feature_pairs={"net.encoder": "features.3"})
+    with pytest.raises(ValueError, match=r"the student has no module 'net.encoder'. Candidates: 'net', 'net.net'"):
+        fit(tmp_path, [kd], max_epochs=1)
+    with pytest.raises(ValueError, match=r"`cache_teacher_outputs` skips the teacher's forward"):
+        KnowledgeDistillation(teacher, feature_pairs={"net.net.1": "classifier.1"}, cache_teacher_outputs=True)

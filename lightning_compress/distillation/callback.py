@@ -20,10 +20,29 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.distillation.losses import agreement, kd_loss
+from lightning_compress.distillation.losses import agreement, feature_loss, kd_loss
 from lightning_compress.distillation.teacher import build_teacher, fingerprint, freeze
 
 TeacherSpec = nn.Module | Mapping[str, Any]
+ADAPTERS = "_kd_adapters"  # where the feature adapters live on the student while it trains (never in its checkpoint)
+
+
+def _names(modules: Mapping[str, nn.Module], limit: int = 15) -> str:
+    names = [repr(n) for n in modules if n]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _feature_size(module: nn.Module, owner: str, name: str) -> tuple[int, bool]:
+    """Channels of a module's output and whether it is a conv-style (N, C, ...) feature map."""
+    for attr, spatial in (("out_channels", True), ("num_features", True), ("out_features", False)):
+        if hasattr(module, attr):
+            if isinstance(module, (nn.BatchNorm1d, nn.LayerNorm)):
+                spatial = False
+            return int(getattr(module, attr)), spatial
+    raise ValueError(
+        f"cannot tell the feature size of the {owner}'s module {name!r} ({type(module).__name__}); pair Conv, Linear "
+        "or BatchNorm modules."
+    )
 
 
 class KnowledgeDistillation(Callback):
@@ -50,6 +69,12 @@ class KnowledgeDistillation(Callback):
             fine; augmentation is not (an augmented sample is a new sample, and the cache would only grow). The
             cache lives on the student's device.
         wrap_training_step: Wrap the module's ``training_step`` (default). ``False``: call :meth:`loss` yourself.
+        feature_pairs: Feature (hint) distillation, FitNets-style: ``{student module name: teacher module name}`` (the
+            first teacher's). Each student feature passes a learned adapter (1×1 conv or linear, where the channel
+            counts differ) and is pulled towards the teacher's by mean squared error, weighted by ``feature_weight``
+            and logged as ``kd/loss_feature``. The adapters train with the student (they are in its optimizer while
+            it trains) and are removed from it after ``fit``; they are saved beside, not inside, its checkpoint.
+        feature_weight: Weight of the feature loss.
 
     Example::
 
@@ -67,6 +92,8 @@ class KnowledgeDistillation(Callback):
         teacher_weights: Sequence[float] | None = None,
         cache_teacher_outputs: bool = False,
         wrap_training_step: bool = True,
+        feature_pairs: Mapping[str, str] | None = None,
+        feature_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if (
@@ -111,6 +138,26 @@ class KnowledgeDistillation(Callback):
         self.teacher_weights = [w / sum(weights) for w in weights]
         self.cache_teacher_outputs = bool(cache_teacher_outputs)
         self.wrap_training_step = bool(wrap_training_step)
+        self.feature_pairs = {str(s): str(t) for s, t in dict(feature_pairs or {}).items()}
+        if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
+            raise ValueError(f"`feature_weight` must be a number >= 0, got {feature_weight!r}.")
+        self.feature_weight = float(feature_weight)
+        if self.feature_pairs and self.cache_teacher_outputs:
+            raise ValueError(
+                "`cache_teacher_outputs` skips the teacher's forward, which feature distillation (`feature_pairs`) "
+                "needs every step: use one or the other."
+            )
+        teacher_modules = dict(self.teachers[0].named_modules())
+        for student_name, teacher_name in self.feature_pairs.items():
+            if teacher_name not in teacher_modules:
+                raise ValueError(
+                    f"`feature_pairs[{student_name!r}]`: the teacher has no module {teacher_name!r}. "
+                    f"Candidates: {_names(teacher_modules)}."
+                )
+        self._features: dict[str, Tensor] = {}
+        self._teacher_features: dict[str, Tensor] = {}
+        self._feature_hooks: list[Any] = []
+        self._original_on_load: Any = None
         self._cache: dict[tuple[float, ...], int] = {}  # sample key -> row of _cache_values
         self._cache_values: Tensor | None = None  # [samples, teachers, outputs]
         self._projection: Tensor | None = None
@@ -179,8 +226,77 @@ class KnowledgeDistillation(Callback):
         metrics = {"kd/loss_kd": distill.detach()}
         if task_loss is not None:
             metrics["kd/loss_task"] = task_loss.detach()
+        if self.feature_pairs:
+            hint = self._feature_loss(pl_module)
+            total = total + self.feature_weight * hint
+            metrics["kd/loss_feature"] = hint.detach()
         self._record(pl_module, metrics, lambda: agreement(student_logits.detach(), teacher_outputs[0]))
         return total
+
+    def _feature_loss(self, pl_module: pl.LightningModule) -> Tensor:
+        adapters = getattr(pl_module, ADAPTERS)
+        losses = []
+        for student_name, teacher_name in self.feature_pairs.items():
+            if student_name not in self._features or teacher_name not in self._teacher_features:
+                raise RuntimeError(
+                    f"KnowledgeDistillation: no feature was recorded for the pair {student_name!r} -> {teacher_name!r} "
+                    "in this step (is the module used in the forward?)."
+                )
+            adapted = adapters[student_name.replace(".", "__")](self._features.pop(student_name))
+            losses.append(feature_loss(adapted, self._teacher_features.pop(teacher_name)))
+        return torch.stack(losses).mean()
+
+    def _attach_features(self, pl_module: pl.LightningModule) -> None:
+        student_modules = dict(pl_module.named_modules())
+        teacher_modules = dict(self.teachers[0].named_modules())
+        adapters = nn.ModuleDict()
+        for student_name, teacher_name in self.feature_pairs.items():
+            if student_name not in student_modules:
+                raise ValueError(
+                    f"`feature_pairs`: the student has no module {student_name!r}. "
+                    f"Candidates: {_names(student_modules)}."
+                )
+            s_size, s_spatial = _feature_size(student_modules[student_name], "student", student_name)
+            t_size, t_spatial = _feature_size(teacher_modules[teacher_name], "teacher", teacher_name)
+            if s_size == t_size:
+                adapter: nn.Module = nn.Identity()
+            elif s_spatial:
+                adapter = nn.Conv2d(s_size, t_size, kernel_size=1, bias=False)
+            else:
+                adapter = nn.Linear(s_size, t_size, bias=False)
+            adapters[student_name.replace(".", "__")] = adapter.to(next(pl_module.parameters()).device)
+
+            def keep(store: dict[str, Tensor], key: str, only_training: bool) -> Any:
+                def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+                    if not only_training or (module.training and torch.is_grad_enabled()):
+                        store[key] = output
+
+                return hook
+
+            self._feature_hooks += [
+                student_modules[student_name].register_forward_hook(keep(self._features, student_name, True)),
+                teacher_modules[teacher_name].register_forward_hook(keep(self._teacher_features, teacher_name, False)),
+            ]
+        # On the student, so that the optimizer and DDP see the adapters; kept out of its checkpoints (below).
+        pl_module.add_module(ADAPTERS, adapters)
+        original_on_load = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            # Resuming: the adapters were saved beside the state dict; put them back before the weights load.
+            checkpoint["state_dict"].update(checkpoint.get("kd_adapters", {}))
+            original_on_load(checkpoint)
+
+        self._original_on_load = original_on_load
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("state_dict", {})
+        adapters = {k: state.pop(k) for k in [k for k in state if k.startswith(ADAPTERS + ".")]}
+        if adapters:
+            checkpoint["kd_adapters"] = adapters  # the student's own state dict stays its class's
 
     def _record(self, pl_module: pl.LightningModule, metrics: dict[str, Tensor], agreement_fn: Any) -> None:
         # Lightning's self.log costs about a millisecond per key — more than a small student's whole step — so the
@@ -201,7 +317,11 @@ class KnowledgeDistillation(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or not self.wrap_training_step or self._original_step is not None:
+        if stage != "fit" or self._original_step is not None or hasattr(pl_module, ADAPTERS):
+            return
+        if self.feature_pairs:
+            self._attach_features(pl_module)
+        if not self.wrap_training_step:
             return
         original = pl_module.training_step
         seen = self._seen
@@ -256,6 +376,14 @@ class KnowledgeDistillation(Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for hook in self._feature_hooks:
+            hook.remove()
+        self._feature_hooks = []
+        if hasattr(pl_module, ADAPTERS):
+            delattr(pl_module, ADAPTERS)  # the adapters are not part of the exported student
+        if self._original_on_load is not None:
+            del pl_module.on_load_checkpoint
+            self._original_on_load = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
