@@ -23,6 +23,16 @@ def fresh_distributed_environment(monkeypatch):
     yield
 
 
+def assert_same_on_every_rank(trainer: pl.Trainer, tensors) -> None:
+    """Inside a DDP run: all ranks hold exactly the same values (gathered from every rank and compared)."""
+    import torch
+
+    flat = torch.cat([t.detach().flatten().float() for t in tensors])
+    gathered = trainer.strategy.all_gather(flat)
+    assert gathered.shape[0] == trainer.world_size > 1
+    assert all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
 def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     """A quiet CPU Trainer writing under tmp_path."""
     defaults = dict(

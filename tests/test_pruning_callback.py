@@ -8,7 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_trainer, small_module
+from conftest import assert_same_on_every_rank, make_trainer, small_module
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -392,12 +392,8 @@ def test_non_finite_weights_stop_training_at_mask_update(tmp_path):
 class _SameMasksOnEveryRank(Callback):
     def on_train_end(self, trainer, pl_module):
         pruning = next(c for c in trainer.callbacks if isinstance(c, MagnitudePruning))
-        flat = torch.cat([m.flatten().float() for m in pruning.masks.values()])
-        gathered = trainer.strategy.all_gather(flat)
-        assert gathered.shape[0] == 2 and torch.equal(gathered[0], gathered[1])
-        weights = torch.cat([pruning.weights[n].flatten() for n in pruning.masks])
-        all_weights = trainer.strategy.all_gather(weights)
-        assert torch.equal(all_weights[0], all_weights[1])
+        assert_same_on_every_rank(trainer, pruning.masks.values())
+        assert_same_on_every_rank(trainer, pruning.weights.values())
 
 
 @pytest.mark.slow

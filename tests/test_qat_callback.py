@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_trainer, small_module
+from conftest import assert_same_on_every_rank, make_trainer, small_module
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -297,15 +297,9 @@ def test_export_errors_are_one_line(tmp_path):
 
 class _SameQParamsOnEveryRank(Callback):
     def on_train_end(self, trainer, pl_module):
-        layers = quantized_layers(pl_module)
-        flat = torch.cat(
-            [
-                torch.cat([m.input_quantizer.scale, m.input_quantizer.zero_point.float(), m.weight_quantizer.scale])
-                for m in layers.values()
-            ]
-        )
-        gathered = trainer.strategy.all_gather(flat)
-        assert torch.equal(gathered[0], gathered[1])
+        layers = quantized_layers(pl_module).values()
+        quantizers = [q for m in layers for q in (m.input_quantizer, m.weight_quantizer)]
+        assert_same_on_every_rank(trainer, [t for q in quantizers for t in (q.scale, q.zero_point)])
 
 
 @pytest.mark.slow
