@@ -16,6 +16,7 @@ from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining
 from lightning_compress.quantization.export import export_onnx, onnx_parity
+from lightning_compress.recipes import available_recipes, load_recipe
 from lightning_compress.selection import select_modules
 
 __version__ = "0.1.0"
@@ -23,11 +24,13 @@ __version__ = "0.1.0"
 __all__ = [
     "KnowledgeDistillation",
     "LayerStats",
+    "available_recipes",
     "MagnitudePruning",
     "QuantizationAwareTraining",
     "compression_summary",
     "export_onnx",
     "load_compressed",
+    "load_recipe",
     "model_report",
     "onnx_parity",
     "save_compressed",
