@@ -1,0 +1,36 @@
+"""Sweeps: the Pareto front (pure) and a real `-m` grid sweep through the app, read back from its files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import run_app
+from wandb_records import config, run_file
+
+from lightning_compress.sweeps import pareto_front
+
+
+def test_pareto_front_maximises_accuracy_and_minimises_size():
+    points = [(0.90, 10.0), (0.95, 20.0), (0.85, 30.0), (0.95, 15.0), (0.99, 50.0), (0.99, 60.0)]
+    assert pareto_front(points) == [0, 3, 4]  # sorted by size; (0.95, 20) and (0.99, 60) are dominated
+    assert pareto_front([(0.5, 1.0)]) == [0]
+    assert pareto_front([]) == []
+
+
+@pytest.mark.slow
+def test_grid_sweep_writes_pareto_and_one_wandb_run_per_trial(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_app(
+        tmp_path, "hparams_search=grid", "compression.pruning.final_sparsity=0.5,0.9,0.98", f"hydra.sweep.dir={sweep}",
+        "trainer.max_epochs=2", "compression.pruning.end_epoch=1", "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    result = json.loads((sweep / "pareto.json").read_text())
+    assert result["objectives"] == {"accuracy": "maximize", "size_bytes_compressed": "minimize"}
+    assert len(result["trials"]) == 3 and 1 <= len(result["front"]) <= 3
+    sizes = [t["size_bytes_compressed"] for t in result["trials"]]
+    assert sizes == sorted(sizes, reverse=True)  # more sparsity, smaller artifact
+    assert any("compression.pruning.final_sparsity=0.98" in t["overrides"] for t in result["front"])  # the smallest
+    assert (sweep / "pareto.png").stat().st_size > 10_000
+    groups = {config(run_file(sweep / job / "wandb"))["logger"]["group"] for job in ("0", "1", "2")}
+    assert groups == {str(sweep)}  # every trial one W&B run, grouped by sweep
