@@ -152,6 +152,18 @@ def quantization_report(
     }
 
 
+def _sweep_group(logger_cfg: DictConfig) -> dict[str, Any]:
+    """In a multirun, W&B runs without a group of their own are grouped by the sweep directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not str(logger_cfg.get("_target_", "")).endswith("WandbLogger") or logger_cfg.get("group") is not None:
+        return {}
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    return {"group": HydraConfig.get().sweep.dir}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job of the app on a composed config and return its report (also written as report.json)."""
     out = Path(cfg.paths.output_dir)
@@ -166,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     qat = next((cb for cb in compression if isinstance(cb, QuantizationAwareTraining)), None)
     if qat is not None:
         _require_onnx()
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    logger = instantiate(cfg.logger, **_sweep_group(cfg.logger)) if cfg.get("logger") else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*compression, *others], logger=logger or False)
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -200,9 +212,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
+OBJECTIVES = {"accuracy": 1, "accuracy_and_size": 2}
+
+
+def _check_objective(objective: str) -> None:
+    """The number of values the app returns must be the number of directions the sweeper optimises."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {sorted(OBJECTIVES)}, got {objective!r}.")
+    if not HydraConfig.initialized():
+        return
+    direction = HydraConfig.get().sweeper.get("direction")
+    if direction is None:
+        return
+    directions = 1 if isinstance(direction, str) else len(direction)
+    if directions != OBJECTIVES[objective]:
+        raise ValueError(
+            f"The sweeper optimises {directions} objective(s) but objective={objective!r} returns "
+            f"{OBJECTIVES[objective]}. For accuracy and size together use hparams_search=nsga2 (objective="
+            "accuracy_and_size); for accuracy alone use hparams_search=tpe, random or cmaes (objective=accuracy)."
+        )
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lightning_compress.conf", config_name=CONFIG_NAME)
-def main(cfg: DictConfig) -> float:
-    """Entry point of the ``lightning-compress`` console script; returns the test accuracy (sweeps)."""
+def main(cfg: DictConfig) -> float | list[float]:
+    """Entry point of the ``lightning-compress`` console script; returns the objective(s) for sweeps."""
+    objective = str(cfg.get("objective", "accuracy"))
+    _check_objective(objective)
     try:
         report = train(cfg)
     finally:
@@ -211,6 +248,8 @@ def main(cfg: DictConfig) -> float:
         if wandb.run is not None:
             wandb.finish()  # one run per job, also in multiruns and when a job fails
     print_report(report)
+    if objective == "accuracy_and_size":
+        return [float(report["accuracy"]), float(report["size_bytes_compressed"])]
     return float(report["accuracy"])
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from test_cli import run_app
-from wandb_records import config, run_file
+from wandb_records import config, run_file, run_group
 
 from lightning_compress.sweeps import pareto_front
 
@@ -32,5 +32,36 @@ def test_grid_sweep_writes_pareto_and_one_wandb_run_per_trial(tmp_path):
     assert sizes == sorted(sizes, reverse=True)  # more sparsity, smaller artifact
     assert any("compression.pruning.final_sparsity=0.98" in t["overrides"] for t in result["front"])  # the smallest
     assert (sweep / "pareto.png").stat().st_size > 10_000
-    groups = {config(run_file(sweep / job / "wandb"))["logger"]["group"] for job in ("0", "1", "2")}
+    groups = {run_group(run_file(sweep / job / "wandb")) for job in ("0", "1", "2")}
     assert groups == {str(sweep)}  # every trial one W&B run, grouped by sweep
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["random", "tpe", "cmaes", "nsga2"])
+def test_optuna_sweep_per_sampler(tmp_path, sampler):
+    sweep = tmp_path / "sweep"
+    run_app(
+        tmp_path, f"hparams_search={sampler}", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}",
+        "trainer.max_epochs=1", "compression.pruning.end_epoch=1", "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    result = json.loads((sweep / "pareto.json").read_text())
+    assert len(result["trials"]) == 2 and result["front"]
+    for trial in result["trials"]:
+        assert any(o.startswith("compression.pruning.final_sparsity=") for o in trial["overrides"])
+        assert any(o.startswith("module.lr=") for o in trial["overrides"])
+    optuna = (sweep / "optimization_results.yaml").read_text()
+    assert ("solutions:" in optuna) == (sampler == "nsga2")  # multi-objective: Optuna's own front
+    assert ("best_value:" in optuna) == (sampler != "nsga2")
+    for job in ("0", "1"):
+        logged = run_file(sweep / job / "wandb")
+        assert config(logged)["objective"] == ("accuracy_and_size" if sampler == "nsga2" else "accuracy")
+        assert run_group(logged) == str(sweep)
+
+
+@pytest.mark.slow
+def test_sampler_and_objective_mismatch_is_explained(tmp_path):
+    proc = run_app(tmp_path, "hparams_search=nsga2", "objective=accuracy", "hydra.sweeper.n_trials=1",
+                   f"hydra.sweep.dir={tmp_path / 's'}", "logger=none", check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "The sweeper optimises 2 objective(s) but objective='accuracy' returns 1" in proc.stderr
+    assert "use hparams_search=nsga2" in proc.stderr

@@ -81,3 +81,9 @@ def config(path: str | Path) -> dict[str, Any]:
 def summary(path: str | Path) -> dict[str, Any]:
     """The run summary as logged."""
     return _updates(path, "summary")
+
+
+def run_group(path: str | Path) -> str:
+    """The W&B group the run was logged under."""
+    (record,) = [r for r in read_records(path) if r.WhichOneof("record_type") == "run"]
+    return record.run.run_group
