@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
+
+
+def check_epoch(name: str, value: Any) -> float:
+    """A point of training in epochs (fractions allowed, >= 0), or a clear error naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"`{name}` must be a number of epochs >= 0 (fractions allowed), got {value!r}.")
+    return float(value)
 
 
 def optimizer_steps_per_epoch(trainer: pl.Trainer, owner: str) -> int:

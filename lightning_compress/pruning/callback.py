@@ -32,7 +32,7 @@ from lightning_compress.pruning.masks import (
 )
 from lightning_compress.pruning.schedules import SCHEDULES, sparsity_at
 from lightning_compress.selection import check_overrides_match, match_overrides, select_modules, weights_of
-from lightning_compress.training import optimizer_steps_per_epoch
+from lightning_compress.training import check_epoch, optimizer_steps_per_epoch
 
 SCOPES = ("global", "layer")
 #: With ``update_every_n_steps=None`` the masks are updated this many times along the ramp.
@@ -50,12 +50,6 @@ def _check_sparsity(name: str, value: Any, granularity: Granularity) -> float:
     if math.isnan(value) or value < 0.0 or not upper_ok:
         raise ValueError(f"`{name}` must be in {allowed}, got {value!r}.")
     return value
-
-
-def _check_epoch(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ValueError(f"`{name}` must be a number of epochs >= 0 (fractions allowed), got {value!r}.")
-    return float(value)
 
 
 class MagnitudePruning(Callback):
@@ -129,8 +123,8 @@ class MagnitudePruning(Callback):
             raise ValueError(
                 f"`initial_sparsity` ({initial_sparsity}) must not exceed `final_sparsity` ({final_sparsity})."
             )
-        self.start_epoch = _check_epoch("start_epoch", start_epoch)
-        self.end_epoch = _check_epoch("end_epoch", end_epoch)
+        self.start_epoch = check_epoch("start_epoch", start_epoch)
+        self.end_epoch = check_epoch("end_epoch", end_epoch)
         if self.start_epoch > self.end_epoch:
             raise ValueError(f"`start_epoch` ({start_epoch}) must not be after `end_epoch` ({end_epoch}).")
         if schedule not in SCHEDULES:

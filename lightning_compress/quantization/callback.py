@@ -23,17 +23,9 @@ from typing_extensions import override
 from lightning_compress.quantization.attach import attach, find_conv_bn_pairs
 from lightning_compress.quantization.quantizers import FakeQuantizer, QuantSpec, check_bits, fake_quantize
 from lightning_compress.selection import check_overrides_match, match_overrides, select_modules
-from lightning_compress.training import optimizer_steps_per_epoch
+from lightning_compress.training import check_epoch, optimizer_steps_per_epoch
 
 OBSERVERS = ("minmax", "lsq")
-
-
-def _check_epoch(name: str, value: Any, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ValueError(f"`{name}` must be a number of epochs >= 0 (fractions allowed), got {value!r}.")
-    return float(value)
 
 
 class QuantizationAwareTraining(Callback):
@@ -116,10 +108,12 @@ class QuantizationAwareTraining(Callback):
         self.observer = observer
         self.per_channel, self.weight_symmetric = bool(per_channel), bool(weight_symmetric)
         self.activation_symmetric, self.fold_bn = bool(activation_symmetric), bool(fold_bn)
-        self.start_epoch = _check_epoch("start_epoch", start_epoch)
-        self.freeze_observers_epoch = _check_epoch("freeze_observers_epoch", freeze_observers_epoch, allow_none=True)
-        self.freeze_bn_epoch = _check_epoch("freeze_bn_epoch", freeze_bn_epoch, allow_none=True)
-        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < self.start_epoch:  # type: ignore[operator]
+        self.start_epoch = check_epoch("start_epoch", start_epoch)
+        self.freeze_observers_epoch = (
+            None if freeze_observers_epoch is None else check_epoch("freeze_observers_epoch", freeze_observers_epoch)
+        )
+        self.freeze_bn_epoch = None if freeze_bn_epoch is None else check_epoch("freeze_bn_epoch", freeze_bn_epoch)
+        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < self.start_epoch:
             raise ValueError(
                 f"`freeze_observers_epoch` ({freeze_observers_epoch}) is before `start_epoch` ({start_epoch}): the "
                 "ranges would freeze before anything was observed."
