@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,19 @@ _BLOCK = 32 * 1024
 _HEADER = 7
 
 
-def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
-    data = Path(path).read_bytes()
+def read_records(path: str | Path, timeout: float = 20.0) -> list[wandb_internal_pb2.Record]:
+    """The run's records, once the run is complete: wandb's service may still be writing the file for a moment after
+    ``wandb.finish()`` returns, so this waits (up to ``timeout`` seconds) for the run's closing ``exit`` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _parse(Path(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _parse(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = path.read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path}: not a W&B transaction log")
     records, pending, pos = [], b"", _HEADER
@@ -31,8 +43,8 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
         payload = data[pos + _HEADER : pos + _HEADER + length]
-        if length == 0 and kind == 0:
-            break
+        if (length == 0 and kind == 0) or pos + _HEADER + length > len(data):
+            break  # end of the log, or a record still being written
         # The checksum covers the type byte and the payload (LevelDB log format, crc32 not crc32c).
         if zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF != crc:
             raise ValueError(f"{path}: bad checksum at byte {pos}")
