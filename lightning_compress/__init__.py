@@ -18,10 +18,12 @@ from lightning_compress.quantization import QuantizationAwareTraining
 from lightning_compress.quantization.export import export_onnx, onnx_parity
 from lightning_compress.recipes import available_recipes, load_recipe
 from lightning_compress.selection import select_modules
+from lightning_compress.targets import CompressionTarget
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionTarget",
     "KnowledgeDistillation",
     "LayerStats",
     "available_recipes",

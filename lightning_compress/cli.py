@@ -6,13 +6,15 @@
     lightning-compress -m compression.pruning.final_sparsity=0.8,0.9,0.95
 
 Every job writes into its Hydra run directory: ``report.json``, ``checkpoints/last.ckpt``,
-``model.lcz`` (the compact artifact) and, with the default logger, the offline W&B run under ``wandb/``.
+``checkpoints/best-at-target.ckpt`` (the best epoch where the compression target holds), ``model.lcz`` (the
+compact artifact) and, with the default logger, the offline W&B run under ``wandb/``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining
 from lightning_compress.quantization.export import export_onnx, onnx_parity
+from lightning_compress.targets import CompressionTarget
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,8 @@ def _require_onnx() -> None:
 
 
 @torch.no_grad()
-def _accuracy(module: torch.nn.Module, loader: Any) -> float:
+def accuracy(module: torch.nn.Module, loader: Any) -> float:
+    """Top-1 accuracy of ``module`` over ``loader`` (eval mode, no gradients; the mode is restored)."""
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
@@ -121,7 +125,7 @@ def _accuracy(module: torch.nn.Module, loader: Any) -> float:
 def distillation_report(cfg: DictConfig, kd: KnowledgeDistillation, loader: Any, out: Path) -> dict[str, Any]:
     """The teachers' accuracy and, with ``distillation_baseline``, the student trained alone (same recipe, no
     teacher), so that the report shows teacher, student alone and distilled student side by side."""
-    report: dict[str, Any] = {"accuracy_teacher": [_accuracy(t, loader) for t in kd.teachers]}
+    report: dict[str, Any] = {"accuracy_teacher": [accuracy(t, loader) for t in kd.teachers]}
     if len(kd.teachers) == 1:
         report["accuracy_teacher"] = report["accuracy_teacher"][0]
     if cfg.get("distillation_baseline"):
@@ -140,7 +144,7 @@ def quantization_report(
 ) -> dict[str, Any]:
     """Float vs quantized accuracy, the int8 ONNX file and its parity with the fake-quantized model."""
     with qat.disabled():
-        accuracy_float = _accuracy(module, loader)
+        accuracy_float = accuracy(module, loader)
     path = export_onnx(module, out / "model.int8.onnx", next(iter(loader))[0])
     parity = onnx_parity(module, path, loader)
     return {
@@ -164,6 +168,27 @@ def _sweep_group(logger_cfg: DictConfig) -> dict[str, Any]:
     return {"group": HydraConfig.get().sweep.dir}
 
 
+def _best_at_target(trainer: pl.Trainer) -> dict[str, Any]:
+    """The checkpoint a ModelCheckpoint monitoring CompressionTarget's metric kept, and its score (None when no
+    validation was at the target)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    keys = {cb.key for cb in trainer.callbacks if isinstance(cb, CompressionTarget)}  # type: ignore[attr-defined]
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor in keys and cb.best_model_path:
+            score = float(cb.best_model_score) if cb.best_model_score is not None else float("nan")
+            best = {"checkpoint": cb.best_model_path, cb.monitor: score if math.isfinite(score) else None}
+            return {"best_at_target": best}
+    return {}
+
+
+def build_task(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """The data module and the LightningModule (model inside) that the config's data / model / module describe."""
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    return datamodule, instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job of the app on a composed config and return its report (also written as report.json)."""
     out = Path(cfg.paths.output_dir)
@@ -171,9 +196,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
 
     # Everything that can be refused is built before training starts.
-    datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
-    module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
+    datamodule, module = build_task(cfg)
     compression, others = _build_callbacks(cfg)
     qat = next((cb for cb in compression if isinstance(cb, QuantizationAwareTraining)), None)
     if qat is not None:
@@ -184,15 +207,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(module, datamodule=datamodule)
-    accuracy = float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
+    test_accuracy = float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
 
-    report: dict[str, Any] = {"recipe": cfg.get("task_name"), "accuracy": accuracy}
+    report: dict[str, Any] = {"recipe": cfg.get("task_name"), "accuracy": test_accuracy}
     report.update(model_report(module, out / "model.lcz", _selected_layers(compression) or None))
     report["layers"] = [r.as_dict() for r in compression_summary(module)]
     checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
         trainer.checkpoint_callback, "best_model_path", ""
     )
     report["checkpoint"] = checkpoint or None
+    report.update(_best_at_target(trainer))
     if qat is not None and trainer.is_global_zero:
         report.update(quantization_report(module, qat, datamodule.test_dataloader(), out))
     kd = next((cb for cb in compression if isinstance(cb, KnowledgeDistillation)), None)

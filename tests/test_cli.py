@@ -25,10 +25,13 @@ REPORT_KEYS = {
 }
 
 
-def run_app(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "COLUMNS": "160"}
+def run_app(
+    tmp_path: Path, *args: str, check: bool = True, env: dict[str, str] | None = None, module: str = "cli"
+) -> subprocess.CompletedProcess:
+    """Run the app (``module="sensitivity"``: the scan) in a subprocess, in ``tmp_path``."""
+    env = {**os.environ, "WANDB_MODE": "offline", "COLUMNS": "160", **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_compress.cli", *args],
+        [sys.executable, "-m", f"lightning_compress.{module}", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     if check and proc.returncode != 0:
@@ -64,6 +67,16 @@ def test_default_job_prunes_to_90_percent_and_reports(tmp_path):
     assert final["report/compression_ratio"] == pytest.approx(report["compression_ratio"])
     targets = [r["compress/target_sparsity"] for r in rows if "compress/target_sparsity" in r]
     assert targets[0] < 0.5 and targets[-1] == pytest.approx(0.9)
+    # checkpoint selection that respects compression: the best epoch among those after the ramp (end_epoch 20)
+    flags = [r["compress/at_target"] for r in rows if "compress/at_target" in r]
+    assert flags == [0] * 19 + [1] * 11  # 30 validations; the ramp's last update is the last step of epoch 19
+    at_target = [r["val/acc_at_target"] for r in rows if "val/acc_at_target" in r][19:]
+    best = report["best_at_target"]
+    assert best["val/acc_at_target"] == pytest.approx(max(at_target))
+    best_ckpt = torch.load(best["checkpoint"], weights_only=True)
+    assert best_ckpt["epoch"] >= 19
+    pruned = best_ckpt["state_dict"]["net.classifier.1.weight"]
+    assert pruned.eq(0).float().mean() > 0.85
 
 
 def test_multirun_finishes_one_wandb_run_per_job(tmp_path):

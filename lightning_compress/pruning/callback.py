@@ -10,6 +10,7 @@ class.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,7 +80,9 @@ class MagnitudePruning(Callback):
             then not used and the measured sparsity is what the threshold gives).
         threshold: The magnitude threshold for ``criterion="threshold"``.
         layer_sparsity: ``{regex: final sparsity}`` overrides; a matching layer is ranked on its own and
-            ramps to its own value along the same schedule. Every pattern must match a selected layer.
+            ramps to its own value along the same schedule. Every pattern must match a selected layer. A path
+            reads that mapping from a YAML file, e.g. the ``layer_sparsity.yaml`` of a sensitivity scan
+            (``lightning-compress-sensitivity``).
         include: Regular expression(s) searched in ``pl_module.named_modules()`` names; only matching
             Conv/Linear modules are pruned. Each must match at least one.
         exclude: Regular expression(s) for modules to leave dense.
@@ -108,7 +111,7 @@ class MagnitudePruning(Callback):
         scope: str | None = None,
         criterion: str = "magnitude",
         threshold: float | None = None,
-        layer_sparsity: dict[str, float] | None = None,
+        layer_sparsity: dict[str, float] | str | os.PathLike | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         update_every_n_steps: int | None = None,
@@ -156,6 +159,10 @@ class MagnitudePruning(Callback):
         elif threshold is not None:
             raise ValueError(f"`threshold` ({threshold!r}) is only used with criterion='threshold'.")
         self.threshold = None if threshold is None else float(threshold)
+        if isinstance(layer_sparsity, (str, os.PathLike)):
+            from lightning_compress.sensitivity import load_layer_targets
+
+            layer_sparsity = load_layer_targets(layer_sparsity)
         self.layer_sparsity = {
             str(pattern): _check_sparsity(f"layer_sparsity[{pattern!r}]", value, self.granularity)
             for pattern, value in dict(layer_sparsity or {}).items()
@@ -373,6 +380,11 @@ class MagnitudePruning(Callback):
     def weights(self) -> dict[str, Tensor]:
         """The pruned weight tensors, layer name → parameter (known after ``setup``)."""
         return dict(self._weights)
+
+    @property
+    def target_reached(self) -> bool:
+        """Whether the ramp has ended: the masks are at their final sparsity (see :class:`CompressionTarget`)."""
+        return bool(self._masks) and self._last_update_step >= self._end_step
 
     @property
     def selected_layers(self) -> list[str]:

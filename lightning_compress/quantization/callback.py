@@ -285,6 +285,11 @@ class QuantizationAwareTraining(Callback):
         if self._phase["quantizing"]:
             pl_module.log_dict({f"qat/weight_error/{n}": e for n, e in self.weight_errors().items()}, on_epoch=True)
 
+    @property
+    def target_reached(self) -> bool:
+        """Whether the layers are fake-quantized now (see :class:`CompressionTarget`)."""
+        return bool(self._phase["quantizing"])
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return dict(self._phase)

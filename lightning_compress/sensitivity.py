@@ -1,0 +1,265 @@
+"""Sensitivity scan: prune each layer alone at several sparsities, evaluate, and derive per-layer targets.
+
+Layers differ in how much pruning they take: the first convolution of a small CNN holds few weights that all matter,
+a wide fully connected layer holds many that do not. The scan prunes one layer at a time (by magnitude, one shot, no
+fine-tuning) of a trained model, measures the validation accuracy, restores the layer, and picks for each layer the
+highest scanned sparsity whose accuracy drop (and that of every lower one) stays within ``max_accuracy_drop``. The
+targets are written as ``layer_sparsity.yaml``, which ``MagnitudePruning(layer_sparsity=...)`` takes as a path.
+
+As a command (trains the dense model of the config first, or loads ``sensitivity.checkpoint``)::
+
+    lightning-compress-sensitivity                                   # digits, small CNN
+    lightning-compress-sensitivity sensitivity.max_accuracy_drop=0.02 model=mlp
+    lightning-compress-sensitivity -m sensitivity.max_accuracy_drop=0.005,0.01,0.02   # a multirun
+    lightning-compress compression.pruning.layer_sparsity=<run dir>/layer_sparsity.yaml
+
+In Python: :func:`sensitivity_scan` and :func:`layer_targets` on any ``nn.Module`` and evaluation function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.functional import prune_
+from lightning_compress.pruning.masks import parse_granularity
+from lightning_compress.selection import select_modules, weights_of
+
+
+def _check_sparsities(sparsities: Sequence[float], granularity: str) -> list[float]:
+    gran = parse_granularity(granularity)
+    upper = gran.max_sparsity if gran.kind == "nm" else 1.0
+    allowed = f"numbers in (0, {upper:g}]" if gran.kind == "nm" else "numbers in (0, 1)"
+    if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence) or not sparsities:
+        raise ValueError(f"`sparsities` must be a non-empty list of {allowed}, got {sparsities!r}.")
+    for s in sparsities:
+        number = isinstance(s, (int, float)) and not isinstance(s, bool)
+        if not number or s <= 0 or (s > upper if gran.kind == "nm" else s >= 1):
+            raise ValueError(f"`sparsities` must be a non-empty list of {allowed}, got {list(sparsities)!r}.")
+    return sorted({float(s) for s in sparsities})
+
+
+def layer_pattern(name: str) -> str:
+    """The ``layer_sparsity`` key that selects exactly the module ``name``.
+
+    Example:
+        >>> layer_pattern("net.features.0")
+        '^net\\\\.features\\\\.0$'
+    """
+    return f"^{re.escape(name)}$"
+
+
+@torch.no_grad()
+def sensitivity_scan(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
+    granularity: str = "unstructured",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Prune every selected layer alone at each sparsity, evaluate, restore it.
+
+    Args:
+        model: A trained model (a LightningModule or any ``nn.Module``); it is left as it was.
+        evaluate: ``model -> score`` (higher is better), e.g. validation accuracy.
+        sparsities: The sparsities to try per layer.
+        granularity: ``"unstructured"``, ``"channel"`` or ``"N:M"``, as in MagnitudePruning.
+        include, exclude: Which Conv/Linear layers to scan, as in MagnitudePruning.
+
+    Returns:
+        ``{"baseline": score, "rows": [{"layer", "params", "sparsity", "accuracy", "drop"}, ...]}``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> scan = sensitivity_scan(net, lambda m: 1.0 - float(m[0].weight.eq(0).float().mean()), [0.5])
+        >>> [(r["layer"], r["sparsity"], r["accuracy"]) for r in scan["rows"]]
+        [('0', 0.5, 0.5), ('2', 0.5, 1.0)]
+    """
+    levels = _check_sparsities(sparsities, granularity)
+    weights = weights_of(select_modules(model, include, exclude))
+    baseline = float(evaluate(model))
+    rows = []
+    for name, weight in weights.items():
+        original = weight.detach().clone()
+        try:
+            for level in levels:
+                prune_(model, level, granularity, scope="layer", include=layer_pattern(name))
+                score = float(evaluate(model))
+                rows.append({"layer": name, "params": weight.numel(), "sparsity": level, "accuracy": score,
+                             "drop": baseline - score})  # fmt: skip
+                weight.copy_(original)
+        finally:
+            weight.copy_(original)
+    return {"baseline": baseline, "rows": rows}
+
+
+def layer_targets(scan: dict[str, Any], max_accuracy_drop: float) -> dict[str, float]:
+    """Per layer, the highest scanned sparsity whose drop, and every lower one's, is at most ``max_accuracy_drop``
+    (0.0 — the layer stays dense — when even the lowest drops more). Keys are ``layer_sparsity`` patterns.
+
+    Example:
+        >>> scan = {"baseline": 0.9, "rows": [
+        ...     {"layer": "a", "sparsity": 0.5, "drop": 0.0}, {"layer": "a", "sparsity": 0.9, "drop": 0.001},
+        ...     {"layer": "b", "sparsity": 0.5, "drop": 0.05}, {"layer": "b", "sparsity": 0.9, "drop": 0.2}]}
+        >>> layer_targets(scan, 0.01)
+        {'^a$': 0.9, '^b$': 0.0}
+    """
+    if (
+        isinstance(max_accuracy_drop, bool)
+        or not isinstance(max_accuracy_drop, (int, float))
+        or not (0 <= max_accuracy_drop < 1)
+    ):
+        raise ValueError(f"`max_accuracy_drop` must be a number in [0, 1), got {max_accuracy_drop!r}.")
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(scan["rows"], key=lambda r: r["sparsity"]):
+        by_layer.setdefault(row["layer"], []).append(row)
+    targets: dict[str, float] = {}
+    for layer, rows in by_layer.items():
+        best = 0.0
+        for row in rows:  # ascending sparsity; stop at the first that drops too much
+            if row["drop"] > max_accuracy_drop + 1e-12:
+                break
+            best = row["sparsity"]
+        targets[layer_pattern(layer)] = best
+    return targets
+
+
+def overall_sparsity(scan: dict[str, Any], targets: dict[str, float]) -> float:
+    """The sparsity over all scanned layers that the per-layer ``targets`` give (weighted by parameters)."""
+    params = {r["layer"]: r["params"] for r in scan["rows"]}
+    total = sum(params.values())
+    return sum(params[n] * targets[layer_pattern(n)] for n in params) / total if total else 0.0
+
+
+def write_scan(scan: dict[str, Any], targets: dict[str, float], out: Path) -> dict[str, Path]:
+    """Write ``sensitivity.json``, ``layer_sparsity.yaml`` (the targets) and ``sensitivity.png`` into ``out``."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "sensitivity.json", "targets": out / "layer_sparsity.yaml", "plot": out / "sensitivity.png"}
+    result = {**scan, "layer_sparsity": targets, "overall_sparsity": overall_sparsity(scan, targets)}
+    paths["json"].write_text(json.dumps(result, indent=2))
+    header = (
+        "# Per-layer final sparsity from a sensitivity scan (lightning-compress-sensitivity); use it as\n"
+        f"#   lightning-compress compression.pruning.layer_sparsity={paths['targets']}\n"
+        f"# overall sparsity of the scanned layers with these targets: {result['overall_sparsity']:.4f}\n"
+    )
+    paths["targets"].write_text(header + yaml.safe_dump(targets, sort_keys=False))
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("The sensitivity plot needs matplotlib: `pip install 'lightning-compress[sweeps]'`.") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for layer in dict.fromkeys(r["layer"] for r in scan["rows"]):
+        rows = [r for r in scan["rows"] if r["layer"] == layer]
+        ax.plot([100 * r["sparsity"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=layer)
+    ax.axhline(100 * scan["baseline"], color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_xlabel("sparsity of the layer alone (%)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["plot"])
+    plt.close(fig)
+    return paths
+
+
+def load_layer_targets(path: str | os.PathLike) -> dict[str, float]:
+    """Read a ``layer_sparsity.yaml`` (``{pattern: sparsity}``) as written by :func:`write_scan`."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"`layer_sparsity` file {str(file)!r} does not exist.")
+    data = yaml.safe_load(file.read_text())
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError(f"`layer_sparsity` file {str(file)!r} must hold a mapping {{layer pattern: sparsity}}.")
+    return data
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """One job of ``lightning-compress-sensitivity`` on a composed config (see ``conf/sensitivity.yaml``)."""
+    import lightning.pytorch as pl
+    from rich.console import Console
+    from rich.table import Table
+
+    from lightning_compress.cli import accuracy, build_task
+    from lightning_compress.config import instantiate
+
+    opts = cfg.sensitivity
+    levels = _check_sparsities(list(opts.sparsities), opts.granularity)
+    layer_targets({"rows": []}, opts.max_accuracy_drop)  # refuse a bad tolerance before training
+    out = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build_task(cfg)
+    select_modules(module, opts.include, opts.exclude)  # refuse bad patterns before training
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    if opts.checkpoint:
+        if not Path(opts.checkpoint).is_file():
+            raise FileNotFoundError(f"`sensitivity.checkpoint` {opts.checkpoint!r} does not exist.")
+        module.load_state_dict(torch.load(opts.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    else:
+        trainer = instantiate(cfg.trainer, logger=logger or False, enable_checkpointing=False)
+        trainer.fit(module, datamodule=datamodule)
+    datamodule.setup("validate")
+    loader = datamodule.val_dataloader()
+    scan = sensitivity_scan(module, lambda m: accuracy(m, loader), levels, opts.granularity, opts.include, opts.exclude)
+    targets = layer_targets(scan, opts.max_accuracy_drop)
+    paths = write_scan(scan, targets, out)
+
+    table = Table(title=f"sensitivity scan (dense validation accuracy {scan['baseline']:.2%})", title_justify="left")
+    table.add_column("layer")
+    table.add_column("params", justify="right")
+    for level in levels:
+        table.add_column(f"{level:.0%}", justify="right")
+    table.add_column("target", justify="right")
+    for layer in dict.fromkeys(r["layer"] for r in scan["rows"]):
+        rows = [r for r in scan["rows"] if r["layer"] == layer]
+        cells = [f"{r['accuracy']:.2%}" for r in rows]
+        table.add_row(layer, f"{rows[0]['params']:,}", *cells, f"{targets[layer_pattern(layer)]:.0%}")
+    Console().print(table)
+    overall = overall_sparsity(scan, targets)
+    print(f"Targets (overall sparsity {overall:.2%}): {paths['targets']}\n"
+          f"  lightning-compress compression.pruning.layer_sparsity={paths['targets']}")  # fmt: skip
+    if logger is not None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if isinstance(logger, WandbLogger):
+            columns = ["layer", "params", "sparsity", "accuracy", "drop"]
+            logger.log_table("sensitivity/scan", columns=columns, data=[[r[c] for c in columns] for r in scan["rows"]])
+        logger.log_metrics({"sensitivity/baseline": scan["baseline"], "sensitivity/overall_sparsity": overall})
+    return {**scan, "layer_sparsity": targets, "overall_sparsity": overall, **{k: str(v) for k, v in paths.items()}}
+
+
+def main() -> None:
+    """Entry point of the ``lightning-compress-sensitivity`` console script (a Hydra app)."""
+    import hydra
+
+    from lightning_compress.config import CONFIG_SEARCHPATH
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_SEARCHPATH, config_name="sensitivity")
+    def app(cfg: Any) -> float:
+        try:
+            result = run(cfg)
+        finally:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+        return float(result["overall_sparsity"])
+
+    app()
+
+
+if __name__ == "__main__":
+    main()
