@@ -103,7 +103,8 @@ def main() -> None:
 
 Recipe `digits_deep_compression` (small CNN; pruning to 90 % over epochs 0–12, int8 QAT with quantized layer
 outputs from epoch 15, CNN teacher width 64, T = 4, alpha = 0.5, 30 epochs) vs recipe `dense`, {args.seeds} seeds,
-through the app's `train` (artifact = `model.lcz`; ONNX = int8 QDQ file run in ONNX Runtime).
+through the app's `train` (artifact = `model.lcz`; ONNX = int8 QDQ file run in ONNX Runtime). As in the app,
+a seed sets both the data split (360 test images) and the training; dense and deep share each seed's split.
 
 | seed | dense % | deep % | ORT % | sparsity | weight bits | artifact | vs fp32 | top-1 agree | max logit diff | time |
 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -116,8 +117,8 @@ Dense {mean_std(acc_dense)} %, deep compression {mean_std(acc_deep)} % (gap {gap
 ### {len(pareto["trials"])}-trial NSGA-II sweep
 
 `lightning-compress {" ".join(SWEEP)}` ({len(pareto["trials"])} trials, population 4, seed 0; {sweep_seconds / 60:.1f}
-min in all, each trial training its teacher). Trials sorted by size; the Pareto front (max accuracy, min size)
-has {len(front_jobs)} trials. Plot: [pareto_nsga2.png](pareto_nsga2.png).
+min of wall time in all on this shared machine, each trial training its teacher). Trials sorted by size; the
+Pareto front (max accuracy, min size) has {len(front_jobs)} trials. Plot: [pareto_nsga2.png](pareto_nsga2.png).
 
 | job | parameters | accuracy % | sparsity | artifact | vs fp32 | on front |
 |---:|---|---:|---:|---:|---:|:---:|

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ class LayerStats:
     params: int
     nonzero: int
     bytes: int
+    bits: int = 32
+    packed_bytes: int = 0
 
     @property
     def sparsity(self) -> float:
@@ -42,10 +45,19 @@ class LayerStats:
         return {**asdict(self), "sparsity": self.sparsity}
 
 
+def _weight_bits(module: nn.Module) -> int:
+    """Bits of the module's weight: its weight quantizer's under quantization-aware training, else 32."""
+    spec = getattr(getattr(module, "weight_quantizer", None), "spec", None)
+    return int(spec.bits) if spec is not None else 32
+
+
 def compression_summary(model: nn.Module) -> list[LayerStats]:
     """Per-layer figures for every module that owns parameters (its own, not its children's).
 
-    ``bytes`` is the in-memory size of those parameters (``numel × element_size``).
+    ``bytes`` is the in-memory size of those parameters (``numel × element_size``). ``bits`` is the weight's
+    bit-width (a quantized layer's weight quantizer; 32 otherwise) and ``packed_bytes`` what the layer takes as the
+    compact artifact lays it out before lzma: a bitmask of the non-zeros plus the non-zero weights at ``bits`` and
+    the other parameters (bias) at 32 bits.
 
     Example:
         >>> net = nn.Linear(4, 2)
@@ -62,13 +74,21 @@ def compression_summary(model: nn.Module) -> list[LayerStats]:
         own = list(module.parameters(recurse=False))
         if not own or isinstance(module, FakeQuantizer):  # a learned scale is part of its layer's encoding
             continue
+        bits = _weight_bits(module)
+        weight = getattr(module, "weight", None)
+        nonzero = {id(p): int(torch.count_nonzero(p.detach())) for p in own}
+        packed = sum(
+            math.ceil(p.numel() / 8) + math.ceil(nonzero[id(p)] * (bits if p is weight else 32) / 8) for p in own
+        )
         rows.append(
             LayerStats(
                 name=name or type(model).__name__,
                 type=type(module).__name__,
                 params=sum(p.numel() for p in own),
-                nonzero=sum(int(torch.count_nonzero(p.detach())) for p in own),
+                nonzero=sum(nonzero.values()),
                 bytes=sum(p.numel() * p.element_size() for p in own),
+                bits=bits,
+                packed_bytes=packed,
             )
         )
     return rows

@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
@@ -50,6 +51,13 @@ def _selected_layers(callbacks: list[pl.Callback]) -> list[str]:
     return layers
 
 
+#: The per-layer report: report.json key → column (rich table and the W&B table `report/layers`).
+LAYER_COLUMNS = {
+    "name": "layer", "type": "type", "params": "params", "nonzero": "non-zeros", "sparsity": "sparsity",
+    "bits": "bits", "bytes": "fp32 size", "packed_bytes": "packed size",
+}  # fmt: skip
+
+
 def _fmt_bytes(n: float) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.2f} MiB"
 
@@ -58,12 +66,12 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     """Print the compression report of :func:`train` as two rich tables: per layer, then the totals."""
     console = console or Console()
     layers = Table(title=f"compression report: {report.get('recipe', '')}", title_justify="left")
-    for col in ("layer", "type", "params", "non-zeros", "sparsity", "fp32 size"):
+    for col in LAYER_COLUMNS.values():
         layers.add_column(col, justify="left" if col in ("layer", "type") else "right")
     for row in report["layers"]:
         layers.add_row(
-            row["name"], row["type"], f"{row['params']:,}", f"{row['nonzero']:,}",
-            f"{row['sparsity']:.2%}", _fmt_bytes(row["bytes"]),
+            row["name"], row["type"], f"{row['params']:,}", f"{row['nonzero']:,}", f"{row['sparsity']:.2%}",
+            str(row["bits"]), _fmt_bytes(row["bytes"]), _fmt_bytes(row["packed_bytes"]),
         )  # fmt: skip
     console.print(layers)
     totals = Table(show_header=True)
@@ -227,6 +235,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         flat = {**report, **{f"onnx_parity/{k}": v for k, v in report.get("onnx_parity", {}).items()}}
         for lg in trainer.loggers:
             lg.log_metrics({f"report/{k}": v for k, v in flat.items() if isinstance(v, (int, float))})
+            if isinstance(lg, WandbLogger):  # the per-layer dashboard table
+                lg.log_table("report/layers", columns=list(LAYER_COLUMNS.values()),
+                             data=[[row[k] for k in LAYER_COLUMNS] for row in report["layers"]])  # fmt: skip
     minimum = cfg.get("onnx_parity_min_agreement")
     if "onnx_parity" in report and minimum is not None and report["onnx_parity"]["top1_agreement"] < minimum:
         raise RuntimeError(

@@ -190,6 +190,7 @@ def load_layer_targets(path: str | os.PathLike) -> dict[str, float]:
 def run(cfg: Any) -> dict[str, Any]:
     """One job of ``lightning-compress-sensitivity`` on a composed config (see ``conf/sensitivity.yaml``)."""
     import lightning.pytorch as pl
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -217,16 +218,17 @@ def run(cfg: Any) -> dict[str, Any]:
     targets = layer_targets(scan, opts.max_accuracy_drop)
     paths = write_scan(scan, targets, out)
 
-    table = Table(title=f"sensitivity scan (dense validation accuracy {scan['baseline']:.2%})", title_justify="left")
-    table.add_column("layer")
-    table.add_column("params", justify="right")
+    title = f"validation accuracy (%) with one layer pruned (dense: {100 * scan['baseline']:.2f} %)"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("layer", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
     for level in levels:
-        table.add_column(f"{level:.0%}", justify="right")
+        table.add_column(f"{100 * level:g} %", justify="right")
     table.add_column("target", justify="right")
     for layer in dict.fromkeys(r["layer"] for r in scan["rows"]):
         rows = [r for r in scan["rows"] if r["layer"] == layer]
-        cells = [f"{r['accuracy']:.2%}" for r in rows]
-        table.add_row(layer, f"{rows[0]['params']:,}", *cells, f"{targets[layer_pattern(layer)]:.0%}")
+        cells = [f"{100 * r['accuracy']:.1f}" for r in rows]
+        table.add_row(layer, f"{rows[0]['params']:,}", *cells, f"{100 * targets[layer_pattern(layer)]:g} %")
     Console().print(table)
     overall = overall_sparsity(scan, targets)
     print(f"Targets (overall sparsity {overall:.2%}): {paths['targets']}\n"

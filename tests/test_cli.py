@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from wandb_records import config, history, run_file
+from wandb_records import config, history, run_file, table
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +137,14 @@ def test_qat_recipe_reports_float_quantized_and_onnx_parity(tmp_path):
     logged = [r for r in history(run_file(run_dir / "wandb")) if "report/onnx_parity/top1_agreement" in r]
     assert logged and logged[-1]["report/onnx_parity/top1_agreement"] == report["onnx_parity"]["top1_agreement"]
     qat_metrics = {k for r in history(run_file(run_dir / "wandb")) for k in r if k.startswith("qat/")}
-    assert any(k.startswith("qat/weight_error/") for k in qat_metrics)
+    for prefix in ("qat/weight_error/", "qat/act_scale/", "qat/weight_scale/", "qat/clip_fraction/"):
+        assert any(k.startswith(prefix) for k in qat_metrics), prefix
+    # the per-layer dashboard table: sparsity, bits, parameters, bytes
+    layers = table(run_file(run_dir / "wandb"), "report/layers")
+    assert layers["columns"] == ["layer", "type", "params", "non-zeros", "sparsity", "bits", "fp32 size", "packed size"]
+    bits = {row[0]: row[5] for row in layers["data"]}
+    assert bits["net.features.0"] == bits["net.classifier.3"] == 8 and bits["net.features.1"] == 32
+    assert [row[5] for row in layers["data"]] == [row["bits"] for row in report["layers"]]
 
 
 def test_parity_below_the_stated_minimum_fails_the_job(tmp_path):

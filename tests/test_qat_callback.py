@@ -140,6 +140,28 @@ def test_qat_with_pruning_keeps_zeros_through_export(tmp_path):
     assert onnx_parity(module, path, dm.test_dataloader())["top1_agreement"] >= PARITY_GOAL
 
 
+def test_by_default_quantization_starts_when_the_pruning_ramp_ends(tmp_path):
+    pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=2)
+    qat = QuantizationAwareTraining(calibration_steps=0)  # start_epoch=None
+    trainer, module, dm = fit(tmp_path, [pruning, qat], max_epochs=3)
+    steps_per_epoch = trainer.global_step // 3
+    assert qat._steps["start"] == 2 * steps_per_epoch == pruning._end_step
+    # alone, it starts at once
+    alone = QuantizationAwareTraining(calibration_steps=0)
+    fit(tmp_path / "alone", [alone], max_epochs=1)
+    assert alone._steps["start"] == 0
+
+
+def test_quantization_before_the_ramp_ends_warns_and_a_too_early_freeze_is_refused(tmp_path):
+    with pytest.warns(UserWarning, match=r"starts at epoch 1, before the MagnitudePruning ramp ends \(epoch 2\)"):
+        fit(tmp_path, [MagnitudePruning(end_epoch=2), QuantizationAwareTraining(start_epoch=1)], max_epochs=2)
+    qat = QuantizationAwareTraining(freeze_observers_epoch=1)  # fine alone, too early after a ramp to epoch 2
+    with pytest.raises(
+        ValueError, match=r"`freeze_observers_epoch` \(1\) is before the start of quantization \(the end"
+    ):
+        fit(tmp_path / "b", [MagnitudePruning(end_epoch=2), qat], max_epochs=3)
+
+
 def test_four_bit_weights_and_activations_export_with_parity(tmp_path):
     pl.seed_everything(0)
     qat = QuantizationAwareTraining(weight_bits=4, activation_bits=4, layer_bits={r"features\.0$": 8}, start_epoch=1)
@@ -198,18 +220,21 @@ def test_resume_equals_uninterrupted_and_test_from_checkpoint(tmp_path):
 def test_logs_scales_clipping_and_weight_error(tmp_path):
     pl.seed_everything(0)
     logger = CSVLogger(tmp_path, name="csv")
-    fit(
+    trainer, _, _ = fit(
         tmp_path,
         [QuantizationAwareTraining(start_epoch=0, calibration_steps=2, log_every_n_steps=5)],
         max_epochs=2,
         logger=logger,
-        log_every_n_steps=1,
+        log_every_n_steps=7,  # the Trainer's own cadence does not decide when the QAT figures are logged
     )
     with open(logger.experiment.metrics_file_path) as f:
         rows = list(csv.DictReader(f))
     columns = set(rows[0])
     for kind in ("clip_fraction", "act_scale", "weight_scale", "weight_error"):
         assert f"qat/{kind}/net.features.3" in columns, kind
+    steps = [int(r["step"]) for r in rows if r.get("qat/act_scale/net.features.3")]
+    assert steps and all(step % 5 == 1 for step in steps)  # logged after the optimizer step of every 5th batch
+    assert len(steps) == len([g for g in range(2, trainer.global_step) if g % 5 == 0])  # each, once quantizing
     clip = [float(r["qat/clip_fraction/net.features.3"]) for r in rows if r.get("qat/clip_fraction/net.features.3")]
     error = [float(r["qat/weight_error/net.features.3"]) for r in rows if r.get("qat/weight_error/net.features.3")]
     assert clip and all(0 <= c <= 1 for c in clip) and error and 0 < error[-1] < 0.05
@@ -236,7 +261,7 @@ def test_detach_restores_the_plain_layer():
         (dict(observer="percentile"), r"`observer` must be one of \('minmax', 'lsq'\), got 'percentile'"),
         (
             dict(start_epoch=3, freeze_observers_epoch=2),
-            r"`freeze_observers_epoch` \(2\) is before `start_epoch` \(3\)",
+            r"`freeze_observers_epoch` \(2\) is before the start of quantization \(start_epoch = 3\)",
         ),
         (dict(start_epoch=-1), r"`start_epoch` must be a number of epochs >= 0"),
         (dict(layer_bits={"fc": 9}), r"`layer_bits\['fc'\]` must be an integer from 2 to 8, got 9"),

@@ -18,6 +18,12 @@ from lightning_compress.tasks import DigitsDataModule
 FAST = {  # shorter teachers, so that every recipe runs in seconds here
     "digits_distill": ["compression.distillation.teacher.max_epochs=1"],
     "digits_deep_compression": ["compression.distillation.teacher.max_epochs=1"],
+    # no CIFAR-10 here: its teacher (a ResNet) learns digits for an epoch, as the user's module below does
+    "cifar10_resnet20_deep_compression": [
+        "compression.distillation.teacher.max_epochs=1",
+        "compression.distillation.teacher.model.blocks=1",
+        "+compression.distillation.teacher.data={_target_: lightning_compress.tasks.DigitsDataModule}",
+    ],
 }
 
 
@@ -65,6 +71,7 @@ def test_recipe_from_a_path(tmp_path):
 
 def test_unknown_recipe_lists_the_available_ones():
     with pytest.raises(
-        ValueError, match=r"unknown recipe 'prune_all'. Available: dense, digits_2of4, .*digits_prune90"
+        ValueError,
+        match=r"unknown recipe 'prune_all'. Available: cifar10_resnet20_2of4, .*, dense, digits_2of4, .*digits_prune90",
     ):
         load_recipe("prune_all")

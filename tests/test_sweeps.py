@@ -6,7 +6,7 @@ import json
 
 import pytest
 from test_cli import run_app
-from wandb_records import config, run_file, run_group
+from wandb_records import config, run_file, run_group, table
 
 from lightning_compress.sweeps import pareto_front
 
@@ -34,6 +34,14 @@ def test_grid_sweep_writes_pareto_and_one_wandb_run_per_trial(tmp_path):
     assert (sweep / "pareto.png").stat().st_size > 10_000
     groups = {run_group(run_file(sweep / job / "wandb")) for job in ("0", "1", "2")}
     assert groups == {str(sweep)}  # every trial one W&B run, grouped by sweep
+    # the sweep's own W&B run, in the same group: trials, front, scatter and the plot
+    pareto_run = run_file(sweep / "wandb")
+    assert run_group(pareto_run) == str(sweep)
+    trials = table(pareto_run, "sweep/trials")
+    assert [r[0] for r in trials["data"]] == ["0", "1", "2"]
+    assert {r[0] for r in trials["data"] if r[5]} == {t["job"] for t in result["front"]}
+    assert [r[0] for r in table(pareto_run, "sweep/front")["data"]] == [t["job"] for t in result["front"]]
+    assert list((pareto_run.parent / "files" / "media" / "images").rglob("*.png"))
 
 
 @pytest.mark.slow

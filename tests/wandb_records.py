@@ -99,3 +99,13 @@ def run_group(path: str | Path) -> str:
     """The W&B group the run was logged under."""
     (record,) = [r for r in read_records(path) if r.WhichOneof("record_type") == "run"]
     return record.run.run_group
+
+
+def table(path: str | Path, key: str) -> dict[str, Any]:
+    """The last ``wandb.Table`` logged under ``key`` in the run of ``path`` (its JSON: ``columns``, ``data``).
+
+    The history row for ``key`` names (as ``<key>/path``) the file that holds the table, under the run's ``files/``."""
+    files = [r[f"{key}/path"] for r in history(path) if f"{key}/path" in r]
+    if not files:
+        raise AssertionError(f"no table logged under {key!r} in {path}")
+    return json.loads((Path(path).parent / "files" / files[-1]).read_text())

@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -49,7 +50,10 @@ class QuantizationAwareTraining(Callback):
         weight_symmetric: Symmetric weights with zero-point 0 (``True``) or affine.
         activation_symmetric: Signed symmetric activations, or unsigned affine (``False``, the default).
         observer: ``"minmax"`` or ``"lsq"`` (learned step sizes).
-        start_epoch: Epoch at which quantization starts.
+        start_epoch: Epoch at which quantization starts. ``None`` (default): when a :class:`MagnitudePruning` is on
+            the same Trainer, the end of its ramp (masks are final before ranges are observed, so pruned weights are
+            exactly the integer zeros of the export), else 0. An explicit epoch before the ramp ends is allowed, with
+            a warning.
         calibration_steps: Optimizer steps of observation before fake quantization starts.
         freeze_observers_epoch: Epoch at which ranges stop moving (``None``: never). Not before ``start_epoch``.
         freeze_bn_epoch: Epoch at which BatchNorm running statistics freeze (``None``: never).
@@ -86,7 +90,7 @@ class QuantizationAwareTraining(Callback):
         weight_symmetric: bool = True,
         activation_symmetric: bool = False,
         observer: str = "minmax",
-        start_epoch: float = 0.0,
+        start_epoch: float | None = None,
         calibration_steps: int = 20,
         freeze_observers_epoch: float | None = None,
         freeze_bn_epoch: float | None = None,
@@ -108,16 +112,12 @@ class QuantizationAwareTraining(Callback):
         self.observer = observer
         self.per_channel, self.weight_symmetric = bool(per_channel), bool(weight_symmetric)
         self.activation_symmetric, self.fold_bn = bool(activation_symmetric), bool(fold_bn)
-        self.start_epoch = check_epoch("start_epoch", start_epoch)
+        self.start_epoch = None if start_epoch is None else check_epoch("start_epoch", start_epoch)
         self.freeze_observers_epoch = (
             None if freeze_observers_epoch is None else check_epoch("freeze_observers_epoch", freeze_observers_epoch)
         )
         self.freeze_bn_epoch = None if freeze_bn_epoch is None else check_epoch("freeze_bn_epoch", freeze_bn_epoch)
-        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < self.start_epoch:
-            raise ValueError(
-                f"`freeze_observers_epoch` ({freeze_observers_epoch}) is before `start_epoch` ({start_epoch}): the "
-                "ranges would freeze before anything was observed."
-            )
+        self._check_freeze_after_start(self.start_epoch or 0.0, "start_epoch")
         if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 0:
             raise ValueError(f"`calibration_steps` must be an integer >= 0, got {calibration_steps!r}.")
         self.calibration_steps = calibration_steps
@@ -177,6 +177,30 @@ class QuantizationAwareTraining(Callback):
                 f"{where}['activation_bits']", value["activation_bits"], fixed
             )
         return out
+
+    def _check_freeze_after_start(self, start: float, source: str) -> None:
+        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < start:
+            raise ValueError(
+                f"`freeze_observers_epoch` ({self.freeze_observers_epoch:g}) is before the start of quantization "
+                f"({source} = {start:g}): the ranges would freeze before anything was observed."
+            )
+
+    def _resolve_start(self, trainer: pl.Trainer) -> float:
+        """``start_epoch``, or by default the end of a MagnitudePruning ramp on the same Trainer (else 0)."""
+        from lightning_compress.pruning import MagnitudePruning
+
+        ramps = [cb.end_epoch for cb in trainer.callbacks if isinstance(cb, MagnitudePruning)]  # type: ignore[attr-defined]
+        if self.start_epoch is None:
+            start = max(ramps, default=0.0)
+            self._check_freeze_after_start(start, "the end of the MagnitudePruning ramp, as start_epoch is None")
+            return start
+        if ramps and self.start_epoch < max(ramps):
+            rank_zero_warn(
+                f"QuantizationAwareTraining starts at epoch {self.start_epoch:g}, before the MagnitudePruning ramp "
+                f"ends (epoch {max(ramps):g}): the masks still change while the ranges are observed. Leave "
+                "start_epoch=None to start when the ramp ends."
+            )
+        return self.start_epoch
 
     @property
     @override
@@ -240,7 +264,7 @@ class QuantizationAwareTraining(Callback):
             return None if epoch is None else round(epoch * per_epoch)
 
         self._steps = {
-            "start": step(self.start_epoch),
+            "start": step(self._resolve_start(trainer)),
             "freeze_observers": step(self.freeze_observers_epoch),
             "freeze_bn": step(self.freeze_bn_epoch),
         }
@@ -278,7 +302,10 @@ class QuantizationAwareTraining(Callback):
                 metrics[f"qat/act_scale/{name}"] = float(layer.input_quantizer.qparams()[0].mean())
                 metrics[f"qat/weight_scale/{name}"] = float(layer.weight_quantizer.qparams()[0].mean())
         if metrics:
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+            # Straight to the loggers: Lightning's self.log would drop them unless this step happened to be one of
+            # the Trainer's own logging steps (every log_every_n_steps of its own).
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -231,7 +231,7 @@ class CIFAR10DataModule(_LoadersMixin):
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
-        from torch.utils.data import random_split
+        from torch.utils.data import Subset, random_split
         from torchvision import datasets, transforms
 
         norm = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -246,5 +246,8 @@ class CIFAR10DataModule(_LoadersMixin):
         eval_tf = transforms.Compose([transforms.ToTensor(), norm])
         full = datasets.CIFAR10(str(self.root), train=True, transform=train_tf, download=False)
         generator = torch.Generator().manual_seed(self.seed)
-        self.train_set, self.val_set = random_split(full, [len(full) - self.val_size, self.val_size], generator)
+        self.train_set, val = random_split(full, [len(full) - self.val_size, self.val_size], generator)
+        # the same held-out images, without the training augmentation
+        plain = datasets.CIFAR10(str(self.root), train=True, transform=eval_tf, download=False)
+        self.val_set = Subset(plain, val.indices)
         self.test_set = datasets.CIFAR10(str(self.root), train=False, transform=eval_tf, download=False)
