@@ -31,7 +31,7 @@ from lightning_compress.config import CONFIG_NAME, instantiate
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining
-from lightning_compress.quantization.export import export_onnx, onnx_parity
+from lightning_compress.quantization.export import export_onnx, onnx_parity, pruned_zeros_kept
 from lightning_compress.targets import CompressionTarget
 
 log = logging.getLogger(__name__)
@@ -148,13 +148,20 @@ def distillation_report(cfg: DictConfig, kd: KnowledgeDistillation, loader: Any,
 
 
 def quantization_report(
-    module: pl.LightningModule, qat: QuantizationAwareTraining, loader: Any, out: Path
+    module: pl.LightningModule,
+    qat: QuantizationAwareTraining,
+    loader: Any,
+    out: Path,
+    masks: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Float vs quantized accuracy, the int8 ONNX file and its parity with the fake-quantized model."""
+    """Float vs quantized accuracy, the int8 ONNX file and its parity with the fake-quantized model; with pruning
+    ``masks``, also the fraction of pruned weights that are integer zeros in the file (``pruned_zeros_kept``)."""
     with qat.disabled():
         accuracy_float = accuracy(module, loader)
     path = export_onnx(module, out / "model.int8.onnx", next(iter(loader))[0])
     parity = onnx_parity(module, path, loader)
+    if masks:
+        parity["pruned_zeros_kept"] = pruned_zeros_kept(path, masks)
     return {
         "accuracy_float": accuracy_float,
         "accuracy_onnx": parity.pop("accuracy_onnx"),
@@ -226,7 +233,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     report["checkpoint"] = checkpoint or None
     report.update(_best_at_target(trainer))
     if qat is not None and trainer.is_global_zero:
-        report.update(quantization_report(module, qat, datamodule.test_dataloader(), out))
+        masks = {n: m for cb in compression if isinstance(cb, MagnitudePruning) for n, m in cb.masks.items()}
+        report.update(quantization_report(module, qat, datamodule.test_dataloader(), out, masks))
     kd = next((cb for cb in compression if isinstance(cb, KnowledgeDistillation)), None)
     if kd is not None and trainer.is_global_zero:
         report.update(distillation_report(cfg, kd, datamodule.test_dataloader(), out))
@@ -238,13 +246,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if isinstance(lg, WandbLogger):  # the per-layer dashboard table
                 lg.log_table("report/layers", columns=list(LAYER_COLUMNS.values()),
                              data=[[row[k] for k in LAYER_COLUMNS] for row in report["layers"]])  # fmt: skip
-    minimum = cfg.get("onnx_parity_min_agreement")
-    if "onnx_parity" in report and minimum is not None and report["onnx_parity"]["top1_agreement"] < minimum:
-        raise RuntimeError(
-            f"ONNX Runtime and the fake-quantized model agree on {report['onnx_parity']['top1_agreement']:.2%} of "
-            f"the test predictions, below onnx_parity_min_agreement={minimum}; see {out / 'report.json'}."
-        )
+    _check_parity(report, cfg.get("onnx_parity_min_agreement"), out / "report.json")
     return report
+
+
+def _check_parity(report: dict[str, Any], minimum: float | None, where: Path) -> None:
+    """Fail the job when the int8 export disagrees with the fake-quantized model past ``minimum`` top-1 agreement,
+    or lost any pruned zero."""
+    parity = report.get("onnx_parity")
+    if parity is None:
+        return
+    if minimum is not None and parity["top1_agreement"] < minimum:
+        raise RuntimeError(
+            f"ONNX Runtime and the fake-quantized model agree on {parity['top1_agreement']:.2%} of the test "
+            f"predictions, below onnx_parity_min_agreement={minimum}; see {where}."
+        )
+    if parity.get("pruned_zeros_kept", 1.0) < 1.0:
+        raise RuntimeError(
+            f"Only {parity['pruned_zeros_kept']:.4%} of the pruned weights are zeros in the int8 ONNX file: the "
+            f"masks did not survive quantization and export; see {where}."
+        )
 
 
 OBJECTIVES = {"accuracy": 1, "accuracy_and_size": 2}

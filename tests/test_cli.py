@@ -147,6 +147,30 @@ def test_qat_recipe_reports_float_quantized_and_onnx_parity(tmp_path):
     assert [row[5] for row in layers["data"]] == [row["bits"] for row in report["layers"]]
 
 
+def test_deep_compression_recipe_end_to_end(tmp_path):
+    """Pruning, then QAT, with a teacher: masks hold into the int8 ONNX file, the checkpoint kept is at the target,
+    and the W&B run holds the dashboard pieces of all three techniques."""
+    run_dir = tmp_path / "run"
+    run_app(
+        tmp_path, f"hydra.run.dir={run_dir}", "recipe=digits_deep_compression", "trainer.max_epochs=5",
+        "compression.pruning.end_epoch=2", "compression.quantization.start_epoch=3",
+        "compression.quantization.freeze_bn_epoch=4", "compression.quantization.freeze_observers_epoch=4",
+        "compression.distillation.teacher.max_epochs=2", "distillation_baseline=false",
+        "compression.quantization.log_every_n_steps=5", "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-5)
+    assert report["onnx_parity"]["pruned_zeros_kept"] == 1.0 and report["onnx_parity"]["top1_agreement"] >= 0.995
+    assert report["compression_ratio"] > 20 and report["accuracy"] > 0.9
+    assert torch.load(report["best_at_target"]["checkpoint"], weights_only=True)["epoch"] >= 3  # quantizing by then
+    rows = history(run_file(run_dir / "wandb"))
+    keys = {k for r in rows for k in r}
+    assert {"kd/loss_kd", "kd/loss_task", "compress/sparsity", "compress/target_sparsity", "compress/at_target"} <= keys
+    assert any(k.startswith("qat/weight_scale/") for k in keys)
+    layers = {row[0]: row for row in table(run_file(run_dir / "wandb"), "report/layers")["data"]}
+    assert layers["net.classifier.1"][5] == 8 and layers["net.classifier.1"][4] > 0.85  # bits, sparsity
+
+
 def test_parity_below_the_stated_minimum_fails_the_job(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_app(

@@ -90,3 +90,32 @@ def test_unknown_recipe_and_misspelled_key(tmp_path):
         compose(["recipe=nope"])
     with pytest.raises(ConfigCompositionException, match="final_sparsty"):
         compose(["compression.pruning.final_sparsty=0.5"])
+
+
+@pytest.mark.parametrize("launcher", options("launcher"))
+def test_every_launcher_composes(launcher, tmp_path):
+    cfg = compose(
+        [f"launcher={launcher}", f"paths.output_dir={tmp_path}", "trainer.devices=4", "trainer.num_nodes=2"],
+        return_hydra_config=True,
+    )
+    target = cfg.hydra.launcher._target_
+    if launcher == "slurm":  # one SLURM task per device, on every node
+        assert target.endswith("SlurmLauncher")
+        assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.nodes) == (
+            4,
+            4,
+            2,
+        )
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+    else:
+        assert target.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+
+
+def test_sensitivity_config_composes(tmp_path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("lightning_compress.conf", version_base="1.3"):
+        cfg = hydra_compose("sensitivity", overrides=[f"paths.output_dir={tmp_path}"])
+    assert cfg.compression == {} and cfg.sensitivity.max_accuracy_drop == 0.01  # a dense model is scanned
+    assert list(cfg.sensitivity.sparsities) == [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]

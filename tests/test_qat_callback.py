@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export_onnx, onnx_parity
 from lightning_compress.quantization.attach import detach, quantized_layers
-from lightning_compress.quantization.export import PARITY_GOAL
+from lightning_compress.quantization.export import PARITY_GOAL, pruned_zeros_kept
 from lightning_compress.tasks import ClassificationModule, DigitsDataModule
 
 
@@ -137,6 +137,12 @@ def test_qat_with_pruning_keeps_zeros_through_export(tmp_path):
     zeros = sum(int((inits[f"{n}.weight_quantized"] == 0).sum()) for n in pruning.masks)
     total = sum(m.numel() for m in pruning.masks.values())
     assert zeros == round(0.8 * total)
+    # the app's check: every pruned weight is an integer zero in the file; a mask that disagrees is caught
+    assert pruned_zeros_kept(path, pruning.masks) == 1.0
+    name, mask = next(iter(pruning.masks.items()))
+    assert pruned_zeros_kept(path, {name: torch.zeros_like(mask)}) < 1.0  # "everything pruned": not so in the file
+    with pytest.raises(ValueError, match="no quantized weight for the pruned layer 'net.nope'"):
+        pruned_zeros_kept(path, {"net.nope": mask})
     assert onnx_parity(module, path, dm.test_dataloader())["top1_agreement"] >= PARITY_GOAL
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +325,26 @@ def onnx_parity(
     if labelled:
         result.update(accuracy_onnx=correct_onnx / labelled, accuracy_torch=correct_torch / labelled)
     return result
+
+
+def pruned_zeros_kept(onnx_path: str | os.PathLike, masks: Mapping[str, Tensor]) -> float:
+    """The fraction of pruned weights (``False`` in ``masks``, layer name → mask) that are integer zeros in the int8
+    ONNX file of :func:`export_onnx` — 1.0 when pruning survived quantization and export exactly.
+
+    Raises:
+        ValueError: A masked layer has no quantized weight in the file (it was not quantized).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx.load(str(onnx_path)).graph.initializer}
+    pruned = kept = 0
+    for name, mask in masks.items():
+        key = f"{name}.weight_quantized"
+        if key not in inits:
+            raise ValueError(f"{onnx_path} holds no quantized weight for the pruned layer {name!r} ({key!r}).")
+        ints = numpy_helper.to_array(inits[key])
+        off = ~mask.detach().cpu().numpy().astype(bool)
+        pruned += int(off.sum())
+        kept += int((ints[off] == 0).sum())
+    return kept / pruned if pruned else 1.0
