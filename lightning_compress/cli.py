@@ -268,6 +268,14 @@ def _check_parity(report: dict[str, Any], minimum: float | None, where: Path) ->
         )
 
 
+def finish_wandb_run() -> None:
+    """Finish the W&B run a job started: one run per job, also in multiruns and when a job fails."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
 OBJECTIVES = {"accuracy": 1, "accuracy_and_size": 2}
 
 
@@ -299,10 +307,7 @@ def main(cfg: DictConfig) -> float | list[float]:
     try:
         report = train(cfg)
     finally:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()  # one run per job, also in multiruns and when a job fails
+        finish_wandb_run()
     print_report(report)
     if objective == "accuracy_and_size":
         return [float(report["accuracy"]), float(report["size_bytes_compressed"])]

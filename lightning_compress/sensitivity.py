@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lightning_compress.functional import prune_
+from lightning_compress.plots import pyplot
 from lightning_compress.pruning.masks import parse_granularity
 from lightning_compress.selection import select_modules, weights_of
 
@@ -89,16 +90,32 @@ def sensitivity_scan(
     rows = []
     for name, weight in weights.items():
         original = weight.detach().clone()
-        try:
-            for level in levels:
+        for level in levels:
+            try:
                 prune_(model, level, granularity, scope="layer", include=layer_pattern(name))
                 score = float(evaluate(model))
-                rows.append({"layer": name, "params": weight.numel(), "sparsity": level, "accuracy": score,
-                             "drop": baseline - score})  # fmt: skip
+            finally:
                 weight.copy_(original)
-        finally:
-            weight.copy_(original)
+            rows.append({"layer": name, "params": weight.numel(), "sparsity": level, "accuracy": score,
+                         "drop": baseline - score})  # fmt: skip
     return {"baseline": baseline, "rows": rows}
+
+
+def _check_drop(max_accuracy_drop: float) -> None:
+    if (
+        isinstance(max_accuracy_drop, bool)
+        or not isinstance(max_accuracy_drop, (int, float))
+        or not (0 <= max_accuracy_drop < 1)
+    ):
+        raise ValueError(f"`max_accuracy_drop` must be a number in [0, 1), got {max_accuracy_drop!r}.")
+
+
+def rows_by_layer(scan: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The scan's rows per layer (in scan order), each layer's by ascending sparsity."""
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(scan["rows"], key=lambda r: r["sparsity"]):
+        by_layer.setdefault(row["layer"], []).append(row)
+    return by_layer
 
 
 def layer_targets(scan: dict[str, Any], max_accuracy_drop: float) -> dict[str, float]:
@@ -112,17 +129,9 @@ def layer_targets(scan: dict[str, Any], max_accuracy_drop: float) -> dict[str, f
         >>> layer_targets(scan, 0.01)
         {'^a$': 0.9, '^b$': 0.0}
     """
-    if (
-        isinstance(max_accuracy_drop, bool)
-        or not isinstance(max_accuracy_drop, (int, float))
-        or not (0 <= max_accuracy_drop < 1)
-    ):
-        raise ValueError(f"`max_accuracy_drop` must be a number in [0, 1), got {max_accuracy_drop!r}.")
-    by_layer: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted(scan["rows"], key=lambda r: r["sparsity"]):
-        by_layer.setdefault(row["layer"], []).append(row)
+    _check_drop(max_accuracy_drop)
     targets: dict[str, float] = {}
-    for layer, rows in by_layer.items():
+    for layer, rows in rows_by_layer(scan).items():
         best = 0.0
         for row in rows:  # ascending sparsity; stop at the first that drops too much
             if row["drop"] > max_accuracy_drop + 1e-12:
@@ -153,16 +162,9 @@ def write_scan(scan: dict[str, Any], targets: dict[str, float], out: Path) -> di
         f"# overall sparsity of the scanned layers with these targets: {result['overall_sparsity']:.4f}\n"
     )
     paths["targets"].write_text(header + yaml.safe_dump(targets, sort_keys=False))
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError("The sensitivity plot needs matplotlib: `pip install 'lightning-compress[sweeps]'`.") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("The sensitivity plot")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for layer in dict.fromkeys(r["layer"] for r in scan["rows"]):
-        rows = [r for r in scan["rows"] if r["layer"] == layer]
+    for layer, rows in rows_by_layer(scan).items():
         ax.plot([100 * r["sparsity"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=layer)
     ax.axhline(100 * scan["baseline"], color="black", linestyle="--", linewidth=1, label="dense")
     ax.set_xlabel("sparsity of the layer alone (%)")
@@ -199,7 +201,7 @@ def run(cfg: Any) -> dict[str, Any]:
 
     opts = cfg.sensitivity
     levels = _check_sparsities(list(opts.sparsities), opts.granularity)
-    layer_targets({"rows": []}, opts.max_accuracy_drop)  # refuse a bad tolerance before training
+    _check_drop(opts.max_accuracy_drop)  # refuse a bad tolerance before training
     out = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_task(cfg)
@@ -225,8 +227,7 @@ def run(cfg: Any) -> dict[str, Any]:
     for level in levels:
         table.add_column(f"{100 * level:g} %", justify="right")
     table.add_column("target", justify="right")
-    for layer in dict.fromkeys(r["layer"] for r in scan["rows"]):
-        rows = [r for r in scan["rows"] if r["layer"] == layer]
+    for layer, rows in rows_by_layer(scan).items():
         cells = [f"{100 * r['accuracy']:.1f}" for r in rows]
         table.add_row(layer, f"{rows[0]['params']:,}", *cells, f"{100 * targets[layer_pattern(layer)]:g} %")
     Console().print(table)
@@ -251,13 +252,12 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONFIG_SEARCHPATH, config_name="sensitivity")
     def app(cfg: Any) -> float:
+        from lightning_compress.cli import finish_wandb_run
+
         try:
             result = run(cfg)
         finally:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()
+            finish_wandb_run()
         return float(result["overall_sparsity"])
 
     app()

@@ -15,6 +15,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_compress.plots import pyplot
+
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points not dominated when maximising the first value and minimising the second.
@@ -68,16 +70,7 @@ def write_pareto(sweep_dir: Path) -> dict[str, Any]:
     }
     (sweep_dir / "pareto.json").write_text(json.dumps(result, indent=2))
     if trials:
-        try:
-            import matplotlib
-        except ImportError as err:
-            raise ImportError(
-                "The sweep's Pareto plot needs matplotlib: `pip install 'lightning-compress[sweeps]'`."
-            ) from err
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot("The sweep's Pareto plot")
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         size = [t["size_bytes_compressed"] / 1024 for t in trials]
         accuracy = [100 * t["accuracy"] for t in trials]
