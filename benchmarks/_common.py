@@ -61,7 +61,7 @@ def cubic_amounts(final: float, end_epoch: int, initial: float = 0.0):
     """Per-epoch ``amount`` for Lightning's ModelPruning that makes its cumulative sparsity follow the same
     cubic ramp as MagnitudePruning. torch.nn.utils.prune prunes a fraction of the *remaining* weights, so the
     amount at epoch e is (s_e − s_{e−1}) / (1 − s_{e−1}). ModelPruning prunes at the end of each epoch."""
-    from lightning_compress.pruning.schedules import sparsity_at
+    from lightning_compress.core.schedules import sparsity_at
 
     def target(epoch: int) -> float:
         return sparsity_at(epoch / end_epoch, initial, final)

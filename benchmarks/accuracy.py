@@ -20,8 +20,8 @@ from _common import cubic_amounts, machine, mean_std, update_results
 from lightning.pytorch.callbacks import ModelPruning
 
 from lightning_compress import MagnitudePruning
-from lightning_compress.config import compose, instantiate
-from lightning_compress.selection import select_modules, weights_of
+from lightning_compress.apps.config import compose, instantiate
+from lightning_compress.core.selection import select_modules, weights_of
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 

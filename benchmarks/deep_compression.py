@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from _common import machine, mean_std, update_results
 
-from lightning_compress.cli import train
-from lightning_compress.config import compose
+from lightning_compress.apps.config import compose
+from lightning_compress.apps.train import train
 
 HERE = Path(__file__).parent
 SWEEP = ["recipe=digits_deep_compression", "hparams_search=nsga2", "distillation_baseline=false"]
@@ -77,7 +77,7 @@ def main() -> None:
 
     # Part 2: the sweep, exactly as a user types it (plus where to write).
     sweep_dir = work / "nsga2"
-    cmd = [sys.executable, "-m", "lightning_compress.cli", *SWEEP, f"hydra.sweeper.n_trials={args.trials}",
+    cmd = [sys.executable, "-m", "lightning_compress.apps.train", *SWEEP, f"hydra.sweeper.n_trials={args.trials}",
            f"hydra.sweep.dir={sweep_dir}", "trainer.enable_progress_bar=false"]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=work)

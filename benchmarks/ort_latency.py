@@ -28,7 +28,7 @@ from _common import machine, update_results
 from step_time import digits_32
 
 from lightning_compress import QuantizationAwareTraining, export_onnx
-from lightning_compress.quantization.attach import detach, quantized_layers
+from lightning_compress.quantization.prepare import detach, quantized_layers
 from lightning_compress.tasks import ClassificationModule, ResNet20
 
 

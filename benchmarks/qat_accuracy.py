@@ -26,9 +26,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export_onnx, onnx_parity
-from lightning_compress.artifacts import fp32_size_bytes, save_compressed
-from lightning_compress.config import compose, instantiate
-from lightning_compress.quantization.attach import quantized_layers
+from lightning_compress.analysis.artifact import fp32_size_bytes, save_compressed
+from lightning_compress.apps.config import compose, instantiate
+from lightning_compress.core.metrics import evaluate_accuracy
+from lightning_compress.quantization.prepare import quantized_layers
 
 PHASES = {"start_epoch": 10, "freeze_bn_epoch": 25, "freeze_observers_epoch": 27}
 
@@ -77,10 +78,9 @@ class EagerPhases(Callback):
 
 
 def accuracy(model: nn.Module, loader) -> float:
+    """Top-1 accuracy in percent, from the package's one metric source (torchmetrics)."""
     model.eval()
-    with torch.no_grad():
-        hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
-    return 100 * hits / len(loader.dataset)
+    return 100 * evaluate_accuracy(model, loader, "the test loader")
 
 
 def run(seed: int, kind: str, epochs: int, out: Path) -> dict[str, float]:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import MagnitudePruning
-from lightning_compress.selection import select_modules
+from lightning_compress.core.selection import select_modules
 from lightning_compress.tasks import ClassificationModule, DigitsDataModule, ResNet20
 
 

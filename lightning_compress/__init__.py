@@ -3,22 +3,27 @@
 Public API::
 
     from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export_onnx, compression_summary
+
+The package is layered, imports pointing down only (``tests/test_layers.py`` enforces it):
+
+* ``core`` — pure tensor and module code: masks, schedules, quantizers, losses, selection, checks, metrics, protocol;
+* adapters — ``pruning``, ``quantization``, ``distillation`` (callbacks and their Trainer-free forms), ``export``,
+  ``trainer`` (what callbacks share about a running Trainer);
+* ``analysis`` — size report, compact artifact, sensitivity scan, Pareto front (no Hydra, no rich);
+* ``apps`` — the Hydra apps, recipes, terminal report, W&B wiring.
+
+``tasks`` (data modules, models, the classification module) is one user of the library, beside the apps.
 """
 
-from lightning_compress.artifacts import (
-    LayerStats,
-    compression_summary,
-    load_compressed,
-    model_report,
-    save_compressed,
-)
+from lightning_compress.analysis.artifact import load_compressed, save_compressed
+from lightning_compress.analysis.report import LayerStats, compression_summary, model_report
+from lightning_compress.apps.recipes import available_recipes, load_recipe
+from lightning_compress.core.selection import select_modules
 from lightning_compress.distillation import KnowledgeDistillation
-from lightning_compress.pruning import MagnitudePruning
-from lightning_compress.quantization import QuantizationAwareTraining
-from lightning_compress.quantization.export import export_onnx, onnx_parity
-from lightning_compress.recipes import available_recipes, load_recipe
-from lightning_compress.selection import select_modules
-from lightning_compress.targets import CompressionTarget
+from lightning_compress.export.onnx import export_onnx, onnx_parity
+from lightning_compress.pruning import MagnitudePruning, prune_
+from lightning_compress.quantization import QATConfig, QuantizationAwareTraining, prepare_qat
+from lightning_compress.trainer.checkpoint_selection import CompressionTarget
 
 __version__ = "0.1.0"
 
@@ -26,15 +31,18 @@ __all__ = [
     "CompressionTarget",
     "KnowledgeDistillation",
     "LayerStats",
-    "available_recipes",
     "MagnitudePruning",
+    "QATConfig",
     "QuantizationAwareTraining",
+    "available_recipes",
     "compression_summary",
     "export_onnx",
     "load_compressed",
     "load_recipe",
     "model_report",
     "onnx_parity",
+    "prepare_qat",
+    "prune_",
     "save_compressed",
     "select_modules",
 ]

@@ -2,8 +2,8 @@ import torch
 from conftest import small_module
 
 from lightning_compress import load_compressed, model_report, save_compressed
-from lightning_compress.artifacts import fp32_size_bytes
-from lightning_compress.functional import prune_
+from lightning_compress.analysis.report import fp32_size_bytes
+from lightning_compress.pruning.functional import prune_
 
 
 def test_roundtrip_is_exact_and_sparse_is_smaller(tmp_path):
@@ -47,7 +47,7 @@ def test_quantized_model_artifact_stores_the_export_integers(tmp_path):
     from conftest import make_trainer
 
     from lightning_compress import MagnitudePruning, QuantizationAwareTraining
-    from lightning_compress.quantization.export import export_form
+    from lightning_compress.export.onnx import export_form
     from lightning_compress.tasks import DigitsDataModule
 
     pl.seed_everything(0)

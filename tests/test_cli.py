@@ -26,12 +26,12 @@ REPORT_KEYS = {
 
 
 def run_app(
-    tmp_path: Path, *args: str, check: bool = True, env: dict[str, str] | None = None, module: str = "cli"
+    tmp_path: Path, *args: str, check: bool = True, env: dict[str, str] | None = None, module: str = "train"
 ) -> subprocess.CompletedProcess:
-    """Run the app (``module="sensitivity"``: the scan) in a subprocess, in ``tmp_path``."""
+    """Run an app of lightning_compress.apps (``module="sensitivity"``: the scan) in a subprocess, in ``tmp_path``."""
     env = {**os.environ, "WANDB_MODE": "offline", "COLUMNS": "160", **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", f"lightning_compress.{module}", *args],
+        [sys.executable, "-m", f"lightning_compress.apps.{module}", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     if check and proc.returncode != 0:
@@ -218,3 +218,16 @@ def test_distillation_recipe_reports_teacher_student_alone_and_distilled(tmp_pat
     assert json.loads((report2_dir / "report.json").read_text())["accuracy_teacher"] == pytest.approx(
         report["accuracy_teacher"]
     )
+
+
+@pytest.mark.parametrize(
+    "module, name, says",
+    [
+        ("train", "lightning-compress", "train a model with the compression callbacks of a recipe"),
+        ("sensitivity", "lightning-compress-sensitivity", "prune each\nConv/Linear layer alone"),
+    ],
+)
+def test_help_names_the_app_and_says_how_to_start(tmp_path, module, name, says):
+    proc = run_app(tmp_path, "--help", module=module)
+    assert proc.stdout.startswith(f"{name}: ") and says in proc.stdout
+    assert "Start with `" in proc.stdout and "powered by Hydra" not in proc.stdout

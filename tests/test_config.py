@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 import lightning_compress
-from lightning_compress.config import compose, instantiate
+from lightning_compress.apps.config import compose, instantiate
 
 CONF = Path(lightning_compress.__file__).parent.parent / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
@@ -35,11 +35,10 @@ def test_every_recipe_composes_and_instantiates(recipe, tmp_path):
     net = instantiate(cfg.model, input_shape=input_shape, num_classes=num_classes)
     instantiate(cfg.module, net=net, num_classes=num_classes)
     for name, c in cfg.compression.items():
+        callback = instantiate(c)  # never trains: a teacher given as a config is built when fit starts
         if cifar and name == "distillation":  # its teacher trains on the same missing data first
             with pytest.raises(Exception, match=NO_CIFAR):
-                instantiate(c)
-        else:
-            instantiate(c)
+                callback.build_teachers()
     for c in cfg.callbacks.values():
         instantiate(c)
     instantiate(cfg.trainer, logger=False)
@@ -119,3 +118,46 @@ def test_sensitivity_config_composes(tmp_path):
         cfg = hydra_compose("sensitivity", overrides=[f"paths.output_dir={tmp_path}"])
     assert cfg.compression == {} and cfg.sensitivity.max_accuracy_drop == 0.01  # a dense model is scanned
     assert list(cfg.sensitivity.sparsities) == [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
+
+
+# --------------------------------------------------------------------------- configs that cannot drift
+def compression_configs():
+    return sorted((CONF / "compression").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", compression_configs(), ids=lambda p: p.stem)
+def test_compression_yaml_holds_exactly_its_targets_arguments_and_defaults(path):
+    """Every argument of the target is in the YAML with the signature's default (an interpolation such as ${seed}
+    or a required ??? stands for the default), and nothing else is."""
+    import inspect
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    target = get_class(raw.pop("_target_"))
+    for key in [k for k in raw if k.startswith("_")]:
+        raw.pop(key)
+    params = {n: p for n, p in inspect.signature(target).parameters.items() if n != "self"}
+    assert set(raw) == set(params), f"{path.name}: YAML keys differ from {target.__name__}'s arguments"
+    for name, value in raw.items():
+        default = params[name].default
+        if value == "???":
+            assert default is inspect.Parameter.empty, f"{path.name}: `{name}` is required in YAML only"
+        elif isinstance(value, str) and value.startswith("${"):
+            assert default is not inspect.Parameter.empty
+        else:
+            assert value == default, f"{path.name}: `{name}` is {value!r} in YAML, {default!r} in the signature"
+
+
+def test_the_parity_threshold_has_one_home(tmp_path):
+    from lightning_compress.export.onnx import PARITY_GOAL
+
+    assert "0.995" not in (CONF / "config.yaml").read_text()
+    assert compose([f"paths.output_dir={tmp_path}"]).onnx_parity_min_agreement == PARITY_GOAL
+
+
+def test_recipes_are_real_files_in_the_config_package():
+    folder = CONF / "recipe"
+    assert folder.is_dir() and not folder.is_symlink()
+    assert not any(p.is_symlink() for p in CONF.rglob("*"))

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_compress import KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
-from lightning_compress.distillation.losses import kd_loss
+from lightning_compress.core.losses import kd_loss
 from lightning_compress.tasks import MLP, ClassificationModule, DigitsDataModule, SmallCNN
 
 
@@ -247,13 +247,21 @@ def test_teacher_checkpoint_that_does_not_load(tmp_path, teacher):
         KnowledgeDistillation(SmallCNN(), teacher_checkpoint=tmp_path / "missing.ckpt")
     with pytest.raises(ValueError, match=r"`teacher` config needs a `_target_`"):
         KnowledgeDistillation({"width": 3})
+    # a teacher config is built when fit starts (or by build_teachers), never by the constructor
+    kd = KnowledgeDistillation(
+        {"_target_": "lightning_compress.tasks.SmallCNN"}, teacher_checkpoint=tmp_path / "bad.ckpt"
+    )
+    with pytest.raises(RuntimeError, match=r"built when fit starts \(setup\); call build_teachers\(\)"):
+        _ = kd.teachers
+    with pytest.raises(ValueError, match=r"teacher checkpoint .*bad.ckpt' does not load into SmallCNN"):
+        fit(tmp_path, [kd], max_epochs=1)
     # a good checkpoint, from a config: loads
     torch.save({"state_dict": teacher.state_dict()}, tmp_path / "good.ckpt")
     kd = KnowledgeDistillation(
         {"_target_": "lightning_compress.tasks.SmallCNN", "width": 16, "hidden": 64},
         teacher_checkpoint=tmp_path / "good.ckpt",
     )
-    assert torch.equal(kd.teachers[0].classifier[3].weight, teacher.classifier[3].weight)
+    assert torch.equal(kd.build_teachers()[0].classifier[3].weight, teacher.classifier[3].weight)
 
 
 def test_output_shapes_differ_on_the_first_batch(tmp_path):
@@ -305,15 +313,25 @@ def test_feature_hints_train_adapters_and_leave_the_student_clean(tmp_path, teac
         hints = [float(r["kd/loss_feature_epoch"]) for r in csv.DictReader(f) if r.get("kd/loss_feature_epoch")]
     assert len(hints) == 3 and hints[-1] < hints[0]  # the student's features move towards the teacher's
     assert not hasattr(module, "_kd_adapters") and "on_load_checkpoint" not in vars(module)
+    assert not module._load_state_dict_post_hooks  # the callback's load hook went with teardown
     state = torch.load(ckpt.best_model_path, weights_only=True)
     assert not any("_kd_adapters" in k for k in state["state_dict"])
     ClassificationModule(SmallCNN(width=8, hidden=32)).load_state_dict(state["state_dict"], strict=True)
-    assert torch.equal(state["kd_adapters"]["_kd_adapters.net__features__3.weight"], watch.last)
-    # resuming restores the adapters (they were saved beside the state dict)
+    saved = state["callbacks"][kd.state_key]["adapters"]  # in the callback's own state
+    assert torch.equal(saved["net__features__3.weight"], watch.last)
+
+    # resuming restores the adapters through the callback's checkpoint hooks: the first step starts from them
+    class FirstAdapter(Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            if not hasattr(self, "first"):
+                self.first = pl_module._kd_adapters["net__features__3"].weight.detach().clone()
+
     resumed = ClassificationModule(SmallCNN(width=8, hidden=32), lr=1e-2)
     kd2 = KnowledgeDistillation(teacher, alpha=0.5, feature_pairs={"net.features.3": "features.3"}, feature_weight=2.0)
-    trainer = make_trainer(tmp_path / "resumed", callbacks=[kd2], max_epochs=4)
+    first = FirstAdapter()
+    trainer = make_trainer(tmp_path / "resumed", callbacks=[kd2, first], max_epochs=4)
     trainer.fit(resumed, DigitsDataModule(), ckpt_path=ckpt.best_model_path)
+    assert torch.equal(first.first, watch.last)
     assert trainer.global_step > 0 and not hasattr(resumed, "_kd_adapters")
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_compress.pruning.masks import (
+from lightning_compress.core.masks import (
     channel_mask,
     compute_masks,
     global_unstructured_masks,

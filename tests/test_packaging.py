@@ -22,7 +22,7 @@ def test_wheel_ships_configs_and_recipes_and_runs_outside_the_repo(tmp_path):
     (wheel,) = wheel_dir.glob("lightning_compress-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped_recipes = {Path(n).name for n in names if n.startswith("lightning_compress/conf/recipe/")}
-    assert shipped_recipes == {p.name for p in (ROOT / "recipes").glob("*.yaml")}
+    assert shipped_recipes == {p.name for p in (ROOT / "conf" / "recipe").glob("*.yaml")} and len(shipped_recipes) > 5
     assert "lightning_compress/conf/config.yaml" in names
     assert "lightning_compress/conf/compression/magnitude_pruning.yaml" in names
 
@@ -35,7 +35,7 @@ def test_wheel_ships_configs_and_recipes_and_runs_outside_the_repo(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-c", "import lightning_compress, sys; print(lightning_compress.__file__); "
-         "sys.argv[0] = 'lightning-compress'; from lightning_compress.cli import main; main()",
+         "sys.argv[0] = 'lightning-compress'; from lightning_compress.apps.train import main; main()",
          f"hydra.run.dir={run_dir}", "trainer.max_epochs=2", "compression.pruning.end_epoch=1", "logger=none",
          "trainer.enable_progress_bar=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_compress import MagnitudePruning, compression_summary
-from lightning_compress.pruning.schedules import sparsity_at
+from lightning_compress.core.schedules import sparsity_at
 
 
 class Probe(Callback):

@@ -16,8 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export_onnx, onnx_parity
-from lightning_compress.quantization.attach import detach, quantized_layers
-from lightning_compress.quantization.export import PARITY_GOAL, pruned_zeros_kept
+from lightning_compress.export.onnx import PARITY_GOAL, pruned_zeros_kept
+from lightning_compress.quantization.prepare import detach, quantized_layers
 from lightning_compress.tasks import ClassificationModule, DigitsDataModule
 
 

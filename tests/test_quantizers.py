@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_compress.quantization.quantizers import (
+from lightning_compress.core.quantizers import (
     FakeQuantizer,
     QuantSpec,
     check_bits,

@@ -25,5 +25,5 @@ def test_main_job_command_installs_and_runs_the_app():
 
 def test_recipes_in_the_readme_table_exist():
     named = set(re.findall(r"^\| `([a-z0-9_]+)`", README, re.M))
-    shipped = {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
+    shipped = {p.stem for p in (ROOT / "conf" / "recipe").glob("*.yaml")}
     assert named == shipped

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lightning_compress.pruning.schedules import sparsity_at
+from lightning_compress.core.schedules import sparsity_at
 
 
 @pytest.mark.parametrize("t", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from lightning_compress.selection import check_overrides_match, select_modules
+from lightning_compress.core.selection import check_overrides_match, select_modules
 
 
 class Net(nn.Module):
@@ -46,4 +46,23 @@ def test_invalid_regex():
 
 def test_override_patterns_must_match():
     with pytest.raises(ValueError, match=r"`layer_sparsity` pattern 'tail' matches no selected layer"):
-        check_overrides_match(["stem", "head"], {"tail": 0.5}, "layer_sparsity")
+        check_overrides_match([("stem", nn.Linear(1, 1)), ("head", nn.Linear(1, 1))], {"tail": 0.5}, "layer_sparsity")
+
+
+def test_selectors_mean_the_same_on_any_model():
+    from lightning_compress.core.selection import match_overrides
+
+    net = Net()
+    assert [n for n, _ in select_modules(net, include="@first")] == ["stem"]
+    assert [n for n, _ in select_modules(net, include="@last")] == [[n for n, _ in select_modules(net)][-1]]
+    assert [n for n, _ in select_modules(net, include="@Linear")] == [
+        n for n, m in net.named_modules() if isinstance(m, nn.Linear)
+    ]
+    selected = select_modules(net)
+    assert match_overrides(selected[0][0], {"@last": 8, "@first": 4}, selected) == 4
+    with pytest.raises(ValueError, match=r"`include` selector '@1st' is not one of \('@first', '@last'\)"):
+        select_modules(net, include="@1st")
+    with pytest.raises(ValueError, match=r"`include` pattern '@Embedding' matches no Conv1d/Conv2d/Conv3d/Linear"):
+        select_modules(net, include="@Embedding")
+    with pytest.raises(TypeError, match=r"`include` must be a regular expression, an @selector or a list of them, "):
+        select_modules(net, include=5)

@@ -12,8 +12,14 @@ from test_cli import run_app
 from wandb_records import run_file
 
 from lightning_compress import MagnitudePruning
-from lightning_compress.cli import accuracy
-from lightning_compress.sensitivity import layer_pattern, layer_targets, overall_sparsity, sensitivity_scan, write_scan
+from lightning_compress.analysis.sensitivity import (
+    layer_pattern,
+    layer_sparsity_from_scan,
+    overall_sparsity,
+    sensitivity_scan,
+    write_scan,
+)
+from lightning_compress.core.metrics import evaluate_accuracy as accuracy
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +53,21 @@ def test_scan_prunes_one_layer_at_a_time_and_restores_it(trained):
     # what a sensitivity scan is for: the wide fully connected layer takes 90 %, the first convolution does not
     assert by[("net.classifier.1", 0.9)]["drop"] <= 0.02 < by[("net.features.0", 0.9)]["drop"]
 
-    targets = layer_targets(scan, 0.02)
+    targets = layer_sparsity_from_scan(scan, 0.02)
     assert set(targets) == {layer_pattern(n) for n in layers}
     for name in layers:
         chosen = targets[layer_pattern(name)]
         assert all(by[(name, s)]["drop"] <= 0.02 for s in (0.5, 0.9, 0.98) if s <= chosen)
         assert chosen == 0.98 or by[(name, min(s for s in (0.5, 0.9, 0.98) if s > chosen))]["drop"] > 0.02
     assert targets[layer_pattern("net.classifier.1")] > targets[layer_pattern("net.features.0")]
-    looser = layer_targets(scan, 0.5)
+    looser = layer_sparsity_from_scan(scan, 0.5)
     assert overall_sparsity(scan, looser) >= overall_sparsity(scan, targets)
 
 
 def test_targets_file_feeds_magnitude_pruning(trained, tmp_path, digits):
     module, loader = trained
     scan = sensitivity_scan(module, lambda m: accuracy(m, loader), [0.5, 0.9], include="classifier")
-    paths = write_scan(scan, layer_targets(scan, 0.02), tmp_path)
+    paths = write_scan(scan, layer_sparsity_from_scan(scan, 0.02), tmp_path)
     assert json.loads(paths["json"].read_text())["layer_sparsity"] == yaml.safe_load(paths["targets"].read_text())
     assert paths["plot"].stat().st_size > 5_000
     targets = yaml.safe_load(paths["targets"].read_text())
@@ -78,7 +84,10 @@ def test_targets_file_feeds_magnitude_pruning(trained, tmp_path, digits):
         (lambda m: sensitivity_scan(m, lambda _: 1.0, [0.5, 1.0]), r"got \[0.5, 1.0\]"),
         (lambda m: sensitivity_scan(m, lambda _: 1.0, [0.6], granularity="2:4"), r"numbers in \(0, 0.5\]"),
         (lambda m: sensitivity_scan(m, lambda _: 1.0, [0.5], include="nope"), "`include` pattern 'nope' matches no"),
-        (lambda m: layer_targets({"rows": []}, -0.1), r"`max_accuracy_drop` must be a number in \[0, 1\), got -0.1"),
+        (
+            lambda m: layer_sparsity_from_scan({"rows": []}, -0.1),
+            r"`max_accuracy_drop` must be a number in \[0, 1\), got -0.1",
+        ),
         (lambda m: MagnitudePruning(layer_sparsity="missing.yaml"), "`layer_sparsity` file 'missing.yaml' does not"),
     ],
 )

@@ -8,7 +8,7 @@ import pytest
 from test_cli import run_app
 from wandb_records import config, run_file, run_group, table
 
-from lightning_compress.sweeps import pareto_front
+from lightning_compress.analysis.pareto import pareto_front
 
 
 def test_pareto_front_maximises_accuracy_and_minimises_size():

@@ -81,7 +81,10 @@ def test_warns_when_the_target_never_holds(tmp_path, digits):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"monitor": ""}, "`monitor` must be the name"), ({"mode": "best"}, "`mode` must be 'max' or 'min', got 'best'")],
+    [
+        ({"monitor": ""}, "`monitor` must be the name"),
+        ({"mode": "best"}, r"`mode` must be one of \('max', 'min'\), got 'best'"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,9 @@
-"""Teacher–student distillation: losses (pure), teacher handling, and the KnowledgeDistillation callback."""
+"""Teacher–student distillation: the KnowledgeDistillation callback and how it builds its teachers.
 
+The losses are pure functions in :mod:`lightning_compress.core.losses`.
+"""
+
+from lightning_compress.core.losses import feature_loss, kd_loss
 from lightning_compress.distillation.callback import KnowledgeDistillation
-from lightning_compress.distillation.losses import agreement, feature_loss, kd_loss
 
-__all__ = ["KnowledgeDistillation", "agreement", "feature_loss", "kd_loss"]
+__all__ = ["KnowledgeDistillation", "feature_loss", "kd_loss"]

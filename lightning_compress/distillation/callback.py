@@ -4,12 +4,11 @@ Lightning callbacks cannot return a new loss (``on_before_backward`` ignores its
 callback wraps the module's ``training_step`` for the duration of ``fit``: the user's step runs unchanged, its
 forward call is observed (input and output), the teachers run on the same input, and the step's loss is replaced by
 ``(1 − alpha) · task + alpha · T² · KL``. Modules whose step cannot be wrapped call :meth:`KnowledgeDistillation.loss`
-themselves (``wrap_training_step=False``). The mathematics is in :mod:`~lightning_compress.distillation.losses`.
+themselves (``wrap_training_step=False``). The mathematics is in :mod:`~lightning_compress.core.losses`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,10 +17,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_compress.distillation.losses import agreement, feature_loss, kd_loss
-from lightning_compress.distillation.teacher import build_teacher, fingerprint, freeze
+from lightning_compress.core.checks import check_flag, check_number
+from lightning_compress.core.losses import feature_loss, kd_loss
+from lightning_compress.core.metrics import agreement
+from lightning_compress.distillation.teachers import build_teacher, fingerprint, freeze, spec_name
 
 TeacherSpec = nn.Module | Mapping[str, Any]
 ADAPTERS = "_kd_adapters"  # where the feature adapters live on the student while it trains (never in its checkpoint)
@@ -58,6 +60,10 @@ class KnowledgeDistillation(Callback):
     student's checkpoint (their identity is: class, checkpoint path, SHA-256 of the weights) and end ``fit`` with
     bit-identical weights and BatchNorm statistics.
 
+    Teachers given as modules are frozen (and their checkpoints loaded) at once; teachers given as configs are built
+    when ``fit`` starts (``setup``) or by :meth:`build_teachers`, so that building the callback, a recipe that holds
+    it or :func:`~lightning_compress.load_recipe` never trains or loads anything.
+
     Args:
         teacher: An ``nn.Module`` (a LightningModule too), a config with ``_target_``, or a list of them.
         temperature: Softmax temperature T (> 0).
@@ -73,7 +79,8 @@ class KnowledgeDistillation(Callback):
             first teacher's). Each student feature passes a learned adapter (1×1 conv or linear, where the channel
             counts differ) and is pulled towards the teacher's by mean squared error, weighted by ``feature_weight``
             and logged as ``kd/loss_feature``. The adapters train with the student (they are in its optimizer while
-            it trains) and are removed from it after ``fit``; they are saved beside, not inside, its checkpoint.
+            it trains) and are removed from it after ``fit``; they are saved in this callback's state in the
+            checkpoint, not in the student's ``state_dict``, and restored from there on resume.
         feature_weight: Weight of the feature loss.
 
     Example::
@@ -96,26 +103,15 @@ class KnowledgeDistillation(Callback):
         feature_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not temperature > 0
-            or not math.isfinite(temperature)
-        ):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or math.isnan(alpha)
-            or not 0.0 <= alpha <= 1.0
-        ):
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
-        self.temperature, self.alpha = float(temperature), float(alpha)
+        self.temperature = float(check_number("temperature", temperature, 0, low_open=True))
+        self.alpha = float(check_number("alpha", alpha, 0, 1))
         specs = (
             list(teacher) if isinstance(teacher, Sequence) and not isinstance(teacher, (str, nn.Module)) else [teacher]
         )
         if not specs:
             raise ValueError("`teacher` is an empty list.")
+        for spec in specs:
+            spec_name(spec)  # refuses what is neither a module nor a config with _target_, at once
         if teacher_checkpoint is None or isinstance(teacher_checkpoint, (str, os.PathLike)):
             checkpoints: list[Any] = [teacher_checkpoint] * len(specs) if len(specs) == 1 else [None] * len(specs)
             if teacher_checkpoint is not None and len(specs) > 1:
@@ -126,38 +122,34 @@ class KnowledgeDistillation(Callback):
             checkpoints = list(teacher_checkpoint)
             if len(checkpoints) != len(specs):
                 raise ValueError(f"`teacher_checkpoint` has {len(checkpoints)} entries for {len(specs)} teachers.")
-        # Built (and their checkpoints loaded) here, so that a teacher that does not load stops the run at once.
-        self.teachers = [freeze(build_teacher(t, c)) for t, c in zip(specs, checkpoints, strict=True)]
+        self._specs: list[Any] = specs
         self._checkpoints = [None if c is None else os.fspath(c) for c in checkpoints]
-        weights = [1.0] * len(specs) if teacher_weights is None else [float(w) for w in teacher_weights]
-        if len(weights) != len(specs) or any(not (w >= 0 and math.isfinite(w)) for w in weights) or sum(weights) <= 0:
-            raise ValueError(
-                f"`teacher_weights` must hold {len(specs)} finite non-negative numbers with a positive sum, "
-                f"got {teacher_weights!r}."
-            )
-        self.teacher_weights = [w / sum(weights) for w in weights]
-        self.cache_teacher_outputs = bool(cache_teacher_outputs)
-        self.wrap_training_step = bool(wrap_training_step)
+        weights = [1.0] * len(specs) if teacher_weights is None else list(teacher_weights)
+        message = f"`teacher_weights` must hold {len(specs)} finite non-negative numbers with a positive sum"
+        if len(weights) != len(specs):
+            raise ValueError(f"{message}, got {teacher_weights!r}.")
+        for w in weights:
+            check_number("teacher_weights", w, 0, what=f"{len(specs)} finite non-negative numbers with a positive sum")
+        if sum(weights) <= 0:
+            raise ValueError(f"{message}, got {teacher_weights!r}.")
+        self.teacher_weights = [float(w) / sum(weights) for w in weights]
+        self.cache_teacher_outputs = check_flag("cache_teacher_outputs", cache_teacher_outputs)
+        self.wrap_training_step = check_flag("wrap_training_step", wrap_training_step)
         self.feature_pairs = {str(s): str(t) for s, t in dict(feature_pairs or {}).items()}
-        if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
-            raise ValueError(f"`feature_weight` must be a number >= 0, got {feature_weight!r}.")
-        self.feature_weight = float(feature_weight)
+        self.feature_weight = float(check_number("feature_weight", feature_weight, 0))
         if self.feature_pairs and self.cache_teacher_outputs:
             raise ValueError(
                 "`cache_teacher_outputs` skips the teacher's forward, which feature distillation (`feature_pairs`) "
                 "needs every step: use one or the other."
             )
-        teacher_modules = dict(self.teachers[0].named_modules())
-        for student_name, teacher_name in self.feature_pairs.items():
-            if teacher_name not in teacher_modules:
-                raise ValueError(
-                    f"`feature_pairs[{student_name!r}]`: the teacher has no module {teacher_name!r}. "
-                    f"Candidates: {_names(teacher_modules)}."
-                )
+        self._teachers: list[nn.Module] | None = None
+        if all(isinstance(spec, nn.Module) for spec in specs):
+            self.build_teachers()  # cheap (freeze, load a checkpoint): a teacher that does not load stops at once
         self._features: dict[str, Tensor] = {}
         self._teacher_features: dict[str, Tensor] = {}
         self._feature_hooks: list[Any] = []
-        self._original_on_load: Any = None
+        self._load_hook: Any = None
+        self._adapters: nn.ModuleDict | None = None
         self._cache: dict[tuple[float, ...], int] = {}  # sample key -> row of _cache_values
         self._cache_values: Tensor | None = None  # [samples, teachers, outputs]
         self._projection: Tensor | None = None
@@ -165,14 +157,41 @@ class KnowledgeDistillation(Callback):
         self._hook: Any = None
         self._seen: list[tuple[Any, Any]] = []
         self._checked_shapes = False
-        self._sums: dict[str, tuple[Any, int]] = {}
+        self._means: dict[str, MeanMetric] = {}
+
+    def build_teachers(self) -> list[nn.Module]:
+        """Build the teachers (configs instantiated, checkpoints loaded, frozen) if not done yet, and return them.
+
+        Raises:
+            ValueError: A checkpoint does not exist or does not load, a config builds no module, or a
+                ``feature_pairs`` teacher module does not exist.
+        """
+        if self._teachers is None:
+            teachers = [freeze(build_teacher(t, c)) for t, c in zip(self._specs, self._checkpoints, strict=True)]
+            teacher_modules = dict(teachers[0].named_modules())
+            for student_name, teacher_name in self.feature_pairs.items():
+                if teacher_name not in teacher_modules:
+                    raise ValueError(
+                        f"`feature_pairs[{student_name!r}]`: the teacher has no module {teacher_name!r}. "
+                        f"Candidates: {_names(teacher_modules)}."
+                    )
+            self._teachers = teachers
+        return self._teachers
+
+    @property
+    def teachers(self) -> list[nn.Module]:
+        """The frozen teachers (built by :meth:`build_teachers`, which ``setup`` calls when ``fit`` starts)."""
+        if self._teachers is None:
+            raise RuntimeError(
+                "KnowledgeDistillation: the teachers given as configs are built when fit starts (setup); call "
+                "build_teachers() to build them before."
+            )
+        return self._teachers
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            teachers=[type(t).__name__ for t in self.teachers], checkpoints=self._checkpoints
-        )
+        return self._generate_state_key(teachers=[spec_name(t) for t in self._specs], checkpoints=self._checkpoints)
 
     # ------------------------------------------------------------------ the loss, for explicit use too
     @torch.no_grad()
@@ -277,26 +296,24 @@ class KnowledgeDistillation(Callback):
                 student_modules[student_name].register_forward_hook(keep(self._features, student_name, True)),
                 teacher_modules[teacher_name].register_forward_hook(keep(self._teacher_features, teacher_name, False)),
             ]
-        # On the student, so that the optimizer and DDP see the adapters; kept out of its checkpoints (below).
+        # On the student, so that the optimizer and DDP see the adapters; kept out of its checkpoints (they travel in
+        # this callback's state instead: see state_dict / load_state_dict).
         pl_module.add_module(ADAPTERS, adapters)
-        original_on_load = pl_module.on_load_checkpoint
+        self._adapters = adapters
 
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            # Resuming: the adapters were saved beside the state dict; put them back before the weights load.
-            checkpoint["state_dict"].update(checkpoint.get("kd_adapters", {}))
-            original_on_load(checkpoint)
+        def adapters_are_not_the_students(module: nn.Module, incompatible: Any) -> None:
+            # A checkpoint's state dict never holds the adapters; load_state_dict below restores them.
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(ADAPTERS + ".")]
 
-        self._original_on_load = original_on_load
-        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        self._load_hook = pl_module.register_load_state_dict_post_hook(adapters_are_not_the_students)
 
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         state = checkpoint.get("state_dict", {})
-        adapters = {k: state.pop(k) for k in [k for k in state if k.startswith(ADAPTERS + ".")]}
-        if adapters:
-            checkpoint["kd_adapters"] = adapters  # the student's own state dict stays its class's
+        for key in [k for k in state if k.startswith(ADAPTERS + ".")]:
+            del state[key]  # the student's own state dict stays its class's; the adapters are in state_dict() below
 
     def _record(self, pl_module: pl.LightningModule, metrics: dict[str, Tensor], agreement_fn: Any) -> None:
         # Lightning's self.log costs about a millisecond per key — more than a small student's whole step — so the
@@ -309,8 +326,9 @@ class KnowledgeDistillation(Callback):
         if logging_step:
             metrics["kd/teacher_agreement"] = agreement_fn()
         for key, value in metrics.items():
-            total, count = self._sums.get(key, (0.0, 0))
-            self._sums[key] = (value + total, count + 1)
+            if key not in self._means:
+                self._means[key] = MeanMetric().to(value.device)
+            self._means[key].update(value)
         if logging_step:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
@@ -319,6 +337,7 @@ class KnowledgeDistillation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._original_step is not None or hasattr(pl_module, ADAPTERS):
             return
+        self.build_teachers()
         if self.feature_pairs:
             self._attach_features(pl_module)
         if not self.wrap_training_step:
@@ -357,16 +376,17 @@ class KnowledgeDistillation(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sums = {}
+        for metric in self._means.values():
+            metric.reset()
         for teacher in self.teachers:
             teacher.eval()  # belt and braces: the teachers are not children of the module, train() never reaches them
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        means = {f"{k}_epoch": total / count for k, (total, count) in self._sums.items() if count}
+        # MeanMetric.compute() averages over every rank under DDP (torchmetrics syncs its state).
+        means = {f"{k}_epoch": metric.compute() for k, metric in self._means.items() if metric.update_count}
         if means:
-            reduced = {k: trainer.strategy.reduce(v, reduce_op="mean") for k, v in means.items()}
-            pl_module.log_dict(reduced, on_step=False, on_epoch=True)
+            pl_module.log_dict(means, on_step=False, on_epoch=True)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -381,13 +401,14 @@ class KnowledgeDistillation(Callback):
         self._feature_hooks = []
         if hasattr(pl_module, ADAPTERS):
             delattr(pl_module, ADAPTERS)  # the adapters are not part of the exported student
-        if self._original_on_load is not None:
-            del pl_module.on_load_checkpoint
-            self._original_on_load = None
+        self._adapters = None
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "teachers": [
                 {"class": f"{type(t).__module__}.{type(t).__qualname__}", "checkpoint": c, "sha256": fingerprint(t)}
                 for t, c in zip(self.teachers, self._checkpoints, strict=True)
@@ -395,11 +416,16 @@ class KnowledgeDistillation(Callback):
             "temperature": self.temperature,
             "alpha": self.alpha,
         }
+        if self._adapters is not None:
+            state["adapters"] = {k: v.detach().cpu() for k, v in self._adapters.state_dict().items()}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._adapters is not None and "adapters" in state_dict:
+            self._adapters.load_state_dict(state_dict["adapters"], strict=True)
         saved = [t.get("sha256") for t in state_dict.get("teachers", [])]
-        current = [fingerprint(t) for t in self.teachers]
+        current = [fingerprint(t) for t in self.build_teachers()]
         if saved and saved != current:
             raise ValueError(
                 "KnowledgeDistillation: the checkpoint was trained with other teacher weights "

@@ -1,7 +1,12 @@
-"""Gradual magnitude pruning: schedules and masks (pure) and the MagnitudePruning callback."""
+"""Gradual pruning: the MagnitudePruning callback and its Trainer-free form :func:`prune_`.
 
+Schedules and masks are pure functions in :mod:`lightning_compress.core.schedules` and
+:mod:`lightning_compress.core.masks`.
+"""
+
+from lightning_compress.core.masks import compute_masks, parse_granularity
+from lightning_compress.core.schedules import sparsity_at
 from lightning_compress.pruning.callback import MagnitudePruning
-from lightning_compress.pruning.masks import compute_masks, parse_granularity
-from lightning_compress.pruning.schedules import sparsity_at
+from lightning_compress.pruning.functional import prune_
 
-__all__ = ["MagnitudePruning", "compute_masks", "parse_granularity", "sparsity_at"]
+__all__ = ["MagnitudePruning", "compute_masks", "parse_granularity", "prune_", "sparsity_at"]

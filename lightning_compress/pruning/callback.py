@@ -1,7 +1,7 @@
 """MagnitudePruning: gradual pruning as a Lightning callback.
 
-The callback only adapts the pure functions of :mod:`~lightning_compress.pruning.schedules` and
-:mod:`~lightning_compress.pruning.masks` to the Trainer: it picks the weights, asks the schedule for a
+The callback only adapts the pure functions of :mod:`~lightning_compress.core.schedules` and
+:mod:`~lightning_compress.core.masks` to the Trainer: it picks the weights, asks the schedule for a
 target at the current optimizer step, asks the masks for the zeros and writes them into the weights in
 place. No forward hooks, no extra parameters: the model's ``state_dict`` keys stay those of the user's
 class.
@@ -17,25 +17,35 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.artifacts import compression_summary
-from lightning_compress.pruning.masks import (
-    CRITERIA,
-    Granularity,
-    compute_masks,
-    nm_groups,
-    parse_granularity,
-    random_scores,
+from lightning_compress.core.checks import (
+    ArgumentTypeError,
+    Criterion,
+    Schedule,
+    Scope,
+    check_choice,
+    check_flag,
+    check_number,
+    is_number,
+    parse_epoch,
+    same_kind_order,
+    show_epoch,
 )
-from lightning_compress.pruning.schedules import SCHEDULES, sparsity_at
-from lightning_compress.selection import check_overrides_match, match_overrides, select_modules, weights_of
-from lightning_compress.training import check_epoch, optimizer_steps_per_epoch
+from lightning_compress.core.masks import Granularity, compute_masks, nm_groups, parse_granularity, random_scores
+from lightning_compress.core.schedules import sparsity_at
+from lightning_compress.core.selection import (
+    check_overrides_match,
+    load_layer_values,
+    match_overrides,
+    select_modules,
+    weights_of,
+)
+from lightning_compress.trainer.progress import optimizer_steps_per_epoch, resolve_epochs
+from lightning_compress.trainer.tables import log_table
 
-SCOPES = ("global", "layer")
 #: With ``update_every_n_steps=None`` the masks are updated this many times along the ramp.
 DEFAULT_UPDATES_PER_RAMP = 50
 
@@ -44,13 +54,12 @@ def _check_sparsity(name: str, value: Any, granularity: Granularity) -> float:
     """A sparsity in [0, 1) — or in [0, N/M] for N:M, which reaches N/M exactly."""
     nm = granularity.kind == "nm"
     allowed = f"[0, {granularity.max_sparsity:g}] for granularity '{granularity}'" if nm else "[0, 1)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number in {allowed}, got {value!r}.")
-    value = float(value)
-    upper_ok = value <= granularity.max_sparsity if nm else value < 1.0
-    if math.isnan(value) or value < 0.0 or not upper_ok:
+    if not is_number(value):
+        raise ArgumentTypeError(f"`{name}` must be a number in {allowed}, got {value!r}.")
+    number = float(value)
+    if math.isnan(number) or number < 0.0 or not (number <= granularity.max_sparsity if nm else number < 1.0):
         raise ValueError(f"`{name}` must be in {allowed}, got {value!r}.")
-    return value
+    return number
 
 
 class MagnitudePruning(Callback):
@@ -65,9 +74,10 @@ class MagnitudePruning(Callback):
     Args:
         final_sparsity: Fraction of the selected weights that are zero at the end, in [0, 1).
         initial_sparsity: Sparsity at ``start_epoch``, in [0, ``final_sparsity``].
-        start_epoch: Epoch (fractional allowed) at which pruning starts.
-        end_epoch: Epoch at which ``final_sparsity`` is reached. Must not exceed the Trainer's
-            ``max_epochs`` (an error, raised before the first step: the ramp would never finish).
+        start_epoch: Epoch (fractional allowed) at which pruning starts, or a share of training such as ``"20%"``
+            (of the Trainer's ``max_epochs``: a recipe written that way follows any Trainer's length).
+        end_epoch: Epoch (or share of training) at which ``final_sparsity`` is reached. Must not exceed the
+            Trainer's ``max_epochs`` (an error, raised before the first step: the ramp would never finish).
         schedule: ``"cubic"`` or ``"linear"``.
         granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole output channels ranked by
             L2 norm) or ``"N:M"`` such as ``"2:4"`` (in every group of M consecutive input weights the N
@@ -79,10 +89,11 @@ class MagnitudePruning(Callback):
             ``"threshold"`` (every ``|w| < threshold`` is pruned at each update; the schedule's target is
             then not used and the measured sparsity is what the threshold gives).
         threshold: The magnitude threshold for ``criterion="threshold"``.
-        layer_sparsity: ``{regex: final sparsity}`` overrides; a matching layer is ranked on its own and
-            ramps to its own value along the same schedule. Every pattern must match a selected layer. A path
-            reads that mapping from a YAML file, e.g. the ``layer_sparsity.yaml`` of a sensitivity scan
-            (``lightning-compress-sensitivity``).
+        layer_sparsity: ``{pattern: final sparsity}`` overrides (regular expressions or selectors such as
+            ``"@first"``, ``"@last"``, ``"@Linear"``: see :mod:`lightning_compress.core.selection`); a matching
+            layer is ranked on its own and ramps to its own value along the same schedule. Every pattern must
+            match a selected layer. A path reads that mapping from a YAML file, e.g. the ``layer_sparsity.yaml``
+            of a sensitivity scan (``lightning-compress-sensitivity``).
         include: Regular expression(s) searched in ``pl_module.named_modules()`` names; only matching
             Conv/Linear modules are pruned. Each must match at least one.
         exclude: Regular expression(s) for modules to leave dense.
@@ -104,8 +115,8 @@ class MagnitudePruning(Callback):
         self,
         final_sparsity: float = 0.9,
         initial_sparsity: float = 0.0,
-        start_epoch: float = 0.0,
-        end_epoch: float = 10.0,
+        start_epoch: float | str = 0.0,
+        end_epoch: float | str = 10.0,
         schedule: str = "cubic",
         granularity: str = "unstructured",
         scope: str | None = None,
@@ -126,33 +137,21 @@ class MagnitudePruning(Callback):
             raise ValueError(
                 f"`initial_sparsity` ({initial_sparsity}) must not exceed `final_sparsity` ({final_sparsity})."
             )
-        self.start_epoch = check_epoch("start_epoch", start_epoch)
-        self.end_epoch = check_epoch("end_epoch", end_epoch)
-        if self.start_epoch > self.end_epoch:
-            raise ValueError(f"`start_epoch` ({start_epoch}) must not be after `end_epoch` ({end_epoch}).")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
-        self.schedule = schedule
+        self.start_epoch = parse_epoch("start_epoch", start_epoch)
+        self.end_epoch = parse_epoch("end_epoch", end_epoch)
+        same_kind_order(("start_epoch", self.start_epoch), ("end_epoch", self.end_epoch))
+        self.schedule = check_choice("schedule", schedule, Schedule).value
         if scope is None:
-            scope = "global" if self.granularity.kind == "unstructured" else "layer"
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
-        if scope == "global" and self.granularity.kind != "unstructured":
+            scope = Scope.GLOBAL if self.granularity.kind == "unstructured" else Scope.LAYER
+        self.scope = check_choice("scope", scope, Scope).value
+        if self.scope == Scope.GLOBAL and self.granularity.kind != "unstructured":
             raise ValueError(
                 f"`scope='global'` ranks single weights across layers and needs granularity='unstructured'; "
                 f"got granularity={granularity!r}. Use scope='layer'."
             )
-        self.scope = scope
-        if criterion not in CRITERIA:
-            raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
-        self.criterion = criterion
-        if criterion == "threshold":
-            if (
-                isinstance(threshold, bool)
-                or not isinstance(threshold, (int, float))
-                or not math.isfinite(threshold)
-                or threshold <= 0
-            ):
+        self.criterion = check_choice("criterion", criterion, Criterion).value
+        if self.criterion == Criterion.THRESHOLD:
+            if threshold is None or not is_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
                 raise ValueError(f"criterion='threshold' needs a finite `threshold` > 0, got {threshold!r}.")
             if self.granularity.kind != "unstructured":
                 raise ValueError(f"criterion='threshold' needs granularity='unstructured', got {granularity!r}.")
@@ -160,25 +159,20 @@ class MagnitudePruning(Callback):
             raise ValueError(f"`threshold` ({threshold!r}) is only used with criterion='threshold'.")
         self.threshold = None if threshold is None else float(threshold)
         if isinstance(layer_sparsity, (str, os.PathLike)):
-            from lightning_compress.sensitivity import load_layer_targets
-
-            layer_sparsity = load_layer_targets(layer_sparsity)
+            layer_sparsity = load_layer_values(layer_sparsity, "layer_sparsity")
         self.layer_sparsity = {
             str(pattern): _check_sparsity(f"layer_sparsity[{pattern!r}]", value, self.granularity)
             for pattern, value in dict(layer_sparsity or {}).items()
         }
         self.include, self.exclude = include, exclude
-        if update_every_n_steps is not None and (
-            isinstance(update_every_n_steps, bool)
-            or not isinstance(update_every_n_steps, int)
-            or update_every_n_steps < 1
-        ):
-            raise ValueError(f"`update_every_n_steps` must be an integer >= 1 or None, got {update_every_n_steps!r}.")
-        self.update_every_n_steps = update_every_n_steps
-        self.seed = int(seed)
-        self.verbose = verbose
+        self.update_every_n_steps = check_number("update_every_n_steps", update_every_n_steps, 1, integer=True,
+                                                 optional=True)  # fmt: skip
+        self.seed = int(check_number("seed", seed, integer=True))
+        self.verbose = check_flag("verbose", verbose)
+        self._epochs: dict[str, float | None] = {}  # start/end in epochs, once the Trainer's length is known
 
         self._weights: dict[str, Tensor] = {}
+        self._selected: list[tuple[str, nn.Module]] = []
         self._masks: dict[str, Tensor] = {}
         self._scores: dict[str, Tensor] | None = None
         self._loaded: dict[str, Any] | None = None
@@ -208,8 +202,9 @@ class MagnitudePruning(Callback):
             return (step - self._start_step) % self._every == 0 or step == self._end_step
         return self._last_update_step < self._end_step
 
-    def target_sparsity(self, step: int, final: float | None = None) -> float:
-        """The schedule's target after optimizer step ``step`` (for a layer override, its own ``final``)."""
+    def scheduled_sparsity(self, step: int, final: float | None = None) -> float:
+        """The sparsity the schedule asks for after optimizer step ``step`` (for a layer override, its own
+        ``final``)."""
         final = self.final_sparsity if final is None else final
         span = self._end_step - self._start_step
         progress = 1.0 if span <= 0 else (step - self._start_step) / span
@@ -220,9 +215,9 @@ class MagnitudePruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._weights:
             return
-        weights = weights_of(self.filter_modules(pl_module))
-        names = list(weights)
-        check_overrides_match(names, self.layer_sparsity, "layer_sparsity")
+        selected = self.filter_modules(pl_module)
+        weights = weights_of(selected)
+        check_overrides_match(selected, self.layer_sparsity, "layer_sparsity")
         if self.granularity.kind == "nm":
             for name, weight in weights.items():
                 try:
@@ -232,12 +227,23 @@ class MagnitudePruning(Callback):
                         f"granularity='{self.granularity}' cannot prune layer {name!r}: {err}. "
                         f"Leave it out with `exclude`."
                     ) from None
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and self.end_epoch > max_epochs:
+        epochs = resolve_epochs(trainer, "MagnitudePruning", {"start_epoch": self.start_epoch,
+                                                                 "end_epoch": self.end_epoch})  # fmt: skip
+        start, end = epochs["start_epoch"], epochs["end_epoch"]
+        assert start is not None and end is not None
+        if start > end:
             raise ValueError(
-                f"`end_epoch` ({self.end_epoch:g}) is past the Trainer's max_epochs ({max_epochs}): the ramp "
+                f"`start_epoch` ({show_epoch(self.start_epoch)}, epoch {start:g}) must not be after `end_epoch` "
+                f"({show_epoch(self.end_epoch)}, epoch {end:g})."
+            )
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and end > max_epochs + 1e-9:
+            raise ValueError(
+                f"`end_epoch` ({end:g}) is past the Trainer's max_epochs ({max_epochs}): the ramp "
                 f"would never reach final_sparsity={self.final_sparsity:g}. Set end_epoch <= {max_epochs}."
             )
+        self._epochs = {"start": start, "end": end}
+        self._selected = selected
         self._weights = weights
         if self.criterion == "random":
             generator = torch.Generator().manual_seed(self.seed)
@@ -246,11 +252,13 @@ class MagnitudePruning(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         steps_per_epoch = optimizer_steps_per_epoch(trainer, "MagnitudePruning")
-        self._start_step = round(self.start_epoch * steps_per_epoch)
-        self._end_step = round(self.end_epoch * steps_per_epoch)
+        start, end = self._epochs["start"], self._epochs["end"]
+        assert start is not None and end is not None
+        self._start_step = round(start * steps_per_epoch)
+        self._end_step = round(end * steps_per_epoch)
         if trainer.max_steps is not None and 0 <= trainer.max_steps < self._end_step:
             raise ValueError(
-                f"`end_epoch` ({self.end_epoch:g}) is {self._end_step} optimizer steps, past the Trainer's "
+                f"`end_epoch` ({end:g}) is {self._end_step} optimizer steps, past the Trainer's "
                 f"max_steps ({trainer.max_steps}): the ramp would never reach final_sparsity."
             )
         span = self._end_step - self._start_step
@@ -278,14 +286,16 @@ class MagnitudePruning(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                rows = [r for r in compression_summary(pl_module) if r.name in self._weights]
-                logger.log_table(
-                    key="compress/layers",
-                    columns=["layer", "type", "params", "nonzero", "sparsity", "bytes"],
-                    data=[[r.name, r.type, r.params, r.nonzero, r.sparsity, r.bytes] for r in rows],
-                )
+        if not trainer.is_global_zero:
+            return
+        rows = []
+        for name, module in self._selected:
+            weight = self._weights[name]
+            nonzero = int(torch.count_nonzero(weight))
+            rows.append([name, type(module).__name__, weight.numel(), nonzero, 1.0 - nonzero / weight.numel(),
+                         weight.numel() * weight.element_size()])  # fmt: skip
+        columns = ["layer", "type", "params", "nonzero", "sparsity", "bytes"]
+        log_table(trainer.loggers, "compress/layers", columns, rows, trainer.default_root_dir)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -325,8 +335,8 @@ class MagnitudePruning(Callback):
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         weights = self._weights
-        own = {n: v for n in weights if (v := match_overrides(n, self.layer_sparsity)) is not None}
-        self._target = self.target_sparsity(step)
+        own = {n: v for n in weights if (v := match_overrides(n, self.layer_sparsity, self._selected)) is not None}
+        self._target = self.scheduled_sparsity(step)
         try:
             masks = compute_masks(
                 weights,
@@ -334,7 +344,7 @@ class MagnitudePruning(Callback):
                 granularity=self.granularity,
                 scope=self.scope,
                 criterion=self.criterion,
-                layer_sparsity={n: self.target_sparsity(step, final) for n, final in own.items()},
+                layer_sparsity={n: self.scheduled_sparsity(step, final) for n, final in own.items()},
                 previous=self._masks or None,
                 scores=self._scores,
                 threshold=self.threshold,
@@ -385,6 +395,12 @@ class MagnitudePruning(Callback):
     def target_reached(self) -> bool:
         """Whether the ramp has ended: the masks are at their final sparsity (see :class:`CompressionTarget`)."""
         return bool(self._masks) and self._last_update_step >= self._end_step
+
+    @property
+    def structure_final_epoch(self) -> float | None:
+        """The epoch at which the ramp ends and the masks stop changing (known after ``setup``); see
+        :class:`~lightning_compress.core.protocol.ChangesStructure`."""
+        return self._epochs.get("end")
 
     @property
     def selected_layers(self) -> list[str]:

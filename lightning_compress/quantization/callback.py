@@ -1,15 +1,15 @@
 """QuantizationAwareTraining: fake quantization of Conv/Linear layers as a Lightning callback.
 
-The callback selects the layers (the same include/exclude mechanism as MagnitudePruning), puts quantizers on
-them (:mod:`~lightning_compress.quantization.attach`) and moves through the phases of training by optimizer
-step: float → observer calibration → fake quantization → frozen observers / frozen BatchNorm statistics.
-The numerics live in :mod:`~lightning_compress.quantization.quantizers`; the integer model is written by
-:func:`~lightning_compress.quantization.export.export_onnx`.
+A thin adapter: :func:`~lightning_compress.quantization.prepare.prepare_qat` puts the quantizers on the layers (the
+Trainer-free form, with the same :class:`~lightning_compress.quantization.prepare.QATConfig`); the callback only
+decides *when*, moving through the phases of training by optimizer step: float → observer calibration → fake
+quantization → frozen observers / frozen BatchNorm statistics.
+The numerics live in :mod:`~lightning_compress.core.quantizers`; the integer model is written by
+:func:`~lightning_compress.export.onnx.export_onnx`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,12 +21,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.quantization.attach import attach, find_conv_bn_pairs
-from lightning_compress.quantization.quantizers import FakeQuantizer, QuantSpec, check_bits, fake_quantize
-from lightning_compress.selection import check_overrides_match, match_overrides, select_modules
-from lightning_compress.training import check_epoch, optimizer_steps_per_epoch
-
-OBSERVERS = ("minmax", "lsq")
+from lightning_compress.core.checks import check_number, parse_epoch, show_epoch
+from lightning_compress.core.protocol import ChangesStructure
+from lightning_compress.core.quantizers import fake_quantize
+from lightning_compress.quantization.prepare import (
+    QATConfig,
+    folded_batchnorms,
+    folded_weight_and_bias,
+    prepare_qat,
+    set_phase,
+)
+from lightning_compress.trainer.progress import optimizer_steps_per_epoch, resolve_epochs
 
 
 class QuantizationAwareTraining(Callback):
@@ -50,18 +55,21 @@ class QuantizationAwareTraining(Callback):
         weight_symmetric: Symmetric weights with zero-point 0 (``True``) or affine.
         activation_symmetric: Signed symmetric activations, or unsigned affine (``False``, the default).
         observer: ``"minmax"`` or ``"lsq"`` (learned step sizes).
-        start_epoch: Epoch at which quantization starts. ``None`` (default): when a :class:`MagnitudePruning` is on
-            the same Trainer, the end of its ramp (masks are final before ranges are observed, so pruned weights are
-            exactly the integer zeros of the export), else 0. An explicit epoch before the ramp ends is allowed, with
-            a warning.
+        start_epoch: Epoch (or share of training, e.g. ``"33%"``) at which quantization starts. ``None`` (default):
+            when a technique that changes the structure is on the same Trainer (a :class:`MagnitudePruning` ramp; any
+            callback with ``structure_final_epoch``), the epoch its structure is final (masks are final before ranges
+            are observed, so pruned weights are exactly the integer zeros of the export), else 0. An explicit epoch
+            before the ramp ends is allowed, with a warning.
         calibration_steps: Optimizer steps of observation before fake quantization starts.
-        freeze_observers_epoch: Epoch at which ranges stop moving (``None``: never). Not before ``start_epoch``.
-        freeze_bn_epoch: Epoch at which BatchNorm running statistics freeze (``None``: never).
+        freeze_observers_epoch: Epoch (or share) at which ranges stop moving (``None``: never). Not before
+            ``start_epoch``.
+        freeze_bn_epoch: Epoch (or share) at which BatchNorm running statistics freeze (``None``: never).
         fold_bn: Fold a Conv's BatchNorm into its quantized weight.
-        layer_bits: ``{regex: bits}`` (weight bits) or ``{regex: {"weight_bits": b, "activation_bits": b}}`` per-layer
-            overrides, e.g. ``{"features\\.0$": 8}`` to keep the first layer at 8 bits while the rest use 4.
-        include: Regular expression(s) selecting layers, as in MagnitudePruning.
-        exclude: Regular expression(s) of layers to leave in float.
+        layer_bits: ``{pattern: bits}`` (weight bits) or ``{pattern: {"weight_bits": b, "activation_bits": b}}``
+            per-layer overrides, e.g. ``{"@first": 8, "@last": 8}`` to keep the first and last layer at 8 bits while
+            the rest use 4 (patterns: regular expressions or the selectors of :mod:`lightning_compress.core.selection`).
+        include: Regular expression(s) or selectors of the layers to quantize, as in MagnitudePruning.
+        exclude: Regular expression(s) or selectors of layers to leave in float.
         averaging_constant: Weight of a new batch in the activation observers' moving average.
         log_every_n_steps: Optimizer steps between logs of the per-layer scales and clipping fractions.
         quantize_outputs: Also quantize each layer's output (per tensor, like its input) once the layer computes the
@@ -90,10 +98,10 @@ class QuantizationAwareTraining(Callback):
         weight_symmetric: bool = True,
         activation_symmetric: bool = False,
         observer: str = "minmax",
-        start_epoch: float | None = None,
+        start_epoch: float | str | None = None,
         calibration_steps: int = 20,
-        freeze_observers_epoch: float | None = None,
-        freeze_bn_epoch: float | None = None,
+        freeze_observers_epoch: float | str | None = None,
+        freeze_bn_epoch: float | str | None = None,
         fold_bn: bool = True,
         layer_bits: Mapping[str, int | Mapping[str, int]] | None = None,
         include: str | Sequence[str] | None = None,
@@ -104,103 +112,68 @@ class QuantizationAwareTraining(Callback):
         quantize_outputs: bool = False,
     ) -> None:
         super().__init__()
-        self.weight_bits = check_bits("weight_bits", weight_bits)
-        self.activation_range = self._check_range("activation_range", activation_range)
-        self.activation_bits = self._check_activation_bits("activation_bits", activation_bits, self.activation_range)
-        if observer not in OBSERVERS:
-            raise ValueError(f"`observer` must be one of {OBSERVERS}, got {observer!r}.")
-        self.observer = observer
-        self.per_channel, self.weight_symmetric = bool(per_channel), bool(weight_symmetric)
-        self.activation_symmetric, self.fold_bn = bool(activation_symmetric), bool(fold_bn)
-        self.start_epoch = None if start_epoch is None else check_epoch("start_epoch", start_epoch)
-        self.freeze_observers_epoch = (
-            None if freeze_observers_epoch is None else check_epoch("freeze_observers_epoch", freeze_observers_epoch)
-        )
-        self.freeze_bn_epoch = None if freeze_bn_epoch is None else check_epoch("freeze_bn_epoch", freeze_bn_epoch)
-        self._check_freeze_after_start(self.start_epoch or 0.0, "start_epoch")
-        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int) or calibration_steps < 0:
-            raise ValueError(f"`calibration_steps` must be an integer >= 0, got {calibration_steps!r}.")
-        self.calibration_steps = calibration_steps
-        if not 0.0 < averaging_constant <= 1.0:
-            raise ValueError(f"`averaging_constant` must be in (0, 1], got {averaging_constant!r}.")
-        self.averaging_constant = float(averaging_constant)
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"`log_every_n_steps` must be an integer >= 1, got {log_every_n_steps!r}.")
-        self.log_every_n_steps = log_every_n_steps
-        self.layer_bits = {str(p): self._parse_override(p, v) for p, v in dict(layer_bits or {}).items()}
+        #: What prepare_qat puts on the layers (checked there); the callback adds only *when*.
+        self.config = QATConfig(
+            weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
+            weight_symmetric=weight_symmetric, activation_symmetric=activation_symmetric, observer=observer,
+            fold_bn=fold_bn, layer_bits=layer_bits, include=include, exclude=exclude,
+            averaging_constant=averaging_constant, activation_range=activation_range, quantize_outputs=quantize_outputs,
+        )  # fmt: skip
         self.include, self.exclude = include, exclude
-        self.quantize_outputs = bool(quantize_outputs)
+        self.start_epoch = parse_epoch("start_epoch", start_epoch, optional=True)
+        self.freeze_observers_epoch = parse_epoch("freeze_observers_epoch", freeze_observers_epoch, optional=True)
+        self.freeze_bn_epoch = parse_epoch("freeze_bn_epoch", freeze_bn_epoch, optional=True)
+        start, freeze = self.start_epoch or 0.0, self.freeze_observers_epoch
+        if freeze is not None and isinstance(start, str) == isinstance(freeze, str):  # same unit: compare now
+            share = isinstance(start, str)
+            self._check_freeze_after_start(
+                float(str(start)[:-1]) if share else float(start), float(str(freeze)[:-1]) if share else float(freeze),
+                "start_epoch", show_epoch(start),
+            )  # fmt: skip
+        self.calibration_steps = check_number("calibration_steps", calibration_steps, 0, integer=True)
+        self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, 1, integer=True)
 
         self._layers: dict[str, Any] = {}  # quantized Conv/Linear layers (their class is swapped at run time)
         self._bns: list[nn.Module] = []
         self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._steps: dict[str, int | None] = {}
+        self._epochs: dict[str, float | None] = {}
 
-    @staticmethod
-    def _check_range(name: str, value: Any) -> tuple[float, float] | None:
-        if value is None:
-            return None
-        try:
-            lo, hi = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(f"`{name}` must be a pair (low, high), e.g. (-1, 1) after tanh; got {value!r}.") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"`{name}` must be finite with low < high, got {value!r}.")
-        return lo, hi
-
-    @staticmethod
-    def _check_activation_bits(name: str, bits: Any, fixed_range: tuple[float, float] | None) -> int:
-        if bits == 1 and not isinstance(bits, bool) and fixed_range is None:
+    def _check_freeze_after_start(self, start: float, freeze: float | None, source: str, shown: str = "") -> None:
+        if freeze is not None and freeze < start - 1e-9:
             raise ValueError(
-                f"`{name}`=1 is the binary quantizer for bounded activations and needs `activation_range` "
-                "(e.g. (-1, 1) after tanh, (0, 1) after sigmoid); otherwise use 2 to 8 bits."
-            )
-        return check_bits(name, bits, low=1 if fixed_range is not None else 2)
-
-    def _parse_override(self, pattern: str, value: Any) -> dict[str, Any]:
-        where = f"layer_bits[{pattern!r}]"
-        if not isinstance(value, Mapping):
-            return {"weight_bits": check_bits(where, value)}
-        unknown = set(value) - {"weight_bits", "activation_bits", "activation_range"}
-        if unknown:
-            raise ValueError(
-                f"`{where}` keys must be 'weight_bits' / 'activation_bits' / 'activation_range', got {sorted(unknown)}."
-            )
-        out: dict[str, Any] = {}
-        if "activation_range" in value:
-            out["activation_range"] = self._check_range(f"{where}['activation_range']", value["activation_range"])
-        if "weight_bits" in value:
-            out["weight_bits"] = check_bits(f"{where}['weight_bits']", value["weight_bits"])
-        if "activation_bits" in value:
-            fixed = out.get("activation_range", self.activation_range)
-            out["activation_bits"] = self._check_activation_bits(
-                f"{where}['activation_bits']", value["activation_bits"], fixed
-            )
-        return out
-
-    def _check_freeze_after_start(self, start: float, source: str) -> None:
-        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < start:
-            raise ValueError(
-                f"`freeze_observers_epoch` ({self.freeze_observers_epoch:g}) is before the start of quantization "
-                f"({source} = {start:g}): the ranges would freeze before anything was observed."
+                f"`freeze_observers_epoch` ({show_epoch(self.freeze_observers_epoch)}) is before the start of "
+                f"quantization ({source} = {shown or f'{start:g}'}): the ranges would freeze before anything was "
+                "observed."
             )
 
-    def _resolve_start(self, trainer: pl.Trainer) -> float:
-        """``start_epoch``, or by default the end of a MagnitudePruning ramp on the same Trainer (else 0)."""
-        from lightning_compress.pruning import MagnitudePruning
-
-        ramps = [cb.end_epoch for cb in trainer.callbacks if isinstance(cb, MagnitudePruning)]  # type: ignore[attr-defined]
-        if self.start_epoch is None:
-            start = max(ramps, default=0.0)
-            self._check_freeze_after_start(start, "the end of the MagnitudePruning ramp, as start_epoch is None")
-            return start
-        if ramps and self.start_epoch < max(ramps):
+    def _resolve_start(self, trainer: pl.Trainer, epochs: dict[str, float | None]) -> float:
+        """``start_epoch``, or by default the epoch at which every technique that changes the structure on the same
+        Trainer (a MagnitudePruning ramp: see :class:`~lightning_compress.core.protocol.ChangesStructure`) is final,
+        else 0."""
+        ends = {
+            type(cb).__name__: end
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if cb is not self and isinstance(cb, ChangesStructure) and (end := cb.structure_final_epoch) is not None
+        }
+        last = max(ends.values(), default=0.0)
+        owners = ", ".join(n for n, e in ends.items() if e == last)
+        start = epochs["start_epoch"]
+        if start is None:
+            self._check_freeze_after_start(
+                last,
+                epochs["freeze_observers_epoch"],
+                f"the end of the {owners or 'pruning'} ramp, as start_epoch is None",
+            )
+            return last
+        if ends and start < last:
             rank_zero_warn(
-                f"QuantizationAwareTraining starts at epoch {self.start_epoch:g}, before the MagnitudePruning ramp "
-                f"ends (epoch {max(ramps):g}): the masks still change while the ranges are observed. Leave "
-                "start_epoch=None to start when the ramp ends."
+                f"QuantizationAwareTraining starts at epoch {start:g}, before the {owners} ramp ends (epoch "
+                f"{last:g}): the masks still change while the ranges are observed. Leave start_epoch=None to start "
+                "when the ramp ends."
             )
-        return self.start_epoch
+        self._check_freeze_after_start(start, epochs["freeze_observers_epoch"], "start_epoch")
+        return start
 
     @property
     @override
@@ -210,49 +183,18 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._epochs = resolve_epochs(trainer, "QuantizationAwareTraining", {
+                "start_epoch": self.start_epoch, "freeze_observers_epoch": self.freeze_observers_epoch,
+                "freeze_bn_epoch": self.freeze_bn_epoch,
+            })  # fmt: skip
+            if self.start_epoch is not None:
+                self._check_freeze_after_start(self._epochs["start_epoch"] or 0.0,
+                                               self._epochs["freeze_observers_epoch"], "start_epoch")  # fmt: skip
         if self._layers:
             return
-        selected = select_modules(pl_module, self.include, self.exclude)
-        names = [n for n, _ in selected]
-        check_overrides_match(names, self.layer_bits, "layer_bits")
-        pairs = find_conv_bn_pairs(pl_module, names) if self.fold_bn else {}
-        modules = dict(pl_module.named_modules())
-        for name, layer in selected:
-            weight: Any = layer.weight
-            if self.per_channel and weight.dim() < 2:
-                raise ValueError(f"per_channel=True needs a channel axis, but layer {name!r} has a 1-D weight.")
-            bits: dict[str, Any] = {
-                "weight_bits": self.weight_bits,
-                "activation_bits": self.activation_bits,
-                "activation_range": self.activation_range,
-            }
-            bits.update(match_overrides(name, self.layer_bits) or {})  # type: ignore[arg-type]
-            w_spec = QuantSpec(bits["weight_bits"], self.weight_symmetric, self.per_channel, axis=0)
-            fixed = bits["activation_range"]
-            a_spec = QuantSpec(bits["activation_bits"], self.activation_symmetric and fixed is None, per_channel=False)
-            input_quantizer = FakeQuantizer(
-                a_spec,
-                "minmax" if fixed is not None else self.observer,  # a fixed range is not learned
-                averaging_constant=self.averaging_constant,
-                fixed_range=fixed,
-            )
-            bn = modules[pairs[name]] if name in pairs else None
-            attach(
-                layer,
-                FakeQuantizer(w_spec, self.observer, channels=weight.shape[0], weight=True).to(weight.device),
-                input_quantizer.to(weight.device),
-                bn,
-                FakeQuantizer(
-                    QuantSpec(self.activation_bits if self.activation_range is None else 8, self.activation_symmetric),
-                    self.observer,
-                    averaging_constant=self.averaging_constant,
-                ).to(weight.device)
-                if self.quantize_outputs
-                else None,
-            )
-            if bn is not None:
-                self._bns.append(bn)
-        self._layers = dict(selected)
+        self._layers = prepare_qat(pl_module, self.config)
+        self._bns = folded_batchnorms(self._layers)
         # Outside fit (validate/test/predict on a restored checkpoint) the layers quantize as trained.
         self._set_phase(observing=False, quantizing=stage != "fit", bn_frozen=self._phase["bn_frozen"])
 
@@ -264,9 +206,9 @@ class QuantizationAwareTraining(Callback):
             return None if epoch is None else round(epoch * per_epoch)
 
         self._steps = {
-            "start": step(self._resolve_start(trainer)),
-            "freeze_observers": step(self.freeze_observers_epoch),
-            "freeze_bn": step(self.freeze_bn_epoch),
+            "start": step(self._resolve_start(trainer, self._epochs)),
+            "freeze_observers": step(self._epochs["freeze_observers_epoch"]),
+            "freeze_bn": step(self._epochs["freeze_bn_epoch"]),
         }
 
     @override
@@ -332,10 +274,7 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ internals
     def _set_phase(self, observing: bool, quantizing: bool, bn_frozen: bool) -> None:
         self._phase = {"observing": observing, "quantizing": quantizing, "bn_frozen": bn_frozen}
-        for layer in self._layers.values():
-            for q in (layer.input_quantizer, layer.weight_quantizer, getattr(layer, "output_quantizer", None)):
-                if q is not None:
-                    q.observing, q.quantizing = observing, quantizing
+        set_phase(self._layers, observing, quantizing)
 
     @torch.no_grad()
     def _sync_activation_ranges(self, trainer: pl.Trainer) -> None:
@@ -379,8 +318,6 @@ class QuantizationAwareTraining(Callback):
     @torch.no_grad()
     def weight_errors(self) -> dict[str, float]:
         """Relative weight quantization error ‖fq(w) − w‖ / ‖w‖ of every layer (BatchNorm folded in)."""
-        from lightning_compress.quantization.attach import folded_weight_and_bias
-
         out = {}
         for name, layer in self._layers.items():
             weight, _ = folded_weight_and_bias(layer)

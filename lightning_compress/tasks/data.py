@@ -17,20 +17,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from lightning_compress.core.checks import check_number
+
 #: The label of a training sample whose label is withheld (``train_label_fraction``); losses ignore it.
 UNLABELED = -1
 
 
 def _check_fraction(name: str, value: float) -> float:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}.")
-    return float(value)
+    return float(check_number(name, value, 0, 1, low_open=True, high_open=True))
 
 
 def _check_batch_size(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`batch_size` must be an integer >= 1, got {value!r}.")
-    return value
+    return int(check_number("batch_size", value, 1, integer=True))
 
 
 def _require_torchvision(what: str) -> None:

@@ -10,9 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_compress.core.checks import Choice, check_choice, check_number
 from lightning_compress.tasks.data import UNLABELED
 
-OPTIMIZERS = ("sgd", "adamw")
+
+class Optimizer(Choice):
+    """The optimizers the classification module offers."""
+
+    SGD = "sgd"
+    ADAMW = "adamw"
 
 
 class ClassificationModule(pl.LightningModule):
@@ -35,10 +41,8 @@ class ClassificationModule(pl.LightningModule):
         weight_decay: float = 1e-4,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {optimizer!r}.")
-        if not lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {lr!r}.")
+        optimizer = check_choice("optimizer", optimizer, Optimizer).value
+        check_number("lr", lr, 0, low_open=True)
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -1,0 +1,86 @@
+"""The Pareto front of accuracy against compressed size over the jobs of a sweep directory.
+
+:func:`pareto_front` is pure; :func:`write_pareto` reads every job's ``report.json`` and writes ``pareto.json`` and
+``pareto.png`` into the sweep directory. The Hydra callback that calls it when a multirun ends is
+:class:`lightning_compress.apps.sweeps.ParetoCallback`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_compress.analysis.plots import pyplot
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated when maximising the first value and minimising the second.
+
+    Example:
+        >>> pareto_front([(0.9, 10), (0.95, 20), (0.85, 30), (0.95, 15)])
+        [0, 3]
+    """
+    front = []
+    for i, (acc_i, size_i) in enumerate(points):
+        dominated = any(
+            acc_j >= acc_i and size_j <= size_i and (acc_j > acc_i or size_j < size_i)
+            for j, (acc_j, size_j) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][1])
+
+
+def collect_trials(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job of a sweep that wrote a report: its directory, overrides and objectives."""
+    trials = []
+    for report_path in sorted(
+        sweep_dir.glob("*/report.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else p.parent.name
+    ):
+        report = json.loads(report_path.read_text())
+        overrides_path = report_path.parent / ".hydra" / "overrides.yaml"
+        overrides = list(yaml.safe_load(overrides_path.read_text()) or []) if overrides_path.exists() else []
+        trials.append(
+            {
+                "job": report_path.parent.name,
+                "overrides": [str(o) for o in overrides],
+                "accuracy": report["accuracy"],
+                "size_bytes_compressed": report["size_bytes_compressed"],
+                "compression_ratio": report.get("compression_ratio"),
+                "sparsity": report.get("sparsity"),
+            }
+        )
+    return trials
+
+
+def write_pareto(sweep_dir: Path) -> dict[str, Any]:
+    """Write ``pareto.json`` and ``pareto.png`` for the sweep in ``sweep_dir``; returns the JSON content."""
+    trials = collect_trials(sweep_dir)
+    front = pareto_front([(t["accuracy"], t["size_bytes_compressed"]) for t in trials])
+    result = {
+        "objectives": {"accuracy": "maximize", "size_bytes_compressed": "minimize"},
+        "trials": trials,
+        "front": [trials[i] for i in front],
+    }
+    (sweep_dir / "pareto.json").write_text(json.dumps(result, indent=2))
+    if trials:
+        plt = pyplot("The sweep's Pareto plot")
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        size = [t["size_bytes_compressed"] / 1024 for t in trials]
+        accuracy = [100 * t["accuracy"] for t in trials]
+        ax.scatter(size, accuracy, color="tab:gray", label="trials")
+        ax.step([size[i] for i in front], [accuracy[i] for i in front], where="post", color="tab:red", marker="o",
+                label="Pareto front")  # fmt: skip
+        ax.set_xlabel("compressed size (KiB)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{len(trials)} trials, {len(front)} on the front")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(sweep_dir / "pareto.png")
+        plt.close(fig)
+    return result

@@ -1,0 +1,91 @@
+"""Sweeps in the app: what a job returns to the sweeper, and the Hydra callback that writes the Pareto front.
+
+The front itself is computed in :mod:`lightning_compress.analysis.pareto` (no Hydra there); here the ``hparams_search``
+configs' :class:`ParetoCallback` writes it when a multirun ends, and logs a ``pareto`` W&B run in the sweep's group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from lightning_compress.analysis.pareto import write_pareto
+
+#: What a job returns to a sweeper: objective name → number of values.
+OBJECTIVES = {"accuracy": 1, "accuracy_and_size": 2}
+
+
+def check_objective(objective: str) -> None:
+    """The number of values the app returns must be the number of directions the sweeper optimises."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {sorted(OBJECTIVES)}, got {objective!r}.")
+    if not HydraConfig.initialized():
+        return
+    direction = HydraConfig.get().sweeper.get("direction")
+    if direction is None:
+        return
+    directions = 1 if isinstance(direction, str) else len(direction)
+    if directions != OBJECTIVES[objective]:
+        raise ValueError(
+            f"The sweeper optimises {directions} objective(s) but objective={objective!r} returns "
+            f"{OBJECTIVES[objective]}. For accuracy and size together use hparams_search=nsga2 (objective="
+            "accuracy_and_size); for accuracy alone use hparams_search=tpe, random or cmaes (objective=accuracy)."
+        )
+
+
+def objective_values(report: dict[str, Any], objective: str) -> float | list[float]:
+    """The value(s) a job returns to the sweeper for ``objective``."""
+    if objective == "accuracy_and_size":
+        return [float(report["accuracy"]), float(report["size_bytes_compressed"])]
+    return float(report["accuracy"])
+
+
+def log_pareto_to_wandb(sweep_dir: Path, result: dict[str, Any], project: str | None, offline: bool = True) -> Path:
+    """One W&B run named ``pareto`` in the sweep's group (the sweep directory, as every trial's run): the trials as a
+    table, the accuracy-vs-size scatter, the front as a table and ``pareto.png``. Returns the run's directory."""
+    import wandb
+
+    front = {t["job"] for t in result["front"]}
+    columns: list[str | int] = ["job", "accuracy", "size_kib", "compression_ratio", "sparsity", "on_front", "overrides"]
+    rows = [
+        [t["job"], t["accuracy"], t["size_bytes_compressed"] / 1024, t["compression_ratio"], t["sparsity"],
+         t["job"] in front, " ".join(t["overrides"])]
+        for t in result["trials"]
+    ]  # fmt: skip
+    run = wandb.init(
+        project=project, group=str(sweep_dir), name="pareto", job_type="sweep", dir=str(sweep_dir),
+        mode="offline" if offline else "online", config={"objectives": result["objectives"]},
+    )  # fmt: skip
+    try:
+        trials = wandb.Table(columns=columns, data=rows)
+        metrics: dict[str, Any] = {
+            "sweep/trials": trials,
+            "sweep/front": wandb.Table(
+                columns=columns, data=[next(r for r in rows if r[0] == t["job"]) for t in result["front"]]
+            ),  # fmt: skip
+            "sweep/accuracy_vs_size": wandb.plot.scatter(trials, "size_kib", "accuracy", title="accuracy vs size"),
+        }
+        if (sweep_dir / "pareto.png").exists():
+            metrics["sweep/pareto"] = wandb.Image(str(sweep_dir / "pareto.png"))
+        run.log(metrics)
+        run.summary["sweep/trials_on_front"] = len(front)
+        return Path(run.dir).parent
+    finally:
+        run.finish()
+
+
+class ParetoCallback(Callback):
+    """Hydra callback: at the end of a multirun, write the sweep's Pareto front (``pareto.json``, ``pareto.png``)
+    and, when the app logs to W&B, a ``pareto`` run in the sweep's group with the trials, the front and the plot."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        result = write_pareto(sweep_dir)
+        logger = config.get("logger")
+        if result["trials"] and logger and str(logger.get("_target_", "")).endswith("WandbLogger"):
+            log_pareto_to_wandb(sweep_dir, result, logger.get("project"), bool(logger.get("offline", True)))

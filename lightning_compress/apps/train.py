@@ -1,0 +1,222 @@
+"""The ``lightning-compress`` Hydra app: train with a recipe's compression callbacks, evaluate, report.
+
+    lightning-compress                                   # default recipe: digits, 90 % pruning
+    lightning-compress recipe=dense                      # the dense baseline
+    lightning-compress compression.pruning.final_sparsity=0.95 logger=csv
+    lightning-compress -m compression.pruning.final_sparsity=0.8,0.9,0.95
+
+Every job writes into its Hydra run directory: ``report.json``, ``checkpoints/last.ckpt``,
+``checkpoints/best-at-target.ckpt`` (the best epoch where the compression target holds), ``model.lcz`` (the
+compact artifact) and, with the default logger, the offline W&B run under ``wandb/``.
+
+A job is a sequence of stages, each a function below: :func:`build` (everything that can be refused, before
+training) → ``fit`` and ``test`` → :func:`size_report` → :func:`quantization_report` (when a technique quantizes)
+→ :func:`distillation_report` (when a technique distils; with ``distillation_baseline`` it also trains the student
+alone, said in the log) → :func:`write_report`. The stages ask the callbacks what they can do (the protocols of
+:mod:`lightning_compress.core.protocol`), never which class they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lightning_compress.analysis.report import compression_summary, model_report
+from lightning_compress.apps.config import CONFIG_NAME, instantiate
+from lightning_compress.apps.sweeps import check_objective, objective_values
+from lightning_compress.apps.terminal import LAYER_COLUMNS, print_report
+from lightning_compress.apps.tracking import finish_wandb_run, sweep_group
+from lightning_compress.core.metrics import evaluate_accuracy
+from lightning_compress.core.protocol import HasFloatMode, HasMasks, HasTeachers
+from lightning_compress.export.onnx import export_onnx, onnx_parity, pruned_zeros_kept
+from lightning_compress.trainer.checkpoint_selection import CompressionTarget
+from lightning_compress.trainer.tables import log_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """What :func:`build` makes of a config: the task, the callbacks and the Trainer."""
+
+    cfg: DictConfig
+    out: Path
+    datamodule: pl.LightningDataModule
+    module: pl.LightningModule
+    compression: list[pl.Callback]
+    trainer: pl.Trainer
+
+
+def build_task(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """The data module and the LightningModule (model inside) that the config's data / model / module describe."""
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    return datamodule, instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
+
+
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"A quantization recipe ends with an ONNX export and an ONNX Runtime parity check, which need "
+            f"{', '.join(missing)}: install them with `pip install 'lightning-compress[onnx]'`."
+        )
+
+
+def build(cfg: DictConfig) -> Job:
+    """Stage 1: everything that can be refused is built before training starts (task, callbacks, logger,
+    Trainer); a quantizing recipe also needs the ONNX packages for its export."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build_task(cfg)
+    compression = [instantiate(c) for c in (cfg.get("compression") or {}).values() if c]
+    others = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if any(isinstance(cb, HasFloatMode) for cb in compression):
+        _require_onnx()
+    logger = instantiate(cfg.logger, **sweep_group(cfg.logger)) if cfg.get("logger") else None
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*compression, *others], logger=logger or False)
+    if logger is not None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return Job(cfg, out, datamodule, module, compression, trainer)
+
+
+def size_report(job: Job) -> dict[str, Any]:
+    """Stage 3: sizes (the compact artifact ``model.lcz`` is written and measured), per-layer rows, checkpoints."""
+    masks = {n: m for cb in job.compression if isinstance(cb, HasMasks) for n, m in cb.masks.items()}
+    report: dict[str, Any] = dict(model_report(job.module, job.out / "model.lcz", list(masks) or None))
+    report["layers"] = [r.as_dict() for r in compression_summary(job.module)]
+    callback = job.trainer.checkpoint_callback
+    report["checkpoint"] = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or None
+    report.update(_best_at_target(job.trainer))
+    return report
+
+
+def _best_at_target(trainer: pl.Trainer) -> dict[str, Any]:
+    """The checkpoint a ModelCheckpoint monitoring CompressionTarget's metric kept, and its score (None when no
+    validation was at the target)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    keys = {cb.key for cb in trainer.callbacks if isinstance(cb, CompressionTarget)}  # type: ignore[attr-defined]
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor in keys and cb.best_model_path:
+            score = float(cb.best_model_score) if cb.best_model_score is not None else float("nan")
+            best = {"checkpoint": cb.best_model_path, cb.monitor: score if math.isfinite(score) else None}
+            return {"best_at_target": best}
+    return {}
+
+
+def quantization_report(job: Job, quantizer: HasFloatMode, loader: Any) -> dict[str, Any]:
+    """Stage 4: float vs quantized accuracy, the int8 ONNX file and its parity with the fake-quantized model; with
+    masks on the Trainer, also the fraction of pruned weights that are integer zeros in the file
+    (``pruned_zeros_kept``)."""
+    with quantizer.disabled():
+        accuracy_float = evaluate_accuracy(job.module, loader, "the test loader")
+    path = export_onnx(job.module, job.out / "model.int8.onnx", next(iter(loader))[0])
+    parity = onnx_parity(job.module, path, loader)
+    masks = {n: m for cb in job.compression if isinstance(cb, HasMasks) for n, m in cb.masks.items()}
+    if masks:
+        parity["pruned_zeros_kept"] = pruned_zeros_kept(path, masks)
+    return {
+        "accuracy_float": accuracy_float,
+        "accuracy_onnx": parity.pop("accuracy_onnx"),
+        "onnx_parity": {k: v for k, v in parity.items() if k != "accuracy_torch"},
+        "onnx_path": str(path),
+        "size_bytes_onnx": path.stat().st_size,
+    }
+
+
+def train_student_alone(cfg: DictConfig, out: Path) -> float:
+    """The distillation baseline: the same job without the distillation callback (no logger), its test accuracy."""
+    alone = cfg.copy()
+    with open_dict(alone):
+        alone.compression = {k: v for k, v in cfg.compression.items() if k != "distillation"}
+        alone.logger = None
+        alone.callbacks = None
+        alone.paths.output_dir = str(out)
+    log.info("distillation_baseline=true: training the student alone (the same recipe without the teacher) in %s", out)
+    return float(train(alone)["accuracy"])
+
+
+def distillation_report(job: Job, distiller: HasTeachers, loader: Any) -> dict[str, Any]:
+    """Stage 5: the teachers' accuracy and, with ``distillation_baseline``, the student trained alone (same recipe,
+    no teacher), so that the report shows teacher, student alone and distilled student side by side."""
+    accuracies = [evaluate_accuracy(t, loader, "the test loader") for t in distiller.teachers]
+    report: dict[str, Any] = {"accuracy_teacher": accuracies[0] if len(accuracies) == 1 else accuracies}
+    if job.cfg.get("distillation_baseline"):
+        report["accuracy_student_alone"] = train_student_alone(job.cfg, job.out / "student_alone")
+    return report
+
+
+def write_report(job: Job, report: dict[str, Any]) -> None:
+    """Stage 6: ``report.json``, its numbers to every logger (``report/...``), the per-layer table."""
+    (job.out / "report.json").write_text(json.dumps(report, indent=2))
+    flat = {**report, **{f"onnx_parity/{k}": v for k, v in report.get("onnx_parity", {}).items()}}
+    rows = [[row[k] for k in LAYER_COLUMNS] for row in report["layers"]]
+    for lg in job.trainer.loggers:
+        lg.log_metrics({f"report/{k}": v for k, v in flat.items() if isinstance(v, (int, float))})
+    log_table(job.trainer.loggers, "report/layers", list(LAYER_COLUMNS.values()), rows, job.out)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job of the app on a composed config and return its report (also written as report.json)."""
+    job = build(cfg)
+    job.trainer.fit(job.module, datamodule=job.datamodule)
+    test_accuracy = float(job.trainer.test(job.module, datamodule=job.datamodule, verbose=False)[0]["test/acc"])
+    report: dict[str, Any] = {"recipe": cfg.get("task_name"), "accuracy": test_accuracy, **size_report(job)}
+    if job.trainer.is_global_zero:
+        loader = job.datamodule.test_dataloader()
+        quantizer = next((cb for cb in job.compression if isinstance(cb, HasFloatMode)), None)
+        if quantizer is not None:
+            report.update(quantization_report(job, quantizer, loader))
+        distiller = next((cb for cb in job.compression if isinstance(cb, HasTeachers)), None)
+        if distiller is not None:
+            report.update(distillation_report(job, distiller, loader))
+        write_report(job, report)
+    _check_parity(report, cfg.get("onnx_parity_min_agreement"), job.out / "report.json")
+    return report
+
+
+def _check_parity(report: dict[str, Any], minimum: float | None, where: Path) -> None:
+    """Fail the job when the int8 export disagrees with the fake-quantized model past ``minimum`` top-1 agreement,
+    or lost any pruned zero."""
+    parity = report.get("onnx_parity")
+    if parity is None:
+        return
+    if minimum is not None and parity["top1_agreement"] < minimum:
+        raise RuntimeError(
+            f"ONNX Runtime and the fake-quantized model agree on {parity['top1_agreement']:.2%} of the test "
+            f"predictions, below onnx_parity_min_agreement={minimum}; see {where}."
+        )
+    if parity.get("pruned_zeros_kept", 1.0) < 1.0:
+        raise RuntimeError(
+            f"Only {parity['pruned_zeros_kept']:.4%} of the pruned weights are zeros in the int8 ONNX file: the "
+            f"masks did not survive quantization and export; see {where}."
+        )
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_compress.conf", config_name=CONFIG_NAME)
+def main(cfg: DictConfig) -> float | list[float]:
+    """Entry point of the ``lightning-compress`` console script; returns the objective(s) for sweeps."""
+    objective = str(cfg.get("objective", "accuracy"))
+    check_objective(objective)
+    try:
+        report = train(cfg)
+    finally:
+        finish_wandb_run()
+    print_report(report)
+    return objective_values(report, objective)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""How compression callbacks know about each other: two small protocols, never each other's classes.
+
+* :class:`HasTarget` — a technique that reaches its compression target at some point of training
+  (``target_reached``); :class:`~lightning_compress.CompressionTarget` waits for all of them.
+* :class:`ChangesStructure` — a technique that changes *which* weights exist (pruning masks) until a known point of
+  training (``structure_final_epoch``); quantization-aware training by default starts when every such technique on the
+  Trainer has finished, so that the ranges it observes are those of the final structure.
+* :class:`HasMasks` — a technique whose zeros must survive export (``masks``: layer name → keep-mask).
+* :class:`HasFloatMode` — a technique that quantizes and can switch back to float for a while (``disabled()``).
+* :class:`HasTeachers` — a technique that distils frozen teachers (``teachers``).
+
+A new technique joins the coordination by having the attribute; nothing imports it by name.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class HasTarget(Protocol):
+    """Reaches its compression target during training."""
+
+    @property
+    def target_reached(self) -> bool:
+        """Whether the target holds now (masks at their final sparsity, layers quantizing, ...)."""
+        ...
+
+
+@runtime_checkable
+class ChangesStructure(Protocol):
+    """Changes which weights exist until ``structure_final_epoch`` (epochs, resolved against the Trainer)."""
+
+    @property
+    def structure_final_epoch(self) -> float | None:
+        """The epoch from which the structure no longer changes (``None`` before the Trainer's length is known)."""
+        ...
+
+
+@runtime_checkable
+class HasMasks(Protocol):
+    """Holds keep-masks whose zeros an export must keep exactly."""
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Layer name → bool keep-mask."""
+        ...
+
+
+@runtime_checkable
+class HasFloatMode(Protocol):
+    """Quantizes the model, and can compute in float for a while (``with technique.disabled(): ...``). An app that
+    finds one exports an integer model and compares it with the float one."""
+
+    def disabled(self) -> AbstractContextManager[None]:
+        """Within the block the model computes in float."""
+        ...
+
+
+@runtime_checkable
+class HasTeachers(Protocol):
+    """Distils frozen teachers into the model; an app reports their accuracy beside the student's."""
+
+    @property
+    def teachers(self) -> list[nn.Module]:
+        """The frozen teacher modules."""
+        ...

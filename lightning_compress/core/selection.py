@@ -1,0 +1,201 @@
+"""Which modules a compression technique acts on: one mechanism shared by every callback.
+
+Names are those of ``model.named_modules()``; ``include`` and ``exclude`` are regular expressions
+searched (``re.search``) in them. A pattern in ``include`` that matches nothing is an error, never a
+silent no-op: a typo would otherwise leave a layer uncompressed without anyone noticing.
+
+Patterns that mean the same on any model (for recipes that travel between models) start with ``@``:
+
+* ``@first`` / ``@last`` — the first / last Conv or Linear layer among the candidates, in the order the model
+  registers its modules (for ``nn.Sequential`` and most models, the order of the forward pass);
+* ``@Conv2d``, ``@Linear``, ... — every candidate of that module class (by class name, subclasses included).
+
+They are accepted wherever a layer pattern is: ``include``, ``exclude``, ``layer_sparsity``, ``layer_bits``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+#: Module types whose ``weight`` the techniques compress by default.
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+)
+
+
+SELECTORS = ("@first", "@last")
+
+
+def _check_pattern(name: str, pattern: Any) -> str:
+    if not isinstance(pattern, str):
+        raise TypeError(f"`{name}` must hold regular-expression strings or @selectors, got {pattern!r}.")
+    if pattern.startswith("@"):
+        if pattern not in SELECTORS and not pattern[1:].isidentifier():
+            raise ValueError(
+                f"`{name}` selector {pattern!r} is not one of {SELECTORS} or @<module class name> (e.g. '@Linear')."
+            )
+        return pattern
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"`{name}` pattern {pattern!r} is not a valid regular expression: {err}.") from err
+    return pattern
+
+
+def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, str) and not isinstance(value, Sequence):
+        raise TypeError(
+            f"`{name}` must be a regular expression, an @selector or a list of them, got {type(value).__name__} "
+            f"{value!r}."
+        )
+    patterns = [value] if isinstance(value, str) else list(value)
+    return [_check_pattern(name, p) for p in patterns]
+
+
+def _types_named(module: nn.Module) -> set[str]:
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+def matches(pattern: str, name: str, candidates: Sequence[tuple[str, nn.Module]]) -> bool:
+    """Whether ``pattern`` (a regular expression or an ``@`` selector) selects the module ``name`` among
+    ``candidates`` (``(name, module)`` in the model's order).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+        >>> cands = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
+        >>> [matches(p, "3", cands) for p in ("@first", "@last", "@Linear", "^3$", "@Conv1d")]
+        [False, True, True, True, False]
+    """
+    if pattern == "@first":
+        return bool(candidates) and candidates[0][0] == name
+    if pattern == "@last":
+        return bool(candidates) and candidates[-1][0] == name
+    if pattern.startswith("@"):
+        module = dict(candidates).get(name)
+        return module is not None and pattern[1:] in _types_named(module)
+    return re.search(pattern, name) is not None
+
+
+def _candidates(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return shown + more
+
+
+def select_modules(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    types: tuple[type[nn.Module], ...] = COMPRESSIBLE_TYPES,
+) -> list[tuple[str, nn.Module]]:
+    """Return ``(name, module)`` for every module of ``types`` selected by ``include`` / ``exclude``.
+
+    Args:
+        model: The model to search (a LightningModule or any ``nn.Module``).
+        include: Regular expression(s); when given, a module is kept only if one of them is found in its
+            name. Every pattern must match at least one module of ``types``.
+        exclude: Regular expression(s); a module whose name one of them is found in is dropped.
+        types: The module classes that can be selected.
+
+    Raises:
+        ValueError: An ``include`` pattern matches no module of ``types`` (the message lists candidates),
+            or nothing is left to select.
+
+    Example:
+        >>> from torch import Tensor, nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> [name for name, _ in select_modules(net, exclude=r"^2$")]
+        ['0']
+    """
+    include_patterns = _as_patterns("include", include)
+    exclude_patterns = _as_patterns("exclude", exclude)
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, types) and name]
+    names = [name for name, _ in candidates]
+    type_names = "/".join(t.__name__ for t in types)
+    for pattern in include_patterns:
+        if not any(matches(pattern, name, candidates) for name in names):
+            raise ValueError(
+                f"`include` pattern {pattern!r} matches no {type_names} module. "
+                f"Candidates: {_candidates(names) or 'none'}."
+            )
+    selected = [
+        (name, m)
+        for name, m in candidates
+        if (not include_patterns or any(matches(p, name, candidates) for p in include_patterns))
+        and not any(matches(p, name, candidates) for p in exclude_patterns)
+    ]
+    if not selected:
+        raise ValueError(
+            f"No {type_names} module is left to compress in {type(model).__name__} "
+            f"(include={include_patterns or None}, exclude={exclude_patterns or None}). "
+            f"Candidates: {_candidates(names) or 'none'}."
+        )
+    return selected
+
+
+def weights_of(selected: Sequence[tuple[str, nn.Module]]) -> dict[str, Tensor]:
+    """Name → ``weight`` parameter of the selected modules (the tensors a technique rewrites in place)."""
+    out: dict[str, Tensor] = {}
+    for name, module in selected:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor):
+            raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor to compress.")
+        out[name] = weight
+    return out
+
+
+def match_overrides(
+    name: str, overrides: Mapping[str, Any] | None, selected: Sequence[tuple[str, nn.Module]] = ()
+) -> Any | None:
+    """The override value for ``name``: that of the first pattern of ``overrides`` that selects it (among the
+    ``selected`` layers, for ``@`` selectors), else ``None``."""
+    for pattern, value in (overrides or {}).items():
+        if matches(pattern, name, selected):
+            return value
+    return None
+
+
+def check_overrides_match(
+    selected: Sequence[tuple[str, nn.Module]], overrides: Mapping[str, object] | None, argument: str
+) -> None:
+    """Raise if a pattern of a per-layer override dict selects none of the ``selected`` layers."""
+    names = [n for n, _ in selected]
+    for pattern in _as_patterns(argument, list((overrides or {}).keys())):
+        if not any(matches(pattern, name, selected) for name in names):
+            raise ValueError(
+                f"`{argument}` pattern {pattern!r} matches no selected layer. "
+                f"Selected layers: {_candidates(list(names))}."
+            )
+
+
+def load_layer_values(path: str | os.PathLike, argument: str) -> dict[str, Any]:
+    """Read a per-layer file (``{layer pattern: value}`` YAML, e.g. the ``layer_sparsity.yaml`` of a sensitivity
+    scan) for the argument ``argument``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: The file does not hold a mapping of pattern strings.
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"`{argument}` file {str(file)!r} does not exist.")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"`{argument}` file {str(file)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError(f"`{argument}` file {str(file)!r} must hold a mapping {{layer pattern: value}}.")
+    return data

@@ -1,0 +1,18 @@
+"""The one helper every config object of the package is built through (``_target_`` configs).
+
+It lives below the apps because a technique may take a config too (a distillation teacher given as
+``{_target_: ...}``, built when training starts); keeping every ``instantiate`` here gives an allow-list of targets
+(Hydra 1.4) a single home.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.utils import instantiate as _hydra_instantiate
+
+
+def instantiate(cfg: Mapping[str, Any], **kwargs: Any) -> Any:
+    """Build the object a config describes (``_target_``), with ``kwargs`` added to its arguments."""
+    return _hydra_instantiate(cfg, **kwargs)
