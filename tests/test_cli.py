@@ -175,7 +175,8 @@ def test_parity_below_the_stated_minimum_fails_the_job(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_app(
         tmp_path, f"hydra.run.dir={run_dir}", "recipe=digits_qat_int8", "trainer.max_epochs=2",
-        "compression.quantization.start_epoch=1", "onnx_parity_min_agreement=1.01", "logger=none",
+        "compression.quantization.start_epoch=1", "compression.quantization.calibration_steps=5",
+        "onnx_parity_min_agreement=1.01", "logger=none",
     check=False)  # fmt: skip
     assert proc.returncode != 0
     assert "below onnx_parity_min_agreement=1.01" in proc.stderr

@@ -114,10 +114,17 @@ def test_disabled_qat_trains_exactly_like_the_plain_module(tmp_path):
     pl.seed_everything(0)
     plain = small_module()
     quantized = copy.deepcopy(plain)
+
+    class StopAfterTwoEpochs(pl.Callback):  # QAT starts at epoch 2 of 4; both runs stop before it does
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch >= 1
+
     pl.seed_everything(1)
-    fit(tmp_path / "a", [], module=plain, max_epochs=2)
+    fit(tmp_path / "a", [StopAfterTwoEpochs()], module=plain, max_epochs=4)
     pl.seed_everything(1)
-    fit(tmp_path / "b", [QuantizationAwareTraining(start_epoch=2)], module=quantized, max_epochs=2)
+    fit(
+        tmp_path / "b", [QuantizationAwareTraining(start_epoch=2), StopAfterTwoEpochs()], module=quantized, max_epochs=4
+    )
     state = {k: v for k, v in quantized.state_dict().items() if "_quantizer." not in k}
     assert state.keys() == plain.state_dict().keys()
     for key, value in plain.state_dict().items():
@@ -160,7 +167,11 @@ def test_by_default_quantization_starts_when_the_pruning_ramp_ends(tmp_path):
 
 def test_quantization_before_the_ramp_ends_warns_and_a_too_early_freeze_is_refused(tmp_path):
     with pytest.warns(UserWarning, match=r"starts at epoch 1, before the MagnitudePruning ramp ends \(epoch 2\)"):
-        fit(tmp_path, [MagnitudePruning(end_epoch=2), QuantizationAwareTraining(start_epoch=1)], max_epochs=2)
+        fit(
+            tmp_path,
+            [MagnitudePruning(end_epoch=2), QuantizationAwareTraining(start_epoch=1, calibration_steps=5)],
+            max_epochs=2,
+        )
     qat = QuantizationAwareTraining(freeze_observers_epoch=1)  # fine alone, too early after a ramp to epoch 2
     with pytest.raises(
         ValueError, match=r"`freeze_observers_epoch` \(1\) is before the start of quantization \(the end"

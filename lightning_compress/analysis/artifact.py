@@ -90,9 +90,15 @@ def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]:
     data = Path(path).read_bytes()
     if data[:4] != _MAGIC:
         raise ValueError(f"{path} is not a lightning-compress artifact (bad magic {data[:4]!r}).")
-    (head_len,) = struct.unpack("<I", data[4:8])
-    raw = lzma.decompress(data[8:])
-    header, payload = json.loads(raw[:head_len]), raw[head_len:]
+    try:
+        (head_len,) = struct.unpack("<I", data[4:8])
+        raw = lzma.decompress(data[8:])
+        header, payload = json.loads(raw[:head_len].decode()), raw[head_len:]
+    except (struct.error, lzma.LZMAError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path} is a damaged lightning-compress artifact (truncated or corrupt: {type(err).__name__}: {err}); "
+            "write it again with save_compressed."
+        ) from None
     out: dict[str, Tensor] = {}
     for entry in header:
         start = entry["offset"]

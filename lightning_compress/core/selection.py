@@ -34,6 +34,19 @@ COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (
 
 SELECTORS = ("@first", "@last")
 
+#: Module types that hold weights no technique compresses yet, and why. A model that has them gets a message at setup
+#: naming each such layer (never a silent dense layer).
+NOT_COMPRESSED: dict[type[nn.Module], str] = {
+    nn.MultiheadAttention: "its in_proj weights (and, for quantization, out_proj) are used by the attention kernel "
+    "directly, not through a Linear forward",
+    nn.ConvTranspose1d: "transposed convolutions are not supported yet",
+    nn.ConvTranspose2d: "transposed convolutions are not supported yet",
+    nn.ConvTranspose3d: "transposed convolutions are not supported yet",
+    nn.RNNBase: "recurrent weights (LSTM, GRU, RNN) are not supported yet",
+    nn.Embedding: "embeddings are not supported yet",
+    nn.EmbeddingBag: "embeddings are not supported yet",
+}
+
 
 def _check_pattern(name: str, pattern: Any) -> str:
     if not isinstance(pattern, str):
@@ -60,6 +73,10 @@ def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str]:
             f"{value!r}."
         )
     patterns = [value] if isinstance(value, str) else list(value)
+    if not patterns and name == "include":
+        raise ValueError(
+            "`include` is an empty list, which would select nothing; pass None to select every Conv/Linear layer."
+        )
     return [_check_pattern(name, p) for p in patterns]
 
 
@@ -199,3 +216,37 @@ def load_layer_values(path: str | os.PathLike, argument: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ValueError(f"`{argument}` file {str(file)!r} must hold a mapping {{layer pattern: value}}.")
     return data
+
+
+def not_compressed(model: nn.Module, technique: str) -> str | None:
+    """A message naming every layer of ``model`` whose weights ``technique`` leaves as they are (types in
+    :data:`NOT_COMPRESSED`), or ``None`` when there is none.
+
+    Example:
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+        >>> print(not_compressed(net, "MagnitudePruning"))  # doctest: +ELLIPSIS
+        MagnitudePruning does not compress 1 layer, which keeps its weights as they are: '0' (Embedding: ...). ...
+    """
+    found = []
+    for name, module in model.named_modules():
+        reason = next((why for cls, why in NOT_COMPRESSED.items() if isinstance(module, cls)), None)
+        if reason is not None and name:
+            found.append(f"{name!r} ({type(module).__name__}: {reason})")
+    if not found:
+        return None
+    many = len(found) > 1
+    return (
+        f"{technique} does not compress {len(found)} layer{'s' if many else ''}, which keep{'' if many else 's'} "
+        f"{'their' if many else 'its'} weights as they are: {', '.join(found)}. The Conv/Linear "
+        f"layers around {'them' if many else 'it'} are compressed as usual; nothing to do unless "
+        f"{'they hold' if many else 'it holds'} most of the weights."
+    )
+
+
+def inside(model: nn.Module, types: tuple[type[nn.Module], ...]) -> set[str]:
+    """Names of the modules that are descendants of a module of ``types`` (e.g. a MultiheadAttention's out_proj)."""
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, types) and name:
+            names.update(f"{name}.{child}" for child, _ in module.named_modules() if child)
+    return names

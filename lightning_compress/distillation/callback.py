@@ -34,6 +34,15 @@ def _names(modules: Mapping[str, nn.Module], limit: int = 15) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _as_input_of(teacher: nn.Module, x: Any) -> Any:
+    """``x`` in the teacher's floating-point dtype: under ``precision="bf16-true"`` / ``"16-true"`` the student's
+    inputs are half precision while the teacher keeps its own (it is never cast, so it ends ``fit`` bit-identical)."""
+    dtype = next((p.dtype for p in teacher.parameters() if p.is_floating_point()), None)
+    if isinstance(x, Tensor) and x.is_floating_point() and dtype is not None and x.dtype != dtype:
+        return x.to(dtype)
+    return x
+
+
 def _feature_size(module: nn.Module, owner: str, name: str) -> tuple[int, bool]:
     """Channels of a module's output and whether it is a conv-style (N, C, ...) feature map."""
     for attr, spatial in (("out_channels", True), ("num_features", True), ("out_features", False)):
@@ -203,13 +212,13 @@ class KnowledgeDistillation(Callback):
             if self._cache_values is not None and all(r is not None for r in rows):
                 cached = self._cache_values.index_select(0, torch.tensor(rows, device=self._cache_values.device))
                 return list(cached.to(x.device).unbind(1))
-            outputs = [t(x).float() for t in self.teachers]
+            outputs = [t(_as_input_of(t, x)).float() for t in self.teachers]
             stacked = torch.stack(outputs, dim=1).detach()
             start = self._cache_values.shape[0] if self._cache_values is not None else 0
             self._cache_values = stacked if self._cache_values is None else torch.cat([self._cache_values, stacked])
             self._cache.update((k, start + i) for i, k in enumerate(keys))
             return outputs
-        return [t(x).float() for t in self.teachers]
+        return [t(_as_input_of(t, x)).float() for t in self.teachers]
 
     def _sample_keys(self, x: Tensor) -> list[tuple[float, ...]]:
         # A sample's key: two random projections of its values, in float64 — computed for the whole batch in one
@@ -337,6 +346,13 @@ class KnowledgeDistillation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._original_step is not None or hasattr(pl_module, ADAPTERS):
             return
+        if self.wrap_training_step and not pl_module.automatic_optimization:
+            raise ValueError(
+                "KnowledgeDistillation(wrap_training_step=True) changes the loss that training_step returns, which "
+                "Lightning ignores under manual optimization (automatic_optimization=False): the distillation would "
+                "have no effect. Set wrap_training_step=False and use kd.loss(self, logits, x, task_loss) as the loss "
+                "you pass to self.manual_backward."
+            )
         self.build_teachers()
         if self.feature_pairs:
             self._attach_features(pl_module)

@@ -71,9 +71,10 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
         ints = quantize(weight, w_scale, w_zp, wq.spec)
         a_scale, a_zp = layer.input_quantizer.qparams()
         info[name] = {
-            "weight_int": ints.to(torch.int8),
+            # signed symmetric weights as int8; affine (weight_symmetric=False) as uint8 with their zero-points
+            "weight_int": ints.to(torch.int8 if wq.spec.symmetric else torch.uint8),
             "weight_scale": w_scale.clone(),
-            "weight_zero_point": w_zp.to(torch.int8).clone(),
+            "weight_zero_point": w_zp.to(torch.int8 if wq.spec.symmetric else torch.uint8).clone(),
             "bias": None if bias is None else bias.detach().float().clone(),
             "input_scale": float(a_scale.reshape(-1)[0]),
             "input_zero_point": int(a_zp.reshape(-1)[0]),
@@ -92,7 +93,8 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
         layer = modules[name]
         detach(layer)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        layer.weight.data = (data["weight_int"].float() * data["weight_scale"].reshape(shape)).to(layer.weight.dtype)
+        ints = data["weight_int"].float() - data["weight_zero_point"].float().reshape(shape)
+        layer.weight.data = (ints * data["weight_scale"].reshape(shape)).to(layer.weight.dtype)
         if data["bias"] is not None:
             layer.bias = nn.Parameter(data["bias"].to(layer.weight.dtype))
         if name in bn_names:
@@ -110,8 +112,6 @@ def _output_qparams(layer: Any) -> tuple[float, int, Any] | None:
 
 
 def _check_input(form: nn.Module, example_input: Tensor) -> None:
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"export_onnx: `example_input` must be a tensor, got {type(example_input).__name__}.")
     try:
         with torch.no_grad():
             form(example_input)
@@ -122,25 +122,44 @@ def _check_input(form: nn.Module, example_input: Tensor) -> None:
         ) from None
 
 
+class ExportMismatchError(ValueError):
+    """The exported ONNX file would not compute what the model computes (nothing was written)."""
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor) -> Path:
-    """Write the QAT model as ONNX with QuantizeLinear/DequantizeLinear and int8 weight initializers.
+    """Write the QAT model as ONNX with QuantizeLinear/DequantizeLinear and int8 weight initializers — after checking
+    in ONNX Runtime that the file computes what the model computes on ``example_input``.
+
+    The file is built in memory, run in ONNX Runtime on ``example_input`` next to the fake-quantized model, and only
+    written when their top-1 predictions agree (a sample whose two best logits are closer than numerical noise may
+    go either way) on at least :data:`PARITY_GOAL` of the examples. Pass a representative batch: the check is as good
+    as the examples.
 
     Args:
-        model: The LightningModule or ``nn.Module`` after quantization-aware training.
+        model: The LightningModule or ``nn.Module`` after quantization-aware training (or :func:`prepare_qat`).
         path: Where to write the ``.onnx`` file.
         example_input: One input batch (its first dimension is exported as dynamic).
 
     Raises:
+        TypeError: ``example_input`` is not a tensor.
         ValueError: No quantized step has run yet, or ``example_input`` does not fit the model (one line each).
+        ExportMismatchError: ONNX Runtime disagrees with the model on the examples; nothing is written.
     """
     import onnx
 
+    if not isinstance(example_input, Tensor):
+        raise TypeError(
+            f"export_onnx: `example_input` must be a torch.Tensor batch, got {type(example_input).__name__} "
+            "(convert it with torch.as_tensor)."
+        )
     form, info = export_form(model)
     example_input = example_input.detach().to(next(form.parameters()).device)
     _check_input(form, example_input)
     batch = torch.export.Dim("batch", min=1)
+    # optimize=False: the exporter's optimizer folds a BatchNorm that follows a Conv/Gemm into its float weight, which
+    # the int8 initializers below would then silently replace (the BatchNorm lost). ONNX Runtime optimizes on load.
     program = torch.onnx.export(
-        form, (example_input,), dynamo=True, dynamic_shapes=({0: batch},), optimize=True, verbose=False
+        form, (example_input,), dynamo=True, dynamic_shapes=({0: batch},), optimize=False, verbose=False
     )
     assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
@@ -150,26 +169,62 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         node.doc_string = ""
     onnx.checker.check_model(proto)
     path = Path(path)
+    _verify(proto, model, example_input, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
     return path
 
 
-def _dequantize(name: str, ints: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> tuple[list[Any], Any]:
-    """Initializers ``<name>_quantized/_scale/_zero_point`` and the per-channel DequantizeLinear reading them."""
+def _verify(proto: Any, model: nn.Module, example_input: Tensor, path: Path) -> None:
+    """Run the ONNX model in ONNX Runtime on ``example_input`` next to ``model``; raise when they disagree."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(example_input).float().cpu().reshape(len(example_input), -1)
+    finally:
+        model.train(was_training)
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: example_input.cpu().numpy()})[0])
+    out = out.float().reshape(len(example_input), -1)
+    top_ref, top_out = ref.argmax(-1), out.argmax(-1)
+    # A flip between two logits closer than numerical noise is not a disagreement of the models.
+    noise = 1e-4 * float(ref.abs().max().clamp_min(1e-6))
+    margin = ref.gather(-1, top_ref[:, None]) - ref.gather(-1, top_out[:, None])
+    real = int(((top_ref != top_out) & (margin.squeeze(-1) > noise)).sum())
+    if 1 - real / len(ref) < PARITY_GOAL:
+        raise ExportMismatchError(
+            f"export_onnx: ONNX Runtime would disagree with the model on {real} of {len(ref)} example inputs (top-1; "
+            f"largest logit difference {float((ref - out).abs().max()):.4g}), so nothing was written to {path}. This "
+            "is a combination of options the export does not reproduce: please report it with your "
+            "QuantizationAwareTraining / QATConfig settings."
+        )
+
+
+def _dequantize(
+    name: str, ints: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int = 0
+) -> tuple[list[Any], Any]:
+    """Initializers ``<name>_quantized/_scale/_zero_point`` and the DequantizeLinear reading them: per channel (on
+    ``axis``) when there is a scale per channel, per tensor (scalar scale and zero-point) when there is one."""
     from onnx import helper, numpy_helper
 
+    per_tensor = scale.size == 1
+    if per_tensor:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
     inits = [
         numpy_helper.from_array(ints, f"{name}_quantized"),
         numpy_helper.from_array(scale, f"{name}_scale"),
         numpy_helper.from_array(zero_point, f"{name}_zero_point"),
     ]
+    attributes: dict[str, Any] = {} if per_tensor else {"axis": axis}
     node = helper.make_node(
         "DequantizeLinear",
         [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
         [f"{name}_dequantized"],
-        axis=0,
         name=f"{name}/DequantizeLinear",
+        **attributes,
     )
     return inits, node
 
@@ -206,27 +261,71 @@ def _quantize_dequantize(source: str, name: str, scale: float, zero_point: int, 
     return inits, nodes, f"{name}_dequantized"
 
 
+def _find_layers(graph: Any, info: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Where each quantized layer sits in the exported graph: the node that reads its weight, the node (and input
+    slot) that adds its bias, the node whose output is the layer's output, and nodes that become unused.
+
+    Two patterns: ``Conv`` / ``Gemm`` reading ``<layer>.weight`` (and ``<layer>.bias``) directly; and a Linear applied
+    to inputs of more than two dimensions, which the exporter writes as ``Transpose(<layer>.weight)`` → ``MatMul`` →
+    ``Add(<layer>.bias)``.
+    """
+    from onnx import helper
+
+    by_weight = {f"{name}.weight": name for name in info}
+    producers = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    found: dict[str, dict[str, Any]] = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 and node.input[1] in by_weight:
+            layer = by_weight[node.input[1]]
+            if node.op_type == "Gemm":
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                if attrs.get("transB", 0) != 1 or attrs.get("transA", 0) != 0:
+                    raise ValueError(f"export_onnx: unexpected Gemm layout for layer {layer!r}.")
+            bias = (node, 2) if len(node.input) > 2 and node.input[2] else None
+            found[layer] = {"node": node, "transposed": False, "bias": bias, "out": node, "drop": []}
+        elif node.op_type == "MatMul" and node.input[1] in producers:
+            transpose = producers[node.input[1]]
+            if transpose.op_type != "Transpose" or transpose.input[0] not in by_weight:
+                continue
+            layer = by_weight[transpose.input[0]]
+            adds = [c for c in consumers.get(node.output[0], []) if c.op_type == "Add"]
+            bias_add = next((a for a in adds if f"{layer}.bias" in a.input), None)
+            bias = None if bias_add is None else (bias_add, list(bias_add.input).index(f"{layer}.bias"))
+            drop = [transpose] if len(consumers.get(transpose.output[0], [])) == 1 else []
+            out = node if bias_add is None else bias_add
+            found[layer] = {"node": node, "transposed": True, "bias": bias, "out": out, "drop": drop}
+    return found
+
+
 def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = proto.graph
-    by_weight = {f"{name}.weight": name for name in info}
-    new_nodes, done = [], set()
-    for node in graph.node:
-        layer = by_weight.get(node.input[1]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 else None
-        if layer is None:
-            new_nodes.append(node)
-            continue
-        data, prefix = info[layer], layer
-        if node.op_type == "Gemm":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("transB", 0) != 1 or attrs.get("transA", 0) != 0:
-                raise ValueError(f"export_onnx: unexpected Gemm layout for layer {layer!r}.")
-        added = []
-        # weight: int8 initializer -> DequantizeLinear
+    places = _find_layers(graph, info)
+    missing = set(info) - set(places)
+    if missing:
+        raise ValueError(
+            f"export_onnx: could not find the exported Conv/Gemm/MatMul of layers {sorted(missing)} (their weight is "
+            "used in a way the export does not recognise); leave them out of quantization with `exclude`."
+        )
+    before: dict[int, list[Any]] = {}
+    after: dict[int, list[Any]] = {}
+    dropped: set[int] = set()
+    for layer, place in places.items():
+        data, prefix, node = info[layer], layer, place["node"]
+        added: list[Any] = []
+        # weight: int8 initializer -> DequantizeLinear (a MatMul reads it transposed: [in, out], channels on axis 1)
         w_scale = data["weight_scale"].numpy().astype(np.float32)
+        ints = data["weight_int"].numpy()
+        if place["transposed"]:
+            ints = np.ascontiguousarray(ints.T)
+            dropped.update(id(n) for n in place["drop"])
         added_inits, dq = _dequantize(
-            f"{prefix}.weight", data["weight_int"].numpy(), w_scale, data["weight_zero_point"].numpy()
+            f"{prefix}.weight", ints, w_scale, data["weight_zero_point"].numpy(), axis=1 if place["transposed"] else 0
         )
         added.append(dq)
         node.input[1] = dq.output[0]
@@ -238,6 +337,8 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
                 numpy_helper.from_array(np.array(lo, np.float32), f"{prefix}.input_low"),
                 numpy_helper.from_array(np.array(hi, np.float32), f"{prefix}.input_high"),
             ]
+            from onnx import helper
+
             added += [
                 helper.make_node("GreaterOrEqual", [node.input[0], f"{prefix}.input_threshold"],
                                  [f"{prefix}.input_above"], name=f"{prefix}/input/GreaterOrEqual"),
@@ -246,35 +347,36 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
             ]  # fmt: skip
             node.input[0] = f"{prefix}.input_binarized"
             graph.initializer.extend(added_inits)
-            new_nodes += [*added, node]
-            done.add(layer)
+            before[id(node)] = added
             continue
         # activation: [Clip] -> QuantizeLinear -> DequantizeLinear
         inits, nodes, node.input[0] = _quantize_dequantize(node.input[0], f"{prefix}.input", a_scale, a_zp, a_spec)
         added_inits += inits
         added += nodes
         # bias: int32 on the grid input_scale x weight_scale -> DequantizeLinear
-        if len(node.input) > 2 and node.input[2] and data["bias"] is not None:
+        if place["bias"] is not None and data["bias"] is not None:
+            bias_node, slot = place["bias"]
             b_scale = (a_scale * w_scale).astype(np.float32)
             b_int = np.round(data["bias"].numpy() / b_scale).astype(np.int32)
-            bias_inits, dq = _dequantize(f"{prefix}.bias", b_int, b_scale, np.zeros_like(b_int))
+            bias_inits, dq = _dequantize(f"{prefix}.bias", b_int, b_scale, np.zeros(b_scale.shape, np.int32))
             added_inits += bias_inits
             added.append(dq)
-            node.input[2] = dq.output[0]
-        after: list[Any] = []
+            bias_node.input[slot] = dq.output[0]
         if data.get("output") is not None:  # the layer's output on its own grid: Conv -> Q -> DQ -> consumers
+            out = place["out"]
             o_scale, o_zp, o_spec = data["output"]
-            produced = node.output[0]
-            node.output[0] = f"{prefix}.output_float"
-            inits, after, result = _quantize_dequantize(node.output[0], f"{prefix}.output", o_scale, o_zp, o_spec)
+            produced = out.output[0]
+            out.output[0] = f"{prefix}.output_float"
+            inits, nodes_after, _ = _quantize_dequantize(out.output[0], f"{prefix}.output", o_scale, o_zp, o_spec)
             added_inits += inits
-            after[-1].output[0] = produced
+            nodes_after[-1].output[0] = produced
+            after[id(out)] = nodes_after
         graph.initializer.extend(added_inits)
-        new_nodes += [*added, node, *after]
-        done.add(layer)
-    missing = set(info) - done
-    if missing:
-        raise ValueError(f"export_onnx: could not find the exported Conv/Gemm of layers {sorted(missing)}.")
+        before[id(node)] = added
+    new_nodes = []
+    for node in graph.node:
+        if id(node) not in dropped:
+            new_nodes += [*before.get(id(node), []), node, *after.get(id(node), [])]
     del graph.node[:]
     graph.node.extend(new_nodes)
     # The float weights and biases are no longer read. (Removed only now: the exporter may share one initializer
@@ -350,14 +452,21 @@ def pruned_zeros_kept(onnx_path: str | os.PathLike, masks: Mapping[str, Tensor])
     import onnx
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in onnx.load(str(onnx_path)).graph.initializer}
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    matmul_inputs = {name for n in graph.node if n.op_type == "MatMul" for name in n.input}
     pruned = kept = 0
     for name, mask in masks.items():
         key = f"{name}.weight_quantized"
         if key not in inits:
             raise ValueError(f"{onnx_path} holds no quantized weight for the pruned layer {name!r} ({key!r}).")
-        ints = numpy_helper.to_array(inits[key])
+        ints = numpy_helper.to_array(inits[key]).astype(np.int32)
+        if f"{name}.weight_dequantized" in matmul_inputs:
+            ints = ints.T  # a MatMul's weight, stored [in, out]
+        zero_key = f"{name}.weight_zero_point"
+        zero_point = numpy_helper.to_array(inits[zero_key]).astype(np.int32) if zero_key in inits else np.zeros(1)
+        zero = zero_point.reshape((-1,) + (1,) * (ints.ndim - 1)) if zero_point.size > 1 else zero_point.reshape(())
         off = ~mask.detach().cpu().numpy().astype(bool)
         pruned += int(off.sum())
-        kept += int((ints[off] == 0).sum())
+        kept += int((ints == zero)[off].sum())  # the integer that dequantizes to exactly 0
     return kept / pruned if pruned else 1.0

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -40,14 +41,23 @@ from lightning_compress.core.selection import (
     check_overrides_match,
     load_layer_values,
     match_overrides,
+    not_compressed,
     select_modules,
     weights_of,
 )
-from lightning_compress.trainer.progress import optimizer_steps_per_epoch, resolve_epochs
+from lightning_compress.trainer.progress import (
+    check_optimizers,
+    check_strategy,
+    optimizer_steps_per_epoch,
+    resolve_epochs,
+)
 from lightning_compress.trainer.tables import log_table
 
-#: With ``update_every_n_steps=None`` the masks are updated this many times along the ramp.
+#: With ``update_every_n_steps=None`` the masks are updated this many times along the ramp ...
 DEFAULT_UPDATES_PER_RAMP = 50
+#: ... but at most every this many optimizer steps: on a short ramp a mask update after every step cost 1.06-1.10x a
+#: plain step (ResNet-20-style, benchmarks/step_time.py); re-applying the masks still happens after every step.
+MIN_STEPS_BETWEEN_UPDATES = 4
 
 
 def _check_sparsity(name: str, value: Any, granularity: Granularity) -> float:
@@ -98,7 +108,8 @@ class MagnitudePruning(Callback):
             Conv/Linear modules are pruned. Each must match at least one.
         exclude: Regular expression(s) for modules to leave dense.
         update_every_n_steps: Optimizer steps between mask updates during the ramp. ``None`` spreads
-            50 updates evenly over it.
+            50 updates evenly over it, at most one every 4 steps (a short ramp then gets fewer; the last update is
+            always at the ramp's end).
         seed: Seed of the random scores for ``criterion="random"``.
         verbose: Print a line at every mask update (rank zero only).
 
@@ -171,6 +182,11 @@ class MagnitudePruning(Callback):
         self.verbose = check_flag("verbose", verbose)
         self._epochs: dict[str, float | None] = {}  # start/end in epochs, once the Trainer's length is known
 
+        self._bound: Any = None  # a weak reference to the module this callback prunes
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every model-specific state (a new model is being pruned)."""
         self._weights: dict[str, Tensor] = {}
         self._selected: list[tuple[str, nn.Module]] = []
         self._masks: dict[str, Tensor] = {}
@@ -213,9 +229,27 @@ class MagnitudePruning(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._weights:
-            return
+        if stage != "fit" or (self._bound is not None and self._bound() is pl_module):
+            return  # another fit of the same model goes on from the same masks
+        check_strategy(trainer, "MagnitudePruning")
+        self._reset()  # a new model (this instance may have pruned another one before): start from its weights
         selected = self.filter_modules(pl_module)
+        if (message := not_compressed(pl_module, "MagnitudePruning")) is not None:
+            rank_zero_warn(message)
+        frozen = [n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor) and not w.requires_grad]
+        if frozen:
+            rank_zero_warn(
+                f"MagnitudePruning leaves {len(frozen)} frozen layer(s) (weight.requires_grad=False) dense: "
+                f"{', '.join(repr(n) for n in frozen)}. Unfreeze them to prune them."
+            )
+            selected = [(n, m) for n, m in selected if n not in frozen]
+            if not selected:
+                raise ValueError("MagnitudePruning: every selected layer is frozen (requires_grad=False).")
+        # A weight shared by several layers (tied weights) is one parameter: it is ranked and counted once.
+        unique: dict[int, tuple[str, nn.Module]] = {}
+        for name, module in selected:
+            unique.setdefault(id(getattr(module, "weight", module)), (name, module))
+        selected = list(unique.values())
         weights = weights_of(selected)
         check_overrides_match(selected, self.layer_sparsity, "layer_sparsity")
         if self.granularity.kind == "nm":
@@ -243,6 +277,7 @@ class MagnitudePruning(Callback):
                 f"would never reach final_sparsity={self.final_sparsity:g}. Set end_epoch <= {max_epochs}."
             )
         self._epochs = {"start": start, "end": end}
+        self._bound = weakref.ref(pl_module)
         self._selected = selected
         self._weights = weights
         if self.criterion == "random":
@@ -251,6 +286,7 @@ class MagnitudePruning(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_optimizers(trainer, pl_module, "MagnitudePruning")
         steps_per_epoch = optimizer_steps_per_epoch(trainer, "MagnitudePruning")
         start, end = self._epochs["start"], self._epochs["end"]
         assert start is not None and end is not None
@@ -262,7 +298,9 @@ class MagnitudePruning(Callback):
                 f"max_steps ({trainer.max_steps}): the ramp would never reach final_sparsity."
             )
         span = self._end_step - self._start_step
-        self._every = self.update_every_n_steps or max(1, round(span / DEFAULT_UPDATES_PER_RAMP))
+        self._every = self.update_every_n_steps or max(
+            MIN_STEPS_BETWEEN_UPDATES, round(span / DEFAULT_UPDATES_PER_RAMP)
+        )
         if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None

@@ -5,7 +5,7 @@ the convert step is :func:`lightning_compress.export.onnx.export_onnx`.
 
 from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize
 from lightning_compress.quantization.callback import QuantizationAwareTraining
-from lightning_compress.quantization.prepare import QATConfig, prepare_qat, set_phase, unprepare
+from lightning_compress.quantization.prepare import QATConfig, float_state_dict, prepare_qat, set_phase, unprepare
 
 __all__ = [
     "FakeQuantizer",
@@ -13,6 +13,7 @@ __all__ = [
     "QuantSpec",
     "QuantizationAwareTraining",
     "fake_quantize",
+    "float_state_dict",
     "prepare_qat",
     "set_phase",
     "unprepare",

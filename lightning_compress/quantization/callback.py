@@ -10,6 +10,8 @@ The numerics live in :mod:`~lightning_compress.core.quantizers`; the integer mod
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -31,7 +33,13 @@ from lightning_compress.quantization.prepare import (
     prepare_qat,
     set_phase,
 )
-from lightning_compress.trainer.progress import optimizer_steps_per_epoch, resolve_epochs
+from lightning_compress.trainer.progress import (
+    check_optimizers,
+    check_strategy,
+    max_epochs,
+    optimizer_steps_per_epoch,
+    resolve_epochs,
+)
 
 
 class QuantizationAwareTraining(Callback):
@@ -40,7 +48,8 @@ class QuantizationAwareTraining(Callback):
     Weights are quantized per output channel (or per tensor), symmetric with zero-point 0 by default — so pruned
     zeros stay exactly zero; input activations per tensor, unsigned affine by default. Gradients pass straight
     through. Ranges come from moving-average min/max observers, or are learned (``observer="lsq"``, Esser et al.
-    2020). Observers move only in training steps, never in validation, test or predict.
+    2020). Activation ranges move only in training steps, never in validation, test or predict; a weight's range is
+    its current min/max, so it follows the weights (also when evaluated) until ``freeze_observers_epoch``.
 
     Phases, counted in optimizer steps (epochs may be fractional): float training before ``start_epoch``; then
     ``calibration_steps`` steps in which the observers watch without quantizing; then fake quantization. At
@@ -138,6 +147,7 @@ class QuantizationAwareTraining(Callback):
         self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._steps: dict[str, int | None] = {}
         self._epochs: dict[str, float | None] = {}
+        self._bound: Any = None  # a weak reference to the module this callback quantizes
 
     def _check_freeze_after_start(self, start: float, freeze: float | None, source: str, shown: str = "") -> None:
         if freeze is not None and freeze < start - 1e-9:
@@ -183,6 +193,7 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "QuantizationAwareTraining")
         if stage == "fit":
             self._epochs = resolve_epochs(trainer, "QuantizationAwareTraining", {
                 "start_epoch": self.start_epoch, "freeze_observers_epoch": self.freeze_observers_epoch,
@@ -191,15 +202,25 @@ class QuantizationAwareTraining(Callback):
             if self.start_epoch is not None:
                 self._check_freeze_after_start(self._epochs["start_epoch"] or 0.0,
                                                self._epochs["freeze_observers_epoch"], "start_epoch")  # fmt: skip
-        if self._layers:
-            return
+            start, total = self._epochs["start_epoch"], max_epochs(trainer)
+            if start is not None and total is not None and start >= total:
+                raise ValueError(
+                    f"`start_epoch` ({show_epoch(self.start_epoch)}) is not before the Trainer's max_epochs ({total}): "
+                    f"quantization would never start and the export would fail. Set start_epoch < {total}."
+                )
+        if self._layers and self._bound is not None and self._bound() is pl_module:
+            return  # the same model again (another fit, or test after fit): its quantizers are in place
+        if self._layers:  # this instance quantized another model before: start over on the new one
+            self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._layers = prepare_qat(pl_module, self.config)
+        self._bound = weakref.ref(pl_module)
         self._bns = folded_batchnorms(self._layers)
         # Outside fit (validate/test/predict on a restored checkpoint) the layers quantize as trained.
         self._set_phase(observing=False, quantizing=stage != "fit", bn_frozen=self._phase["bn_frozen"])
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_optimizers(trainer, pl_module, "QuantizationAwareTraining")
         per_epoch = optimizer_steps_per_epoch(trainer, "QuantizationAwareTraining")
 
         def step(epoch: float | None) -> int | None:
@@ -210,6 +231,14 @@ class QuantizationAwareTraining(Callback):
             "freeze_observers": step(self._epochs["freeze_observers_epoch"]),
             "freeze_bn": step(self._epochs["freeze_bn_epoch"]),
         }
+        total = trainer.estimated_stepping_batches
+        quantizing_from = (self._steps["start"] or 0) + self.calibration_steps
+        if math.isfinite(total) and quantizing_from >= total and trainer.global_step < quantizing_from:
+            raise ValueError(
+                f"QuantizationAwareTraining would never fake-quantize: it starts at optimizer step "
+                f"{self._steps['start']} and observes for calibration_steps={self.calibration_steps} more, but "
+                f"training has {int(total)} steps. Start earlier (start_epoch) or calibrate for fewer steps."
+            )
 
     @override
     def on_train_batch_start(

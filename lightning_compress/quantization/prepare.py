@@ -5,7 +5,8 @@
     export_onnx(model, "model.int8.onnx", example_input)     # the convert step: int8 QDQ ONNX, verified
 
 :func:`set_phase` switches observation and fake quantization on or off (the callback drives it along the schedule);
-:func:`unprepare` takes the quantizers off again.
+:func:`unprepare` takes the quantizers off again; :func:`float_state_dict` turns a QAT checkpoint's state dict into one
+that loads strictly into the unmodified model class.
 
 A selected layer keeps its identity, its parameters and its place in the model: its class is swapped for a
 subclass whose forward fake-quantizes the input activation and the weight, and two quantizer submodules are
@@ -23,6 +24,7 @@ the BatchNorm passes its input on: PyTorch then computes what the exported integ
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +35,13 @@ from torch import Tensor, nn
 
 from lightning_compress.core.checks import Observer, check_choice, check_flag, check_number
 from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, check_bits, fake_quantize
-from lightning_compress.core.selection import check_overrides_match, match_overrides, select_modules
+from lightning_compress.core.selection import (
+    check_overrides_match,
+    inside,
+    match_overrides,
+    not_compressed,
+    select_modules,
+)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _SWAPPED: dict[tuple[type, type], type] = {}
@@ -370,7 +378,16 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> dict[str, 
     already = quantized_layers(model)
     if already:
         return already
-    selected = select_modules(model, config.include, config.exclude)
+    # A MultiheadAttention's out_proj is a Linear that the attention kernel reads directly (its forward never runs),
+    # so it cannot be fake-quantized: it is left out, and named with the other layers that stay in float.
+    attention = inside(model, (nn.MultiheadAttention,))
+    selected = [(n, m) for n, m in select_modules(model, config.include, config.exclude) if n not in attention]
+    if not selected:
+        raise ValueError(
+            f"No Conv/Linear module outside attention kernels is left to quantize in {type(model).__name__}."
+        )
+    if (message := not_compressed(model, "Quantization-aware training")) is not None:
+        warnings.warn(message, UserWarning, stacklevel=2)
     check_overrides_match(selected, config.overrides, "layer_bits")
     names = [n for n, _ in selected]
     for name, layer in selected:
@@ -410,7 +427,16 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> dict[str, 
             modules[pairs[name]] if name in pairs else None,
             output_quantizer,
         )
+    for module in model.modules():
+        # In evaluation a TransformerEncoderLayer may run torch's fused kernel, which reads its Linear weights
+        # directly and so would skip their fake quantization; a forward pre-hook keeps it on the Python path.
+        if isinstance(module, nn.TransformerEncoderLayer) and _python_path not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_python_path)
     return dict(selected)
+
+
+def _python_path(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook: its presence makes a TransformerEncoderLayer compute through its own submodules."""
 
 
 def set_phase(layers: Mapping[str, nn.Module] | nn.Module, observing: bool, quantizing: bool) -> None:
@@ -431,3 +457,25 @@ def unprepare(model: nn.Module) -> None:
     """Take every quantizer off ``model``: its layers are plain Conv/Linear (and BatchNorm) modules again."""
     for layer in quantized_layers(model).values():
         detach(layer)
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _python_path]:
+            del module._forward_pre_hooks[key]
+
+
+QUANTIZER_KEYS = (".weight_quantizer.", ".input_quantizer.", ".output_quantizer.")
+
+
+def float_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A QAT model's (or checkpoint's) state dict without the quantizers' entries: it loads with ``strict=True`` into
+    the unmodified model class, which then computes the float model with the trained weights (BatchNorm unfolded).
+
+    To continue with the quantized model instead, prepare the unmodified model with the same :class:`QATConfig`
+    (:func:`prepare_qat`) and load the whole state dict, also strictly.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 2))
+        >>> _ = prepare_qat(net, QATConfig())
+        >>> sorted(float_state_dict(net.state_dict()))
+        ['0.bias', '0.weight']
+    """
+    return {k: v for k, v in state_dict.items() if not any(q in f".{k}" for q in QUANTIZER_KEYS)}

@@ -83,16 +83,26 @@ class CompressionTarget(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validated = self._at_target_seen = False
 
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        metrics = trainer.callback_metrics  # the epoch's values are there once the validation loop has ended
+    def _check_logged(self, trainer: pl.Trainer) -> None:
+        metrics = trainer.callback_metrics
         if self.monitor not in metrics:
             raise KeyError(
                 f"CompressionTarget(monitor={self.monitor!r}) found no {self.monitor!r} among the logged metrics "
                 f"{sorted(metrics)}; log it in validation_step / on_validation_epoch_end, or pass one of those."
             )
+
+    @override
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The sanity check's validation steps run before the first training step: a metric that is never logged is
+        # refused here rather than after the first epoch of training.
+        self._check_logged(trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = trainer.callback_metrics  # the epoch's values are there once the validation loop has ended
+        self._check_logged(trainer)
         flag = self.at_target(trainer)
         logged = metrics[self.monitor]
         value = float(logged.detach().float().cpu()) if isinstance(logged, torch.Tensor) else float(logged)

@@ -53,3 +53,37 @@ def resolve_epochs(trainer: pl.Trainer, owner: str, points: dict[str, float | st
             )
         out[name] = resolve_epoch(value, float(total or 0))
     return out
+
+
+def check_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule, owner: str) -> None:
+    """Refuse a schedule counted in optimizer steps where ``trainer.global_step`` does not count them one per batch:
+    manual optimization with several optimizers (each ``optimizer.step()`` advances it).
+
+    Raises:
+        ValueError: Manual optimization with more than one optimizer.
+    """
+    if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+        raise ValueError(
+            f"{owner} counts its schedule in optimizer steps, but with manual optimization and "
+            f"{len(trainer.optimizers)} optimizers trainer.global_step advances once per optimizer step, so the "
+            "schedule would run too fast. Use one optimizer, or automatic optimization."
+        )
+
+
+#: Strategies whose sharded parameters the techniques cannot mask or quantize in place.
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_strategy(trainer: pl.Trainer, owner: str) -> None:
+    """Refuse strategies that shard parameters (FSDP, DeepSpeed, model parallel): a technique that rewrites whole
+    weights in place would see only a shard of each.
+
+    Raises:
+        ValueError: The Trainer's strategy shards parameters.
+    """
+    name = type(trainer.strategy).__name__
+    if any(cls.__name__ in UNSUPPORTED_STRATEGIES for cls in type(trainer.strategy).__mro__):
+        raise ValueError(
+            f"{owner} does not support strategy {name}: it shards parameters, and the technique rewrites whole "
+            "weights in place. Use strategy='ddp' (or 'ddp_spawn'), which keeps a full copy of the model per device."
+        )
