@@ -125,6 +125,36 @@ def test_export_refuses_to_write_a_file_that_disagrees(tmp_path, monkeypatch):
     assert not (tmp_path / "wrong.onnx").exists()  # never a file that was not verified
 
 
+# --------------------------------------------------------------------------- 2. a process that did not train
+def test_callbacks_restore_their_state_in_a_process_that_did_not_train(tmp_path):
+    """What the app does after ddp_spawn (Lightning copies only the weights back): a fresh model and fresh callbacks
+    rebuild masks, quantizers and phase from the run's checkpoint, and compute exactly what the trained one does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def callbacks():
+        return [MagnitudePruning(final_sparsity=0.8, end_epoch=1), QuantizationAwareTraining(calibration_steps=2)]
+
+    pl.seed_everything(0)
+    trained, (pruning, qat) = small_module(), callbacks()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    make_trainer(tmp_path, max_epochs=2, callbacks=[pruning, qat, ckpt], enable_checkpointing=True).fit(
+        trained, DigitsDataModule()
+    )
+    fresh, (pruning2, qat2) = small_module(), callbacks()
+    trainer = make_trainer(tmp_path, max_epochs=2)
+    pruning2.restore(trainer, fresh, ckpt.best_model_path)
+    qat2.restore(trainer, fresh, ckpt.best_model_path)
+    assert pruning2.masks.keys() == pruning.masks.keys()
+    assert all(torch.equal(pruning2.masks[n], m) for n, m in pruning.masks.items())
+    assert pruning2.sparsity() == pytest.approx(0.8, abs=1e-3) and qat2.target_reached
+    trained.eval(), fresh.eval()
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trained(x))
+    with pytest.raises(ValueError, match=r"holds no state of this callback"):
+        MagnitudePruning(include="classifier").restore(trainer, small_module(), ckpt.best_model_path)
+
+
 # --------------------------------------------------------------------------- 3. reusing callback instances
 def test_reused_callbacks_compress_the_new_model(tmp_path, digits):
     pruning = MagnitudePruning(final_sparsity=0.8, end_epoch=1)

@@ -27,6 +27,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_compress.analysis.report import compression_summary, model_report
@@ -38,6 +39,7 @@ from lightning_compress.core.metrics import evaluate_accuracy
 from lightning_compress.core.protocol import HasFloatMode, HasMasks, HasTeachers
 from lightning_compress.export.onnx import export_onnx, onnx_parity, pruned_zeros_kept
 from lightning_compress.trainer.checkpoint_selection import CompressionTarget
+from lightning_compress.trainer.progress import spawned
 from lightning_compress.trainer.tables import log_table
 
 log = logging.getLogger(__name__)
@@ -168,11 +170,68 @@ def write_report(job: Job, report: dict[str, Any]) -> None:
     log_table(job.trainer.loggers, "report/layers", list(LAYER_COLUMNS.values()), rows, job.out)
 
 
+def recover_after_spawn(job: Job) -> None:
+    """Under a spawning strategy (``trainer=ddp`` is ``ddp_spawn``) Lightning copies only the weights back to this
+    process: every compression callback rebuilds its state here (masks, quantizers, phase) from the checkpoint the
+    run wrote, so that testing, the export and the report see the compressed model, as on one process."""
+    callback = job.trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+    restorable = [cb for cb in job.compression if hasattr(cb, "restore")]
+    if restorable and not path:
+        raise RuntimeError(
+            f"strategy {type(job.trainer.strategy).__name__} ran the training in other processes and no checkpoint "
+            "came back to rebuild the compression state from; keep the default `callbacks` (checkpoints/last.ckpt)."
+        )
+    for cb in restorable:
+        cb.restore(job.trainer, job.module, path)
+    for logger in job.trainer.loggers:
+        _continue_csv_file(logger)
+
+
+def _continue_csv_file(logger: Any) -> None:
+    """A CSVLogger whose file the spawned processes wrote learns the columns already in it (Lightning's writer keeps
+    them in memory only, so the next write from this process would rewrite the file with its own columns and fail)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if isinstance(logger, CSVLogger):
+        path = Path(logger.experiment.metrics_file_path)
+        if path.is_file() and path.stat().st_size:
+            header = path.read_text().splitlines()[0].split(",")
+            keys = logger.experiment.metrics_keys
+            keys.extend(k for k in header if k not in keys)
+            keys.sort()
+
+
+def tester(job: Job) -> pl.Trainer:
+    """The Trainer that tests: the job's own, or after a spawning strategy one process in this one — the compressed
+    model is here now, and one device sees every test sample once (a DistributedSampler pads with repeats)."""
+    if not spawned(job.trainer):
+        return job.trainer
+    return pl.Trainer(
+        accelerator=job.trainer.accelerator, devices=1, logger=job.trainer.loggers or False, callbacks=[],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=job.trainer.default_root_dir,
+    )  # fmt: skip
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job of the app on a composed config and return its report (also written as report.json)."""
     job = build(cfg)
-    job.trainer.fit(job.module, datamodule=job.datamodule)
-    test_accuracy = float(job.trainer.test(job.module, datamodule=job.datamodule, verbose=False)[0]["test/acc"])
+    try:
+        job.trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:
+        # Lightning stops at the next step and raises SystemExit(None), which would exit with status 0 — a scheduler
+        # would take the stopped job for a finished one. Exit 143 (128 + SIGTERM) and say how to continue.
+        callback = job.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        log.error(
+            "Stopped by SIGTERM at epoch %d, step %d; no report was written. Resume with ckpt_path=%s",
+            job.trainer.current_epoch, job.trainer.global_step, last or "<a checkpoint of this run>",
+        )  # fmt: skip
+        raise SystemExit(143) from None
+    if spawned(job.trainer):
+        recover_after_spawn(job)
+    test_accuracy = float(tester(job).test(job.module, datamodule=job.datamodule, verbose=False)[0]["test/acc"])
     report: dict[str, Any] = {"recipe": cfg.get("task_name"), "accuracy": test_accuracy, **size_report(job)}
     if job.trainer.is_global_zero:
         loader = job.datamodule.test_dataloader()

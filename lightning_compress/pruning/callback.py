@@ -46,10 +46,12 @@ from lightning_compress.core.selection import (
     weights_of,
 )
 from lightning_compress.trainer.progress import (
+    callback_state,
     check_optimizers,
     check_strategy,
     optimizer_steps_per_epoch,
     resolve_epochs,
+    warn_if_spawned,
 )
 from lightning_compress.trainer.tables import log_table
 
@@ -278,6 +280,7 @@ class MagnitudePruning(Callback):
             )
         self._epochs = {"start": start, "end": end}
         self._bound = weakref.ref(pl_module)
+        warn_if_spawned(trainer, "MagnitudePruning", "masks")
         self._selected = selected
         self._weights = weights
         if self.criterion == "random":
@@ -341,11 +344,31 @@ class MagnitudePruning(Callback):
             "masks": {name: mask.cpu() for name, mask in self._masks.items()},
             "last_update_step": self._last_update_step,
             "target": self._target,
+            "end_step": self._end_step,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_bound"] = None  # a weak reference does not pickle (ddp_spawn pickles the Trainer's callbacks)
+        return state
+
+    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
+        """Rebuild this callback's masks on ``pl_module`` from a checkpoint a run with it wrote — in a process that did
+        not train: the user's process after ``strategy="ddp_spawn"`` (Lightning copies only the weights back to it),
+        or a notebook reading a cluster job's checkpoint. The model's weights are left as they are.
+
+        Raises:
+            ValueError: The checkpoint holds no state of this callback (another ``state_key``).
+        """
+        state = callback_state(checkpoint, self.state_key, "MagnitudePruning")
+        self._bound = None
+        self.setup(trainer, pl_module, "fit")
+        self._restore(state)
+        self._end_step = int(state.get("end_step", self._last_update_step))
 
     # ------------------------------------------------------------------ internals
     def _restore(self, state: dict[str, Any]) -> None:
@@ -362,11 +385,15 @@ class MagnitudePruning(Callback):
         self._sparsity = self.sparsity()
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
-        if self.should_update(step):
+        updated = self.should_update(step)
+        if updated:
             self._update(trainer, step)
         elif self._masks:
             self._apply()
-        if self._masks and log:
+        # self.log costs about a millisecond per key: log on the Trainer's own logging steps (the only ones its loggers
+        # write) and whenever the masks change, so that callback_metrics always hold the current values.
+        logging_step = step % max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) == 0
+        if self._masks and log and (updated or logging_step):
             pl_module.log("compress/sparsity", self._sparsity, on_step=True, on_epoch=False)
             pl_module.log("compress/target_sparsity", self._target, on_step=True, on_epoch=False)
 

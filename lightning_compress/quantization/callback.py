@@ -11,6 +11,7 @@ The numerics live in :mod:`~lightning_compress.core.quantizers`; the integer mod
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,11 +35,13 @@ from lightning_compress.quantization.prepare import (
     set_phase,
 )
 from lightning_compress.trainer.progress import (
+    callback_state,
     check_optimizers,
     check_strategy,
     max_epochs,
     optimizer_steps_per_epoch,
     resolve_epochs,
+    warn_if_spawned,
 )
 
 
@@ -214,6 +217,7 @@ class QuantizationAwareTraining(Callback):
             self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._layers = prepare_qat(pl_module, self.config)
         self._bound = weakref.ref(pl_module)
+        warn_if_spawned(trainer, "QuantizationAwareTraining", "quantizers")
         self._bns = folded_batchnorms(self._layers)
         # Outside fit (validate/test/predict on a restored checkpoint) the layers quantize as trained.
         self._set_phase(observing=False, quantizing=stage != "fit", bn_frozen=self._phase["bn_frozen"])
@@ -291,6 +295,26 @@ class QuantizationAwareTraining(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return dict(self._phase)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_bound"] = None  # a weak reference does not pickle (ddp_spawn pickles the Trainer's callbacks)
+        return state
+
+    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
+        """Put the quantizers back on ``pl_module`` and load a checkpoint a run with this callback wrote (strictly:
+        weights, scales, observed ranges, and the phase) — in a process that did not train: the user's process after
+        ``strategy="ddp_spawn"`` (Lightning copies only the weights back to it, dropping the quantizers), or a
+        notebook reading a cluster job's checkpoint.
+
+        Raises:
+            ValueError: The checkpoint holds no state of this callback (another ``state_key``).
+        """
+        state = callback_state(checkpoint, self.state_key, "QuantizationAwareTraining")
+        self._bound, self._layers = None, {}
+        self.setup(trainer, pl_module, "validate")
+        pl_module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+        self.load_state_dict(state)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -8,8 +8,12 @@ callback.
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_compress.core.checks import epoch_share, resolve_epoch
 
@@ -87,3 +91,39 @@ def check_strategy(trainer: pl.Trainer, owner: str) -> None:
             f"{owner} does not support strategy {name}: it shards parameters, and the technique rewrites whole "
             "weights in place. Use strategy='ddp' (or 'ddp_spawn'), which keeps a full copy of the model per device."
         )
+
+
+def spawned(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer runs in processes it started by spawning or forking (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``): then only the weights come back to the process that called ``fit``."""
+    return type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
+
+
+def warn_if_spawned(trainer: pl.Trainer, owner: str, what: str) -> None:
+    """Say, once per run, that under a spawning strategy the caller's process gets the weights back but not the
+    technique's ``what`` (Lightning copies weights only), and how to get them."""
+    if spawned(trainer):
+        rank_zero_warn(
+            f"{owner} runs in processes started by strategy {type(trainer.strategy).__name__} "
+            f"({trainer.strategy.launcher.__class__.__name__}): Lightning copies only the weights back to the process "
+            f"that called fit, not the {what}. After fit, call `callback.restore(trainer, model, "
+            "trainer.checkpoint_callback.last_model_path)` there (the lightning-compress app does), or use "
+            "strategy='ddp'."
+        )
+
+
+def callback_state(checkpoint: str | os.PathLike, state_key: str, owner: str) -> dict[str, Any]:
+    """The state a callback saved in a Lightning checkpoint.
+
+    Raises:
+        ValueError: The file is not a checkpoint, or holds no state under ``state_key``.
+    """
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"{owner}.restore: no checkpoint at {os.fspath(checkpoint)!r}.")
+    callbacks = torch.load(checkpoint, map_location="cpu", weights_only=True).get("callbacks", {})
+    if state_key not in callbacks:
+        raise ValueError(
+            f"{owner}.restore: {os.fspath(checkpoint)!r} holds no state of this callback ({state_key}); it holds "
+            f"{sorted(callbacks)}. Restore with the same include/exclude (and granularity) as the run that wrote it."
+        )
+    return dict(callbacks[state_key])
