@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_compress import QATConfig, export_onnx, onnx_parity, prepare_qat
 from lightning_compress.tasks import DigitsDataModule
+from lightning_compress.tasks.models import BatchNormEverywhere
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {
@@ -120,18 +121,6 @@ SCENARIOS = {  # test → (issue point, scenario, behaviour chosen)
 }
 
 
-class LinearBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
 def export_grid() -> tuple[int, list[str], float]:
     dm = DigitsDataModule(batch_size=128, seed=0)
     dm.setup("fit")
@@ -143,7 +132,7 @@ def export_grid() -> tuple[int, list[str], float]:
             options = dict(zip(OPTIONS, values, strict=True))
             bits = options.pop("bits")
             torch.manual_seed(0)
-            model = LinearBN()
+            model = BatchNormEverywhere()
             prepare_qat(model, QATConfig(**options, weight_bits=bits, activation_bits=bits))
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             model.train()

@@ -25,6 +25,7 @@ from lightning_compress import (
 from lightning_compress.export.onnx import pruned_zeros_kept
 from lightning_compress.quantization import float_state_dict
 from lightning_compress.tasks import ClassificationModule, DigitsDataModule, SmallCNN
+from lightning_compress.tasks.models import BatchNormEverywhere
 
 
 # --------------------------------------------------------------------------- 1. every QAT option exports what it trains
@@ -34,20 +35,6 @@ def digits_tensors():
     x, y = next(iter(dm.train_dataloader()))
     test = torch.cat([b[0] for b in dm.val_dataloader()])
     return x, y, test
-
-
-class LinearBN(nn.Module):
-    """Conv → BN → ReLU → Conv → Linear → BatchNorm1d → Linear: every place a BatchNorm can follow a layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 OPTIONS = {
@@ -70,7 +57,7 @@ OPTIONS = {
 def test_every_qat_option_exports_a_model_that_agrees(tmp_path, options):
     torch.manual_seed(0)
     x, y, test = digits_tensors()
-    model = LinearBN()
+    model = BatchNormEverywhere()
     prepare_qat(model, QATConfig(**options))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
@@ -90,7 +77,7 @@ def test_every_qat_option_exports_a_model_that_agrees(tmp_path, options):
 def test_asymmetric_weights_keep_pruned_zeros_exactly(tmp_path):
     torch.manual_seed(0)
     x, y, test = digits_tensors()
-    model = LinearBN()
+    model = BatchNormEverywhere()
     with torch.no_grad():
         model.features[3].weight[:, :4] = 0.0  # pruned: half the input channels
     masks = {"features.3": model.features[3].weight != 0}
@@ -107,7 +94,7 @@ def test_export_refuses_to_write_a_file_that_disagrees(tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     x, _, test = digits_tensors()
-    model = LinearBN()
+    model = BatchNormEverywhere()
     prepare_qat(model, QATConfig())
     model.train()
     model(x)

@@ -98,3 +98,23 @@ class ResNet20(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
+
+
+class BatchNormEverywhere(nn.Module):
+    """A small 8×8-image classifier with a BatchNorm after a Conv and after a Linear, and a Conv and a Linear without
+    one: every place a quantization export has to get BatchNorm right (the hardening tests and benchmark use it)."""
+
+    def __init__(self, input_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        channels, height, width_px = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(width * height * width_px, 32), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Linear(32, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
