@@ -121,12 +121,18 @@ SCENARIOS = {  # test → (issue point, scenario, behaviour chosen)
 }
 
 
-def export_grid() -> tuple[int, list[str], float]:
+#: A largest logit difference below this is float rounding: the two files compute the same function, and a top-1
+#: "disagreement" is an exact tie between two classes broken differently.
+TIE = 1e-5
+
+
+def export_grid() -> tuple[int, list[str], float, float, list[str]]:
     dm = DigitsDataModule(batch_size=128, seed=0)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
     val = torch.cat([b[0] for b in dm.val_dataloader()])
-    failures, worst, combos = [], 1.0, list(itertools.product(*OPTIONS.values()))
+    failures, ties, worst, largest_diff = [], [], 1.0, 0.0
+    combos = list(itertools.product(*OPTIONS.values()))
     with tempfile.TemporaryDirectory() as tmp:
         for values in combos:
             options = dict(zip(OPTIONS, values, strict=True))
@@ -145,14 +151,18 @@ def export_grid() -> tuple[int, list[str], float]:
             model.eval()
             try:
                 path = export_onnx(model, Path(tmp) / "m.onnx", val[:64])
-                agreement = onnx_parity(model, path, [val])["top1_agreement"]
+                parity = onnx_parity(model, path, [val])
             except Exception as err:  # noqa: BLE001 - every failure is a row of the report
                 failures.append(f"{options}, {bits} bits: {type(err).__name__}")
                 continue
+            agreement, diff = parity["top1_agreement"], parity["max_logit_diff"]
             worst = min(worst, agreement)
-            if agreement < 0.995:
-                failures.append(f"{options}, {bits} bits: agreement {agreement:.4f}")
-    return len(combos), failures, worst
+            largest_diff = max(largest_diff, diff)
+            if agreement < 0.995 and diff > TIE:
+                failures.append(f"{options}, {bits} bits: agreement {agreement:.4f}, max logit diff {diff:.3g}")
+            elif agreement < 0.995:
+                ties.append(f"{options}, {bits} bits: {agreement:.4f} (max logit diff {diff:.1e})")
+    return len(combos), failures, worst, largest_diff, ties
 
 
 def scenario_outcomes() -> dict[str, str]:
@@ -180,8 +190,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(2)
-    combos, failures, worst = export_grid()
-    print(f"export grid: {combos - len(failures)}/{combos} agree; worst {worst:.4f}; failures: {failures}")
+    combos, failures, worst, largest_diff, ties = export_grid()
+    print(f"export grid: {combos - len(failures)}/{combos} agree; worst {worst:.4f}; failures: {failures}; ties {ties}")
     outcomes = scenario_outcomes()
     rows = [
         f"| {point} | {scenario} | {outcomes.get(test, 'not run')} | {behaviour} | `{test}` |"
@@ -195,8 +205,12 @@ def main() -> None:
 **Export grid**: every combination of weight_symmetric × per_channel × fold_bn × activation_symmetric × observer ×
 quantize_outputs × 8/4 bits ({combos} runs) on a Conv → BN → Conv → Linear → BatchNorm1d → Linear model, 30 QAT steps
 on digits, BatchNorms frozen, `export_onnx` (which checks its file in ONNX Runtime before writing it) and
-`onnx_parity` on the validation split: **{combos - len(failures)} of {combos}** agree on ≥ 99.5 % of the top-1
-predictions (lowest agreement {worst:.4f}).{" Failures: " + "; ".join(failures) if failures else ""}
+`onnx_parity` on the validation split (270 images): **{combos - len(failures)} of {combos}** compute what the
+fake-quantized model computes — top-1 agreement ≥ 99.5 %, or a largest logit difference below {TIE:g} (float rounding;
+the differing predictions are exact ties between two classes). Largest logit difference over all runs:
+{largest_diff:.2g}; lowest raw top-1 agreement {worst:.4f}.{
+            " Below 99.5 % only through ties: " + "; ".join(ties) + "." if ties else ""
+        }{" **Failures**: " + "; ".join(failures) if failures else ""}
 
 **Scenarios** (the tests that show them, run by the script with pytest):
 

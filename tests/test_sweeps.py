@@ -26,7 +26,7 @@ def test_grid_sweep_writes_pareto_and_one_wandb_run_per_trial(tmp_path):
         "trainer.max_epochs=2", "compression.pruning.end_epoch=1", "trainer.enable_progress_bar=false",
     )  # fmt: skip
     result = json.loads((sweep / "pareto.json").read_text())
-    assert result["objectives"] == {"accuracy": "maximize", "size_bytes_compressed": "minimize"}
+    assert result["objectives"] == {"val_accuracy": "maximize", "size_bytes_compressed": "minimize"}
     assert len(result["trials"]) == 3 and 1 <= len(result["front"]) <= 3
     sizes = [t["size_bytes_compressed"] for t in result["trials"]]
     assert sizes == sorted(sizes, reverse=True)  # more sparsity, smaller artifact
@@ -73,3 +73,42 @@ def test_sampler_and_objective_mismatch_is_explained(tmp_path):
     assert proc.returncode != 0
     assert "The sweeper optimises 2 objective(s) but objective='accuracy' returns 1" in proc.stderr
     assert "use hparams_search=nsga2" in proc.stderr
+
+
+class NoTestSplit(dict):
+    """A report whose test accuracy cannot be read: a sweep objective that touched it would fail here."""
+
+    def __getitem__(self, key):
+        if key == "accuracy":
+            raise AssertionError("a sweep objective read the test accuracy")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default  # noqa: SIM401 - through __getitem__, which guards the key
+
+
+@pytest.mark.parametrize("best", [{"checkpoint": "c.ckpt", "val/acc_at_target": 0.85}, None])
+def test_objectives_never_read_the_test_split(best):
+    from lightning_compress.apps.sweeps import objective_values
+
+    report = NoTestSplit(accuracy=1.0, val_accuracy=0.8, size_bytes_compressed=100)
+    if best:
+        report["best_at_target"] = best
+    expected = 0.85 if best else 0.8
+    assert objective_values(report, "accuracy") == expected
+    assert objective_values(report, "accuracy_and_size") == [expected, 100.0]
+
+
+def test_the_front_is_chosen_on_validation_and_test_is_only_reported(tmp_path):
+    from lightning_compress.analysis.pareto import write_pareto
+
+    # job 0: better on test, worse on validation, same size as job 1; job 2 never reached its target (NaN)
+    for job, (test, val) in enumerate([(0.99, 0.80), (0.90, 0.95), (1.0, None)]):
+        (tmp_path / str(job)).mkdir()
+        report = {"accuracy": test, "val_accuracy": 0.5, "size_bytes_compressed": 100,
+                  "best_at_target": {"checkpoint": "x", "val/acc_at_target": val}}  # fmt: skip
+        (tmp_path / str(job) / "report.json").write_text(json.dumps(report))
+    result = write_pareto(tmp_path)
+    assert [t["job"] for t in result["front"]] == ["1"]
+    assert [t["test_accuracy"] for t in result["trials"]] == [0.99, 0.90, 1.0]
+    assert result["objectives"] == {"val_accuracy": "maximize", "size_bytes_compressed": "minimize"}

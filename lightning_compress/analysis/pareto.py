@@ -1,4 +1,7 @@
-"""The Pareto front of accuracy against compressed size over the jobs of a sweep directory.
+"""The Pareto front of validation accuracy against compressed size over the jobs of a sweep directory.
+
+Chosen on validation, reported on test: the front and every sweep objective use :func:`selection_accuracy` (the
+validation split); each trial's test accuracy is written beside it and never compared.
 
 :func:`pareto_front` is pure; :func:`write_pareto` reads every job's ``report.json`` and writes ``pareto.json`` and
 ``pareto.png`` into the sweep directory. The Hydra callback that calls it when a multirun ends is
@@ -8,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,8 +40,32 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][1])
 
 
+def selection_accuracy(report: dict[str, Any]) -> float:
+    """The accuracy a sweep chooses on — always from the validation split, never the test split.
+
+    With checkpoint selection at the compression target (the app's default callbacks: ``CompressionTarget`` and a
+    ModelCheckpoint on ``val/acc_at_target``) it is the best validation accuracy among the epochs where every
+    compression target held; NaN when the target never held (the trial did not reach its compression, and a sampler
+    records it as failed). Without that selection, the final model's validation accuracy (``val_accuracy``).
+
+    Example:
+        >>> selection_accuracy({"accuracy": 0.99, "val_accuracy": 0.9, "best_at_target": {"checkpoint": "c",
+        ...                     "val/acc_at_target": 0.95}})
+        0.95
+        >>> selection_accuracy({"accuracy": 0.99, "val_accuracy": 0.9})
+        0.9
+    """
+    best = report.get("best_at_target")
+    if best:
+        value = next((v for k, v in best.items() if k != "checkpoint"), None)
+        return math.nan if value is None else float(value)
+    return float(report["val_accuracy"])
+
+
 def collect_trials(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every job of a sweep that wrote a report: its directory, overrides and objectives."""
+    """Every job of a sweep that wrote a report: its directory, overrides, the objectives it is chosen on
+    (``val_accuracy``: :func:`selection_accuracy`; ``size_bytes_compressed``) and, beside them, never chosen on, its
+    ``test_accuracy``."""
     trials = []
     for report_path in sorted(
         sweep_dir.glob("*/report.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else p.parent.name
@@ -49,8 +77,9 @@ def collect_trials(sweep_dir: Path) -> list[dict[str, Any]]:
             {
                 "job": report_path.parent.name,
                 "overrides": [str(o) for o in overrides],
-                "accuracy": report["accuracy"],
+                "val_accuracy": selection_accuracy(report),
                 "size_bytes_compressed": report["size_bytes_compressed"],
+                "test_accuracy": report["accuracy"],
                 "compression_ratio": report.get("compression_ratio"),
                 "sparsity": report.get("sparsity"),
             }
@@ -61,9 +90,11 @@ def collect_trials(sweep_dir: Path) -> list[dict[str, Any]]:
 def write_pareto(sweep_dir: Path) -> dict[str, Any]:
     """Write ``pareto.json`` and ``pareto.png`` for the sweep in ``sweep_dir``; returns the JSON content."""
     trials = collect_trials(sweep_dir)
-    front = pareto_front([(t["accuracy"], t["size_bytes_compressed"]) for t in trials])
+    ranked = [i for i, t in enumerate(trials) if math.isfinite(t["val_accuracy"])]  # NaN: never at its target
+    front = [ranked[i] for i in pareto_front([(trials[i]["val_accuracy"], trials[i]["size_bytes_compressed"])
+                                               for i in ranked])]  # fmt: skip
     result = {
-        "objectives": {"accuracy": "maximize", "size_bytes_compressed": "minimize"},
+        "objectives": {"val_accuracy": "maximize", "size_bytes_compressed": "minimize"},
         "trials": trials,
         "front": [trials[i] for i in front],
     }
@@ -72,12 +103,12 @@ def write_pareto(sweep_dir: Path) -> dict[str, Any]:
         plt = pyplot("The sweep's Pareto plot")
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         size = [t["size_bytes_compressed"] / 1024 for t in trials]
-        accuracy = [100 * t["accuracy"] for t in trials]
+        accuracy = [100 * t["val_accuracy"] for t in trials]
         ax.scatter(size, accuracy, color="tab:gray", label="trials")
         ax.step([size[i] for i in front], [accuracy[i] for i in front], where="post", color="tab:red", marker="o",
                 label="Pareto front")  # fmt: skip
         ax.set_xlabel("compressed size (KiB)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("validation accuracy at the target (%)")
         ax.set_title(f"{len(trials)} trials, {len(front)} on the front")
         ax.legend()
         fig.tight_layout()

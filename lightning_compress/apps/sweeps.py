@@ -12,7 +12,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lightning_compress.analysis.pareto import write_pareto
+from lightning_compress.analysis.pareto import selection_accuracy, write_pareto
 
 #: What a job returns to a sweeper: objective name → number of values.
 OBJECTIVES = {"accuracy": 1, "accuracy_and_size": 2}
@@ -39,10 +39,11 @@ def check_objective(objective: str) -> None:
 
 
 def objective_values(report: dict[str, Any], objective: str) -> float | list[float]:
-    """The value(s) a job returns to the sweeper for ``objective``."""
+    """The value(s) a job returns to the sweeper for ``objective``: validation accuracy (at the compression target,
+    :func:`~lightning_compress.analysis.pareto.selection_accuracy`), never the test split's; and the size."""
     if objective == "accuracy_and_size":
-        return [float(report["accuracy"]), float(report["size_bytes_compressed"])]
-    return float(report["accuracy"])
+        return [selection_accuracy(report), float(report["size_bytes_compressed"])]
+    return selection_accuracy(report)
 
 
 def log_pareto_to_wandb(sweep_dir: Path, result: dict[str, Any], project: str | None, offline: bool = True) -> Path:
@@ -51,10 +52,11 @@ def log_pareto_to_wandb(sweep_dir: Path, result: dict[str, Any], project: str | 
     import wandb
 
     front = {t["job"] for t in result["front"]}
-    columns: list[str | int] = ["job", "accuracy", "size_kib", "compression_ratio", "sparsity", "on_front", "overrides"]
+    columns: list[str | int] = ["job", "val_accuracy", "size_kib", "compression_ratio", "sparsity", "on_front",
+                                "overrides", "test_accuracy"]  # fmt: skip
     rows = [
-        [t["job"], t["accuracy"], t["size_bytes_compressed"] / 1024, t["compression_ratio"], t["sparsity"],
-         t["job"] in front, " ".join(t["overrides"])]
+        [t["job"], t["val_accuracy"], t["size_bytes_compressed"] / 1024, t["compression_ratio"], t["sparsity"],
+         t["job"] in front, " ".join(t["overrides"]), t["test_accuracy"]]
         for t in result["trials"]
     ]  # fmt: skip
     run = wandb.init(
@@ -68,7 +70,9 @@ def log_pareto_to_wandb(sweep_dir: Path, result: dict[str, Any], project: str | 
             "sweep/front": wandb.Table(
                 columns=columns, data=[next(r for r in rows if r[0] == t["job"]) for t in result["front"]]
             ),  # fmt: skip
-            "sweep/accuracy_vs_size": wandb.plot.scatter(trials, "size_kib", "accuracy", title="accuracy vs size"),
+            "sweep/accuracy_vs_size": wandb.plot.scatter(
+                trials, "size_kib", "val_accuracy", title="validation accuracy at the target vs size"
+            ),
         }
         if (sweep_dir / "pareto.png").exists():
             metrics["sweep/pareto"] = wandb.Image(str(sweep_dir / "pareto.png"))

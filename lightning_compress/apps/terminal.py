@@ -32,10 +32,13 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         )  # fmt: skip
     console.print(layers)
     totals = Table(show_header=True)
-    for col in ("accuracy", "sparsity", "params", "non-zeros", "fp32 size", "compressed size", "ratio"):
+    for col in ("val accuracy", "test accuracy", "sparsity", "params", "non-zeros", "fp32 size", "compressed size",
+                "ratio"):  # fmt: skip
         totals.add_column(col, justify="right")
+    val = report.get("val_accuracy")
     totals.add_row(
-        f"{report['accuracy']:.2%}", f"{report['sparsity']:.2%}", f"{report['params']:,}",
+        "—" if val is None else f"{val:.2%}", f"{report['accuracy']:.2%}", f"{report['sparsity']:.2%}",
+        f"{report['params']:,}",
         f"{report['nonzero_params']:,}", _fmt_bytes(report["size_bytes_fp32"]),
         _fmt_bytes(report["size_bytes_compressed"]), f"{report['compression_ratio']:.1f}×",
     )  # fmt: skip

@@ -27,6 +27,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -98,8 +99,7 @@ def size_report(job: Job) -> dict[str, Any]:
     masks = {n: m for cb in job.compression if isinstance(cb, HasMasks) for n, m in cb.masks.items()}
     report: dict[str, Any] = dict(model_report(job.module, job.out / "model.lcz", list(masks) or None))
     report["layers"] = [r.as_dict() for r in compression_summary(job.module)]
-    callback = job.trainer.checkpoint_callback
-    report["checkpoint"] = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or None
+    report["checkpoint"] = checkpoint_path(job.trainer) or None
     report.update(_best_at_target(job.trainer))
     return report
 
@@ -174,8 +174,7 @@ def recover_after_spawn(job: Job) -> None:
     """Under a spawning strategy (``trainer=ddp`` is ``ddp_spawn``) Lightning copies only the weights back to this
     process: every compression callback rebuilds its state here (masks, quantizers, phase) from the checkpoint the
     run wrote, so that testing, the export and the report see the compressed model, as on one process."""
-    callback = job.trainer.checkpoint_callback
-    path = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+    path = checkpoint_path(job.trainer)  # after a spawn only best_model_path comes back: the `last` checkpoint here
     restorable = [cb for cb in job.compression if hasattr(cb, "restore")]
     if restorable and not path:
         raise RuntimeError(
@@ -188,11 +187,15 @@ def recover_after_spawn(job: Job) -> None:
         _continue_csv_file(logger)
 
 
+def checkpoint_path(trainer: pl.Trainer) -> str:
+    """The checkpoint the job's first ModelCheckpoint wrote last (``checkpoints/last.ckpt`` by default), or ``""``."""
+    callback = trainer.checkpoint_callback
+    return getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or ""
+
+
 def _continue_csv_file(logger: Any) -> None:
     """A CSVLogger whose file the spawned processes wrote learns the columns already in it (Lightning's writer keeps
     them in memory only, so the next write from this process would rewrite the file with its own columns and fail)."""
-    from lightning.pytorch.loggers import CSVLogger
-
     if isinstance(logger, CSVLogger):
         path = Path(logger.experiment.metrics_file_path)
         if path.is_file() and path.stat().st_size:
@@ -222,8 +225,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except SIGTERMException:
         # Lightning stops at the next step and raises SystemExit(None), which would exit with status 0 — a scheduler
         # would take the stopped job for a finished one. Exit 143 (128 + SIGTERM) and say how to continue.
-        callback = job.trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        last = checkpoint_path(job.trainer)
         log.error(
             "Stopped by SIGTERM at epoch %d, step %d; no report was written. Resume with ckpt_path=%s",
             job.trainer.current_epoch, job.trainer.global_step, last or "<a checkpoint of this run>",
@@ -232,7 +234,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if spawned(job.trainer):
         recover_after_spawn(job)
     test_accuracy = float(tester(job).test(job.module, datamodule=job.datamodule, verbose=False)[0]["test/acc"])
-    report: dict[str, Any] = {"recipe": cfg.get("task_name"), "accuracy": test_accuracy, **size_report(job)}
+    job.datamodule.setup("validate")
+    val_accuracy = evaluate_accuracy(job.module, job.datamodule.val_dataloader(), "the validation loader")
+    report: dict[str, Any] = {
+        "recipe": cfg.get("task_name"), "accuracy": test_accuracy, "val_accuracy": val_accuracy, **size_report(job)
+    }  # fmt: skip
     if job.trainer.is_global_zero:
         loader = job.datamodule.test_dataloader()
         quantizer = next((cb for cb in job.compression if isinstance(cb, HasFloatMode)), None)
