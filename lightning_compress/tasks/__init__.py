@@ -3,16 +3,18 @@
 The compression core does not depend on this package; a user's own LightningModule is the normal case.
 """
 
-from lightning_compress.tasks.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
-from lightning_compress.tasks.models import MLP, ResNet20, SmallCNN
+from lightning_compress.tasks.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, MNIST1DDataModule
+from lightning_compress.tasks.models import CNN1D, MLP, ResNet20, SmallCNN
 from lightning_compress.tasks.module import ClassificationModule
 
 __all__ = [
+    "CNN1D",
     "MLP",
     "CIFAR10DataModule",
     "ClassificationModule",
     "DigitsDataModule",
     "ImageFolderDataModule",
+    "MNIST1DDataModule",
     "ResNet20",
     "SmallCNN",
 ]

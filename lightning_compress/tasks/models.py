@@ -118,3 +118,28 @@ class BatchNormEverywhere(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+class CNN1D(nn.Module):
+    """The MNIST-1D paper's convolutional network (three 1-D convolutions, stride 2, then a linear classifier), with a
+    BatchNorm after each convolution (so that quantization-aware training folds Conv1d + BatchNorm1d).
+
+    Example:
+        >>> CNN1D()(torch.zeros(2, 1, 40)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, input_shape: Sequence[int] = (1, 40), num_classes: int = 10, width: int = 25) -> None:
+        super().__init__()
+        channels, length = input_shape
+        layers: list[nn.Module] = []
+        cin = channels
+        for kernel in (5, 3, 3):
+            layers += [nn.Conv1d(cin, width, kernel, stride=2, padding=1), nn.BatchNorm1d(width), nn.ReLU()]
+            cin = width
+            length = (length + 2 - kernel) // 2 + 1
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.classifier = nn.Linear(width * length, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
