@@ -66,3 +66,17 @@ def test_quantized_model_artifact_stores_the_export_integers(tmp_path):
         assert torch.equal(loaded[f"{name}.weight_scale"], data["weight_scale"])
     assert not any("_quantizer." in k for k in loaded)  # quantizer bookkeeping is not part of the artifact
     assert size * 20 < fp32_size_bytes({k: v for k, v in module.state_dict().items() if "_quantizer." not in k})
+
+
+def test_flops_per_sample_counts_dense_multiply_adds_twice():
+    import torch
+    from torch import nn
+
+    from lightning_compress.analysis.report import flops_per_sample
+
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    expected = 2 * (4 * 6 * 6 * 9) + 2 * (4 * 6 * 6 * 10)  # 144 outputs x 9 weights; 144 inputs x 10 outputs
+    assert flops_per_sample(conv, torch.zeros(5, 1, 8, 8)) == expected
+    with torch.no_grad():
+        conv[0].weight[:2] = 0.0  # pruned weights are still multiplied: the count is of the dense network
+    assert flops_per_sample(conv, torch.zeros(5, 1, 8, 8)) == expected

@@ -22,6 +22,8 @@ REPORT_KEYS = {
     "size_bytes_fp32",
     "size_bytes_compressed",
     "compression_ratio",
+    "flops_per_sample",
+    "val_accuracy",
 }
 
 
@@ -48,6 +50,12 @@ def test_default_job_prunes_to_90_percent_and_reports(tmp_path):
     assert abs(report["sparsity"] - 0.9) < 1e-5 and report["accuracy"] >= 0.95
     assert report["size_bytes_compressed"] == (run_dir / "model.lcz").stat().st_size
     assert report["compression_ratio"] > 5
+    from lightning_compress.analysis.report import flops_per_sample
+    from lightning_compress.tasks import SmallCNN
+
+    assert report["flops_per_sample"] == flops_per_sample(
+        SmallCNN((1, 8, 8), 10, width=32, hidden=128), torch.zeros(1, 1, 8, 8)
+    )
     assert {r["name"] for r in report["layers"]} >= {"net.features.0", "net.classifier.3"}
     # the checkpoint holds the pruned weights and the masks
     ckpt = torch.load(report["checkpoint"], weights_only=True)

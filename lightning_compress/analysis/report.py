@@ -1,6 +1,7 @@
 """Size accounting: one place that says how big a (compressed) model is.
 
 * :func:`compression_summary` — per-layer parameters, non-zeros, sparsity, bits and bytes, without a Trainer.
+* :func:`flops_per_sample` — the floating-point operations of one forward pass (``torch.utils.flop_counter``).
 * :func:`model_report` — the size figures of ``report.json`` (it writes the compact artifact of
   :mod:`lightning_compress.analysis.artifact` and measures it).
 """
@@ -83,6 +84,27 @@ def compression_summary(model: nn.Module) -> list[LayerStats]:
             )
         )
     return rows
+
+
+def flops_per_sample(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass, per sample (``torch.utils.flop_counter``; a multiply-add counts
+    two). Dense: the zeros that unstructured pruning leaves are still multiplied, and fake quantization is not counted.
+    Computed in evaluation mode without gradients; the model's mode is restored.
+
+    Example:
+        >>> flops_per_sample(nn.Linear(4, 2), torch.zeros(3, 4))
+        16
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example_input)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops()) // max(1, len(example_input))
 
 
 def model_report(

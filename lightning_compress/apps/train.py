@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_compress.analysis.report import compression_summary, model_report
+from lightning_compress.analysis.report import compression_summary, flops_per_sample, model_report
 from lightning_compress.apps.config import CONFIG_NAME, instantiate
 from lightning_compress.apps.sweeps import check_objective, objective_values
 from lightning_compress.apps.terminal import LAYER_COLUMNS, print_report
@@ -95,9 +95,13 @@ def build(cfg: DictConfig) -> Job:
 
 
 def size_report(job: Job) -> dict[str, Any]:
-    """Stage 3: sizes (the compact artifact ``model.lcz`` is written and measured), per-layer rows, checkpoints."""
+    """Stage 3: sizes (the compact artifact ``model.lcz`` is written and measured), floating-point operations per
+    sample, per-layer rows, checkpoints."""
     masks = {n: m for cb in job.compression if isinstance(cb, HasMasks) for n, m in cb.masks.items()}
     report: dict[str, Any] = dict(model_report(job.module, job.out / "model.lcz", list(masks) or None))
+    job.datamodule.setup("validate")
+    example = next(iter(job.datamodule.val_dataloader()))[0]
+    report["flops_per_sample"] = flops_per_sample(job.module, example.to(job.module.device))
     report["layers"] = [r.as_dict() for r in compression_summary(job.module)]
     report["checkpoint"] = checkpoint_path(job.trainer) or None
     report.update(_best_at_target(job.trainer))
