@@ -29,11 +29,6 @@ def _state_dict(obj: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in sd.items() if isinstance(v, Tensor)}
 
 
-def state_dict_without_quantizers(model: nn.Module) -> dict[str, Tensor]:
-    # The fp32 reference is the user's model: quantizer buffers (scales, observed ranges) are not part of it.
-    return {k: v for k, v in _state_dict(model).items() if "_quantizer." not in k}
-
-
 def fp32_size_bytes(obj: nn.Module | Mapping[str, Tensor]) -> int:
     """Bytes of the state dict stored densely with every floating-point tensor in float32."""
     return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in _state_dict(obj).values())

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lightning_compress.analysis.artifact import fp32_size_bytes, save_compressed, state_dict_without_quantizers
+from lightning_compress.analysis.artifact import fp32_size_bytes, save_compressed
 from lightning_compress.core.quantizers import FakeQuantizer
+from lightning_compress.quantization.prepare import float_state_dict
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def model_report(
         sparsity = 1.0 - sum(int(torch.count_nonzero(w)) for w in weights) / total
     else:
         sparsity = 1.0 - nonzero / params if params else 0.0
-    fp32 = fp32_size_bytes(state_dict_without_quantizers(model))
+    # The fp32 reference is the user's model: quantizer buffers (scales, observed ranges) are not part of it.
+    fp32 = fp32_size_bytes(float_state_dict(model.state_dict()))
     compressed = save_compressed(model, artifact_path)
     return {
         "sparsity": sparsity,

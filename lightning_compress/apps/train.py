@@ -94,11 +94,15 @@ def build(cfg: DictConfig) -> Job:
     return Job(cfg, out, datamodule, module, compression, trainer)
 
 
+def pruning_masks(job: Job) -> dict[str, Any]:
+    """Layer name → keep-mask of every technique on the job that holds masks (:class:`HasMasks`)."""
+    return {n: m for cb in job.compression if isinstance(cb, HasMasks) for n, m in cb.masks.items()}
+
+
 def size_report(job: Job) -> dict[str, Any]:
     """Stage 3: sizes (the compact artifact ``model.lcz`` is written and measured), floating-point operations per
     sample, per-layer rows, checkpoints."""
-    masks = {n: m for cb in job.compression if isinstance(cb, HasMasks) for n, m in cb.masks.items()}
-    report: dict[str, Any] = dict(model_report(job.module, job.out / "model.lcz", list(masks) or None))
+    report: dict[str, Any] = dict(model_report(job.module, job.out / "model.lcz", list(pruning_masks(job)) or None))
     job.datamodule.setup("validate")
     example = next(iter(job.datamodule.val_dataloader()))[0]
     report["flops_per_sample"] = flops_per_sample(job.module, example.to(job.module.device))
@@ -130,8 +134,7 @@ def quantization_report(job: Job, quantizer: HasFloatMode, loader: Any) -> dict[
         accuracy_float = evaluate_accuracy(job.module, loader, "the test loader")
     path = export_onnx(job.module, job.out / "model.int8.onnx", next(iter(loader))[0])
     parity = onnx_parity(job.module, path, loader)
-    masks = {n: m for cb in job.compression if isinstance(cb, HasMasks) for n, m in cb.masks.items()}
-    if masks:
+    if masks := pruning_masks(job):
         parity["pruned_zeros_kept"] = pruned_zeros_kept(path, masks)
     return {
         "accuracy_float": accuracy_float,

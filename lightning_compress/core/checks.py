@@ -208,14 +208,24 @@ def show_epoch(value: float | str | None) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def comparable(a: float | str | None, b: float | str | None) -> tuple[float, float] | None:
+    """Two parsed points as numbers of one unit (epochs, or shares of training), or ``None`` when either is missing
+    or they are in different units (those are compared once the length of training is known).
+
+    Example:
+        >>> comparable("25%", "50%"), comparable(3.0, "50%")
+        ((0.25, 0.5), None)
+    """
+    if a is None or b is None or isinstance(a, str) != isinstance(b, str):
+        return None
+    key_a, key_b = epoch_share(a), epoch_share(b)
+    return (float(a), float(b)) if key_a is None or key_b is None else (key_a, key_b)
+
+
 def same_kind_order(first: tuple[str, float | str | None], second: tuple[str, float | str | None]) -> None:
     """Refuse ``first`` after ``second`` when both are given in the same unit (epochs, or shares of training).
     Points in different units are compared once the length of training is known."""
     (name_a, a), (name_b, b) = first, second
-    if a is None or b is None or isinstance(a, str) != isinstance(b, str):
-        return
-    key_a = epoch_share(a) if isinstance(a, str) else a
-    key_b = epoch_share(b) if isinstance(b, str) else b
-    assert key_a is not None and key_b is not None
-    if key_a > key_b:
+    keys = comparable(a, b)
+    if keys is not None and keys[0] > keys[1]:
         raise ValueError(f"`{name_a}` ({show_epoch(a)}) must not be after `{name_b}` ({show_epoch(b)}).")

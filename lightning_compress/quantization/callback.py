@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.core.checks import check_number, parse_epoch, show_epoch
+from lightning_compress.core.checks import check_number, comparable, parse_epoch, show_epoch
 from lightning_compress.core.protocol import ChangesStructure
 from lightning_compress.core.quantizers import fake_quantize
 from lightning_compress.quantization.prepare import (
@@ -135,13 +135,9 @@ class QuantizationAwareTraining(Callback):
         self.start_epoch = parse_epoch("start_epoch", start_epoch, optional=True)
         self.freeze_observers_epoch = parse_epoch("freeze_observers_epoch", freeze_observers_epoch, optional=True)
         self.freeze_bn_epoch = parse_epoch("freeze_bn_epoch", freeze_bn_epoch, optional=True)
-        start, freeze = self.start_epoch or 0.0, self.freeze_observers_epoch
-        if freeze is not None and isinstance(start, str) == isinstance(freeze, str):  # same unit: compare now
-            share = isinstance(start, str)
-            self._check_freeze_after_start(
-                float(str(start)[:-1]) if share else float(start), float(str(freeze)[:-1]) if share else float(freeze),
-                "start_epoch", show_epoch(start),
-            )  # fmt: skip
+        start = self.start_epoch or 0.0
+        if (keys := comparable(start, self.freeze_observers_epoch)) is not None:  # same unit: compare now
+            self._check_freeze_after_start(*keys, "start_epoch", show_epoch(start))
         self.calibration_steps = check_number("calibration_steps", calibration_steps, 0, integer=True)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, 1, integer=True)
 
