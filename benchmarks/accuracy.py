@@ -26,12 +26,14 @@ from lightning_compress.core.selection import select_modules, weights_of
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 
 
-def train(seed: int, method: str, sparsity: float | None, epochs: int, end_epoch: int) -> tuple[float, float]:
-    """Test accuracy (%) and measured sparsity of the Conv/Linear weights after one run."""
+def train(
+    seed: int, method: str, sparsity: float | None, epochs: int, end_epoch: int, recipe: str = "dense"
+) -> tuple[float, float]:
+    """Test accuracy (%) and measured sparsity of the Conv/Linear weights after one run of the dense ``recipe``'s
+    task (data, model, optimizer) with ``method``."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose(
-            ["recipe=dense", "logger=none", "callbacks=none", f"paths.output_dir={tmp}", f"trainer.max_epochs={epochs}"]
-        )
+        overrides = [f"recipe={recipe}", "logger=none", "callbacks=none", f"paths.output_dir={tmp}"]
+        cfg = compose([*overrides, f"trainer.max_epochs={epochs}"])
         pl.seed_everything(seed)
         dm = instantiate(cfg.data)  # the split (data seed 0) is the same for every run
         net = instantiate(cfg.model, input_shape=dm.input_shape, num_classes=dm.num_classes)

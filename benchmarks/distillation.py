@@ -22,9 +22,10 @@ from lightning_compress import KnowledgeDistillation
 from lightning_compress.tasks import MLP, ClassificationModule, DigitsDataModule, SmallCNN
 
 
-def fit(net, callbacks, epochs, fraction=1.0, lr=1e-2, timer=None):
+def fit(net, callbacks, epochs, fraction=1.0, lr=1e-2, timer=None, dm=None):
+    """Test accuracy (%) and the module after training ``net`` on ``dm`` (digits with ``fraction`` of the labels)."""
     module = ClassificationModule(net, lr=lr)
-    dm = DigitsDataModule(train_label_fraction=fraction)
+    dm = dm if dm is not None else DigitsDataModule(train_label_fraction=fraction)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[*callbacks, *([timer] if timer else [])],

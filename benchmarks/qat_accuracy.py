@@ -83,10 +83,20 @@ def accuracy(model: nn.Module, loader) -> float:
     return 100 * evaluate_accuracy(model, loader, "the test loader")
 
 
-def run(seed: int, kind: str, epochs: int, out: Path) -> dict[str, float]:
-    recipe = {"float": "dense", "int8": "digits_qat_int8", "w4": "digits_qat_w4", "w2-lsq": "digits_qat_w4"}.get(
-        kind, "dense"
-    )
+#: The recipe of each kind, per task (w2-lsq: the w4 recipe with 2-bit weights and learned step sizes).
+RECIPES = {
+    "digits": {"float": "dense", "int8": "digits_qat_int8", "w4": "digits_qat_w4", "w2-lsq": "digits_qat_w4"},
+    "mnist1d": {
+        "float": "mnist1d_dense",
+        "int8": "mnist1d_qat_int8",
+        "w4": "mnist1d_qat_w4",
+        "w2-lsq": "mnist1d_qat_w4",
+    },  # fmt: skip
+}
+
+
+def run(seed: int, kind: str, epochs: int, out: Path, task: str = "digits") -> dict[str, float]:
+    recipe = RECIPES[task].get(kind, RECIPES[task]["float"])
     overrides = [
         f"recipe={recipe}",
         "logger=none",

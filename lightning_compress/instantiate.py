@@ -16,3 +16,17 @@ from hydra.utils import instantiate as _hydra_instantiate
 def instantiate(cfg: Mapping[str, Any], **kwargs: Any) -> Any:
     """Build the object a config describes (``_target_``), with ``kwargs`` added to its arguments."""
     return _hydra_instantiate(cfg, **kwargs)
+
+
+def plain(cfg: Any) -> Any:
+    """A config as plain Python containers with every interpolation resolved (configs given as ``DictConfig`` by
+    Hydra, or already plain); used to key cached stages by their settings."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return {k: plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [plain(v) for v in cfg]
+    return cfg

@@ -71,8 +71,9 @@ def test_sampler_and_objective_mismatch_is_explained(tmp_path):
     proc = run_app(tmp_path, "hparams_search=nsga2", "objective=accuracy", "hydra.sweeper.n_trials=1",
                    f"hydra.sweep.dir={tmp_path / 's'}", "logger=none", check=False)  # fmt: skip
     assert proc.returncode != 0
-    assert "The sweeper optimises 2 objective(s) but objective='accuracy' returns 1" in proc.stderr
+    assert "hydra.sweeper.direction has 2 direction(s) but objective='accuracy' returns 1 value(s)" in proc.stderr
     assert "use hparams_search=nsga2" in proc.stderr
+    assert not (tmp_path / "s" / "0").exists()  # refused by the sweeper, before any trial
 
 
 class NoTestSplit(dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +20,21 @@ __all__ = ["CONFIG_NAME", "CONFIG_SEARCHPATH", "CONSTANTS", "compose", "instanti
 CONSTANTS = {"parity_goal": PARITY_GOAL}
 if not OmegaConf.has_resolver("lightning_compress"):
     OmegaConf.register_new_resolver("lightning_compress", lambda name: CONSTANTS[name])
+
+
+def stages_dir() -> str | None:
+    """``${lightning_compress.stages_dir:}``: ``<sweep dir>/stages`` in a multirun (every trial and every rerun of
+    the sweep share it), ``None`` in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(Path(HydraConfig.get().sweep.dir) / "stages")
+
+
+if not OmegaConf.has_resolver("lightning_compress.stages_dir"):
+    OmegaConf.register_new_resolver("lightning_compress.stages_dir", stages_dir)
 
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:

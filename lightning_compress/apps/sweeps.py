@@ -19,7 +19,7 @@ OBJECTIVES = {"accuracy": 1, "accuracy_and_size": 2}
 
 
 def check_objective(objective: str) -> None:
-    """The number of values the app returns must be the number of directions the sweeper optimises."""
+    """``objective`` must be one the app returns; inside a sweep, one value per direction of the sweeper."""
     from hydra.core.hydra_config import HydraConfig
 
     if objective not in OBJECTIVES:
@@ -27,13 +27,20 @@ def check_objective(objective: str) -> None:
     if not HydraConfig.initialized():
         return
     direction = HydraConfig.get().sweeper.get("direction")
-    if direction is None:
-        return
-    directions = 1 if isinstance(direction, str) else len(direction)
-    if directions != OBJECTIVES[objective]:
+    if direction is not None:
+        check_directions(objective, [direction] if isinstance(direction, str) else list(direction))
+
+
+def check_directions(objective: str, directions: list[Any]) -> None:
+    """The number of values ``objective`` returns must be the number of directions the sweeper optimises.
+
+    Raises:
+        ValueError: They differ; the message names both settings and the ``hparams_search`` that fits.
+    """
+    if objective in OBJECTIVES and len(directions) != OBJECTIVES[objective]:
         raise ValueError(
-            f"The sweeper optimises {directions} objective(s) but objective={objective!r} returns "
-            f"{OBJECTIVES[objective]}. For accuracy and size together use hparams_search=nsga2 (objective="
+            f"hydra.sweeper.direction has {len(directions)} direction(s) but objective={objective!r} returns "
+            f"{OBJECTIVES[objective]} value(s). For accuracy and size together use hparams_search=nsga2 (objective="
             "accuracy_and_size); for accuracy alone use hparams_search=tpe, random or cmaes (objective=accuracy)."
         )
 

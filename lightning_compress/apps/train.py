@@ -33,9 +33,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_compress.analysis.report import compression_summary, flops_per_sample, model_report
 from lightning_compress.apps.config import CONFIG_NAME, instantiate
+from lightning_compress.apps.study import register_sweeper
 from lightning_compress.apps.sweeps import check_objective, objective_values
 from lightning_compress.apps.terminal import LAYER_COLUMNS, print_report
 from lightning_compress.apps.tracking import finish_wandb_run, sweep_group
+from lightning_compress.core.cache import StageCache
 from lightning_compress.core.metrics import evaluate_accuracy
 from lightning_compress.core.protocol import HasFloatMode, HasMasks, HasTeachers
 from lightning_compress.export.onnx import export_onnx, onnx_parity, pruned_zeros_kept
@@ -224,8 +226,49 @@ def tester(job: Job) -> pl.Trainer:
     )  # fmt: skip
 
 
+def job_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What decides a job's result: the resolved config without where it writes (``paths``: a path derived from the
+    run directory reads as ``<paths.output_dir>``), its loggers and the objective the sweeper reads."""
+    keyed = cfg.copy()
+    with open_dict(keyed):
+        keyed.paths = {k: f"<paths.{k}>" for k in cfg.paths}
+        for key in ("logger", "objective"):
+            keyed.pop(key, None)
+    return OmegaConf.to_container(keyed, resolve=True)  # type: ignore[return-value]
+
+
+def stage_cache(cfg: DictConfig) -> StageCache | None:
+    """The store of reusable stages (``paths.stages_dir``; a multirun's ``<sweep dir>/stages``), or None."""
+    root = (cfg.get("paths") or {}).get("stages_dir")
+    return StageCache(root) if root else None
+
+
+def reused_report(cfg: DictConfig, cache: StageCache) -> dict[str, Any] | None:
+    """The report of a finished job with the same settings (:func:`job_settings`), written into this job's
+    directory with ``reused_from`` naming the stored file; None when there is none (or it was corrupt: warned)."""
+    if cfg.get("ckpt_path"):
+        return None  # resuming a job is asked for explicitly: run it
+    settings = job_settings(cfg)
+    report = cache.load("job", settings, lambda p: dict(json.loads(p.read_text())), ".json")
+    if report is None:
+        return None
+    report["reused_from"] = str(cache.path("job", settings, ".json"))
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    log.info("A job with the same settings already ran: its report is reused (%s); nothing is trained.",
+             report["reused_from"])  # fmt: skip
+    return report
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job of the app on a composed config and return its report (also written as report.json)."""
+    """Run one job of the app on a composed config and return its report (also written as report.json).
+
+    With ``paths.stages_dir`` (a multirun's ``<sweep dir>/stages``) a job whose settings already ran returns that
+    report without training (:func:`reused_report`), and a finished job stores its report there."""
+    cache = stage_cache(cfg)
+    if cache is not None and (reused := reused_report(cfg, cache)) is not None:
+        return reused
     job = build(cfg)
     try:
         job.trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -256,6 +299,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             report.update(distillation_report(job, distiller, loader))
         write_report(job, report)
     _check_parity(report, cfg.get("onnx_parity_min_agreement"), job.out / "report.json")
+    if cache is not None and job.trainer.is_global_zero and not cfg.get("ckpt_path"):
+        cache.store("job", job_settings(cfg), lambda p: p.write_text(json.dumps(report, indent=2)), ".json")
     return report
 
 
@@ -275,6 +320,9 @@ def _check_parity(report: dict[str, Any], minimum: float | None, where: Path) ->
             f"Only {parity['pruned_zeros_kept']:.4%} of the pruned weights are zeros in the int8 ONNX file: the "
             f"masks did not survive quantization and export; see {where}."
         )
+
+
+register_sweeper()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_compress.conf", config_name=CONFIG_NAME)
