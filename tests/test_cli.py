@@ -24,6 +24,8 @@ REPORT_KEYS = {
     "compression_ratio",
     "flops_per_sample",
     "val_accuracy",
+    "latency_ms_batch1",
+    "throughput_per_s",
 }
 
 

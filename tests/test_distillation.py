@@ -186,6 +186,32 @@ def test_cache_skips_the_teacher_after_the_first_epoch_and_changes_nothing(tmp_p
         torch.testing.assert_close(a, b, msg=k)
 
 
+def test_a_stored_cache_skips_the_teacher_from_the_first_epoch_of_the_next_run(tmp_path, teacher):
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    stages = tmp_path / "stages"
+    try:
+        runs = []
+        for name in ("first", "second"):
+            calls.clear()
+            pl.seed_everything(0)
+            kd = KnowledgeDistillation(teacher, cache_teacher_outputs=True, cache_dir=stages)
+            runs.append(fit(tmp_path / name, [kd], max_epochs=2, limit_val_batches=0)[1])
+            runs.append(len(calls))
+    finally:
+        hook.remove()
+    assert runs[1] > 0 and runs[3] == 0  # the second run never ran the teacher
+    for (k, a), (_, b) in zip(runs[0].state_dict().items(), runs[2].state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)  # and trained the same student
+    [stored] = stages.glob("teacher-outputs-*.pt")
+    stored.write_bytes(b"not a tensor file")
+    kd = KnowledgeDistillation(teacher, cache_teacher_outputs=True, cache_dir=stages)
+    with pytest.warns(RuntimeWarning, match="cached teacher-outputs stage .* is corrupt"):
+        fit(tmp_path / "third", [kd], max_epochs=1, limit_val_batches=0)
+    with pytest.raises(ValueError, match="set cache_teacher_outputs=True with it"):
+        KnowledgeDistillation(teacher, cache_dir=stages)
+
+
 def test_bf16_mixed_precision_stays_finite(tmp_path, teacher):
     trainer, module, _ = fit(
         tmp_path, [KnowledgeDistillation(teacher, alpha=0.9)], max_epochs=1, precision="bf16-mixed"

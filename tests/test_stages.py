@@ -144,3 +144,18 @@ def test_a_stopped_sweep_continues_with_the_missing_trials_only(tmp_path):
     changed = run_app(tmp_path, *args[:-1], "logger=csv", "hydra.sweeper.n_trials=3", check=False)
     assert changed.returncode != 0
     assert "was started with the overrides" in changed.stderr and "logger=csv" in changed.stderr
+
+
+@pytest.mark.slow
+def test_a_sensitivity_multirun_trains_and_scans_once(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_app(
+        tmp_path, "--config-name", "sensitivity", "-m", f"hydra.sweep.dir={sweep}", "logger=none",
+        "trainer.max_epochs=2", "sensitivity.sparsities=[0.5,0.9]", "sensitivity.max_accuracy_drop=0.0,0.5",
+        module="sensitivity",
+    )  # fmt: skip
+    assert len(list((sweep / "stages").glob("dense-*.ckpt"))) == 1
+    assert len(list((sweep / "stages").glob("sensitivity-*.json"))) == 1
+    assert "Reusing the scan of the same model" in proc.stdout + proc.stderr
+    strict, loose = (json.loads((sweep / j / "sensitivity.json").read_text()) for j in ("0", "1"))
+    assert strict["rows"] == loose["rows"] and loose["overall_sparsity"] > strict["overall_sparsity"]

@@ -67,6 +67,20 @@ def test_optuna_sweep_per_sampler(tmp_path, sampler):
 
 
 @pytest.mark.slow
+def test_a_sweep_can_minimise_the_measured_latency(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_app(
+        tmp_path, "hparams_search=nsga2", "objective=accuracy_and_latency", "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}", "trainer.max_epochs=1", "compression.pruning.end_epoch=1", "logger=none",
+    )  # fmt: skip
+    result = json.loads((sweep / "pareto.json").read_text())
+    assert result["objectives"] == {"val_accuracy": "maximize", "latency_ms_batch1": "minimize"}
+    assert all(t["latency_ms_batch1"] > 0 for t in result["trials"]) and result["front"]
+    for job in ("0", "1"):
+        assert (sweep / job / "model.onnx").is_file()  # the float model, checked in ONNX Runtime, then timed
+
+
+@pytest.mark.slow
 def test_sampler_and_objective_mismatch_is_explained(tmp_path):
     proc = run_app(tmp_path, "hparams_search=nsga2", "objective=accuracy", "hydra.sweeper.n_trials=1",
                    f"hydra.sweep.dir={tmp_path / 's'}", "logger=none", check=False)  # fmt: skip

@@ -1,4 +1,4 @@
-"""The Pareto front of validation accuracy against compressed size over the jobs of a sweep directory.
+"""The Pareto front of validation accuracy against compressed size (or measured latency) over a sweep's jobs.
 
 Chosen on validation, reported on test: the front and every sweep objective use :func:`selection_accuracy` (the
 validation split); each trial's test accuracy is written beside it and never compared.
@@ -79,6 +79,8 @@ def collect_trials(sweep_dir: Path) -> list[dict[str, Any]]:
                 "overrides": [str(o) for o in overrides],
                 "val_accuracy": selection_accuracy(report),
                 "size_bytes_compressed": report["size_bytes_compressed"],
+                "latency_ms_batch1": report.get("latency_ms_batch1"),
+                "flops_per_sample": report.get("flops_per_sample"),
                 "test_accuracy": report["accuracy"],
                 "compression_ratio": report.get("compression_ratio"),
                 "sparsity": report.get("sparsity"),
@@ -87,14 +89,22 @@ def collect_trials(sweep_dir: Path) -> list[dict[str, Any]]:
     return trials
 
 
-def write_pareto(sweep_dir: Path) -> dict[str, Any]:
-    """Write ``pareto.json`` and ``pareto.png`` for the sweep in ``sweep_dir``; returns the JSON content."""
+#: The second objective's axis label and scale in pareto.png.
+AXES = {"size_bytes_compressed": ("compressed size (KiB)", 1 / 1024),
+        "latency_ms_batch1": ("ONNX Runtime latency, batch 1 (ms)", 1.0)}  # fmt: skip
+
+
+def write_pareto(sweep_dir: Path, second: str = "size_bytes_compressed") -> dict[str, Any]:
+    """Write ``pareto.json`` and ``pareto.png`` for the sweep in ``sweep_dir``: validation accuracy maximised and
+    ``second`` (a key of :data:`AXES`: the compressed size, or the measured latency) minimised; returns the JSON."""
+    if second not in AXES:
+        raise ValueError(f"the Pareto front minimises one of {sorted(AXES)}, got {second!r}.")
     trials = collect_trials(sweep_dir)
-    ranked = [i for i, t in enumerate(trials) if math.isfinite(t["val_accuracy"])]  # NaN: never at its target
-    front = [ranked[i] for i in pareto_front([(trials[i]["val_accuracy"], trials[i]["size_bytes_compressed"])
-                                               for i in ranked])]  # fmt: skip
+    # NaN: never at its target; None: not measured
+    ranked = [i for i, t in enumerate(trials) if math.isfinite(t["val_accuracy"]) and t[second] is not None]
+    front = [ranked[i] for i in pareto_front([(trials[i]["val_accuracy"], trials[i][second]) for i in ranked])]
     result = {
-        "objectives": {"val_accuracy": "maximize", "size_bytes_compressed": "minimize"},
+        "objectives": {"val_accuracy": "maximize", second: "minimize"},
         "trials": trials,
         "front": [trials[i] for i in front],
     }
@@ -102,12 +112,13 @@ def write_pareto(sweep_dir: Path) -> dict[str, Any]:
     if trials:
         plt = pyplot("The sweep's Pareto plot")
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        size = [t["size_bytes_compressed"] / 1024 for t in trials]
+        label, scale = AXES[second]
+        x = [math.nan if t[second] is None else t[second] * scale for t in trials]
         accuracy = [100 * t["val_accuracy"] for t in trials]
-        ax.scatter(size, accuracy, color="tab:gray", label="trials")
-        ax.step([size[i] for i in front], [accuracy[i] for i in front], where="post", color="tab:red", marker="o",
+        ax.scatter(x, accuracy, color="tab:gray", label="trials")
+        ax.step([x[i] for i in front], [accuracy[i] for i in front], where="post", color="tab:red", marker="o",
                 label="Pareto front")  # fmt: skip
-        ax.set_xlabel("compressed size (KiB)")
+        ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy at the target (%)")
         ax.set_title(f"{len(trials)} trials, {len(front)} on the front")
         ax.legend()

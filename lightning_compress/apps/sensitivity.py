@@ -11,6 +11,8 @@ The scan itself is :mod:`lightning_compress.analysis.sensitivity` (usable withou
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,13 @@ from lightning_compress.analysis.sensitivity import (
 )
 from lightning_compress.apps.config import CONFIG_SEARCHPATH, instantiate
 from lightning_compress.apps.tracking import finish_wandb_run
-from lightning_compress.apps.train import build_task
+from lightning_compress.apps.train import build_task, job_settings, stage_cache
+from lightning_compress.core.cache import StageCache
 from lightning_compress.core.metrics import evaluate_accuracy
 from lightning_compress.core.selection import select_modules
 from lightning_compress.trainer.tables import log_table
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -49,19 +54,26 @@ def run(cfg: Any) -> dict[str, Any]:
     datamodule, module = build_task(cfg)
     select_modules(module, opts.include, opts.exclude)  # refuse bad patterns before training
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
-    if opts.checkpoint:
-        if not Path(opts.checkpoint).is_file():
-            raise FileNotFoundError(f"`sensitivity.checkpoint` {opts.checkpoint!r} does not exist.")
-        module.load_state_dict(torch.load(opts.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    cache = stage_cache(cfg)
+    settings = job_settings(cfg)
+    scan_key = {
+        **settings,
+        "sensitivity": {k: v for k, v in settings["sensitivity"].items() if k != "max_accuracy_drop"},
+    }
+    scan = cache.load("sensitivity", scan_key, lambda p: dict(json.loads(p.read_text())), ".json") if cache else None
+    if scan is not None:
+        log.info("Reusing the scan of the same model and settings (only the tolerance differs): %s",
+                 cache.path("sensitivity", scan_key, ".json") if cache else "")  # fmt: skip
     else:
-        trainer = instantiate(cfg.trainer, logger=logger or False, enable_checkpointing=False)
-        trainer.fit(module, datamodule=datamodule)
-    datamodule.setup("validate")
-    loader = datamodule.val_dataloader()
-    scan = sensitivity_scan(
-        module, lambda m: evaluate_accuracy(m, loader, "the validation loader"), levels, opts.granularity,
-        opts.include, opts.exclude,
-    )  # fmt: skip
+        dense(cfg, module, datamodule, logger, cache, settings)
+        datamodule.setup("validate")
+        loader = datamodule.val_dataloader()
+        scan = sensitivity_scan(
+            module, lambda m: evaluate_accuracy(m, loader, "the validation loader"), levels, opts.granularity,
+            opts.include, opts.exclude,
+        )  # fmt: skip
+        if cache is not None:
+            cache.store("sensitivity", scan_key, lambda p: p.write_text(json.dumps(scan)), ".json")
     targets = layer_sparsity_from_scan(scan, opts.max_accuracy_drop)
     paths = write_scan(scan, targets, out)
 
@@ -84,6 +96,30 @@ def run(cfg: Any) -> dict[str, Any]:
         log_table([logger], "sensitivity/scan", columns, [[r[c] for c in columns] for r in scan["rows"]], out)
         logger.log_metrics({"sensitivity/baseline": scan["baseline"], "sensitivity/overall_sparsity": overall})
     return {**scan, "layer_sparsity": targets, "overall_sparsity": overall, **{k: str(v) for k, v in paths.items()}}
+
+
+def dense(cfg: Any, module: Any, datamodule: Any, logger: Any, cache: StageCache | None, settings: dict) -> None:
+    """The dense model to scan: loaded from ``sensitivity.checkpoint``, or from the stage store when one with the
+    same task and training settings was trained before (a multirun over the tolerance, a rerun), else trained."""
+    checkpoint = cfg.sensitivity.checkpoint
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"`sensitivity.checkpoint` {checkpoint!r} does not exist.")
+        module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+        return
+    key = {k: settings.get(k) for k in ("data", "model", "module", "trainer", "seed")}
+
+    def load(path: Path) -> bool:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+        return True
+
+    if cache is not None and cache.load("dense", key, load, ".ckpt"):
+        log.info("Reusing the dense model trained with the same settings: %s", cache.path("dense", key, ".ckpt"))
+        return
+    trainer = instantiate(cfg.trainer, logger=logger or False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=datamodule)
+    if cache is not None:
+        cache.store("dense", key, lambda p: trainer.save_checkpoint(str(p)), ".ckpt")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_SEARCHPATH, config_name="sensitivity")

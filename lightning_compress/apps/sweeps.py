@@ -15,15 +15,26 @@ from omegaconf import DictConfig
 from lightning_compress.analysis.pareto import selection_accuracy, write_pareto
 
 #: What a job returns to a sweeper: objective name → number of values.
-OBJECTIVES = {"accuracy": 1, "accuracy_and_size": 2}
+OBJECTIVES = {"accuracy": 1, "accuracy_and_size": 2, "accuracy_and_latency": 2}
+#: The report key each multi-objective sweep minimises beside the validation accuracy (and its Pareto front uses).
+SECOND_OBJECTIVE = {"accuracy_and_size": "size_bytes_compressed", "accuracy_and_latency": "latency_ms_batch1"}
 
 
-def check_objective(objective: str) -> None:
-    """``objective`` must be one the app returns; inside a sweep, one value per direction of the sweeper."""
+def check_objective(objective: str, latency: Any = True) -> None:
+    """``objective`` must be one the app returns (a latency objective needs the ``latency`` measurement and ONNX
+    Runtime); inside a sweep, one value per direction of the sweeper."""
+    import importlib.util
+
     from hydra.core.hydra_config import HydraConfig
 
     if objective not in OBJECTIVES:
         raise ValueError(f"`objective` must be one of {sorted(OBJECTIVES)}, got {objective!r}.")
+    if objective == "accuracy_and_latency" and not latency:
+        raise ValueError("objective=accuracy_and_latency minimises the measured latency, but latency=null turns the "
+                         "measurement off: keep the `latency` settings.")  # fmt: skip
+    if objective == "accuracy_and_latency" and importlib.util.find_spec("onnxruntime") is None:
+        raise ValueError("objective=accuracy_and_latency measures the model in ONNX Runtime: install it with "
+                         "`pip install 'lightning-compress[onnx]'`.")  # fmt: skip
     if not HydraConfig.initialized():
         return
     direction = HydraConfig.get().sweeper.get("direction")
@@ -47,9 +58,10 @@ def check_directions(objective: str, directions: list[Any]) -> None:
 
 def objective_values(report: dict[str, Any], objective: str) -> float | list[float]:
     """The value(s) a job returns to the sweeper for ``objective``: validation accuracy (at the compression target,
-    :func:`~lightning_compress.analysis.pareto.selection_accuracy`), never the test split's; and the size."""
-    if objective == "accuracy_and_size":
-        return [selection_accuracy(report), float(report["size_bytes_compressed"])]
+    :func:`~lightning_compress.analysis.pareto.selection_accuracy`), never the test split's; and the size or the
+    latency."""
+    if objective in SECOND_OBJECTIVE:
+        return [selection_accuracy(report), float(report[SECOND_OBJECTIVE[objective]])]
     return selection_accuracy(report)
 
 
@@ -60,10 +72,11 @@ def log_pareto_to_wandb(sweep_dir: Path, result: dict[str, Any], project: str | 
 
     front = {t["job"] for t in result["front"]}
     columns: list[str | int] = ["job", "val_accuracy", "size_kib", "compression_ratio", "sparsity", "on_front",
-                                "overrides", "test_accuracy"]  # fmt: skip
+                                "overrides", "test_accuracy", "latency_ms_batch1", "flops_per_sample"]  # fmt: skip
     rows = [
         [t["job"], t["val_accuracy"], t["size_bytes_compressed"] / 1024, t["compression_ratio"], t["sparsity"],
-         t["job"] in front, " ".join(t["overrides"]), t["test_accuracy"]]
+         t["job"] in front, " ".join(t["overrides"]), t["test_accuracy"], t.get("latency_ms_batch1"),
+         t.get("flops_per_sample")]
         for t in result["trials"]
     ]  # fmt: skip
     run = wandb.init(
@@ -96,7 +109,7 @@ class ParetoCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        result = write_pareto(sweep_dir)
+        result = write_pareto(sweep_dir, SECOND_OBJECTIVE.get(str(config.get("objective")), "size_bytes_compressed"))
         logger = config.get("logger")
         if result["trials"] and logger and str(logger.get("_target_", "")).endswith("WandbLogger"):
             log_pareto_to_wandb(sweep_dir, result, logger.get("project"), bool(logger.get("offline", True)))

@@ -63,3 +63,16 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
             f"{parity['top1_agreement']:.2%}", f"{parity['max_logit_diff']:.4f}", _fmt_bytes(report["size_bytes_onnx"]),
         )  # fmt: skip
         console.print(quant)
+    if report.get("latency_ms_batch1") is not None:
+        speed = Table(title=f"speed (ONNX Runtime, {report['latency_threads']} threads, {report['latency_onnx']})",
+                      title_justify="left")  # fmt: skip
+        for col in ("params", "FLOPs / sample", "batch 1 (ms)", f"batch {report['throughput_batch']} (samples/s)"):
+            speed.add_column(col, justify="right")
+        low, high = report["latency_ms_batch1_range"]
+        slow, fast = report["throughput_per_s_range"]
+        speed.add_row(
+            f"{report['params']:,}", f"{report['flops_per_sample']:,}",
+            f"{report['latency_ms_batch1']:.3f} ({low:.3f}–{high:.3f})",
+            f"{report['throughput_per_s']:,.0f} ({slow:,.0f}–{fast:,.0f})",
+        )  # fmt: skip
+        console.print(speed)

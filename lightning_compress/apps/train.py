@@ -11,9 +11,11 @@ compact artifact) and, with the default logger, the offline W&B run under ``wand
 
 A job is a sequence of stages, each a function below: :func:`build` (everything that can be refused, before
 training) → ``fit`` and ``test`` → :func:`size_report` → :func:`quantization_report` (when a technique quantizes)
+→ :func:`latency_report` (ONNX Runtime speed of the int8 file or of the float model, ``model.onnx``)
 → :func:`distillation_report` (when a technique distils; with ``distillation_baseline`` it also trains the student
-alone, said in the log) → :func:`write_report`. The stages ask the callbacks what they can do (the protocols of
-:mod:`lightning_compress.core.protocol`), never which class they are.
+alone, said in the log) → :func:`write_report`. In a multirun (``paths.stages_dir``) a job whose settings already
+ran returns the stored report instead (:func:`reused_report`). The stages ask the callbacks what they can do (the
+protocols of :mod:`lightning_compress.core.protocol`), never which class they are.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from lightning_compress.apps.tracking import finish_wandb_run, sweep_group
 from lightning_compress.core.cache import StageCache
 from lightning_compress.core.metrics import evaluate_accuracy
 from lightning_compress.core.protocol import HasFloatMode, HasMasks, HasTeachers
-from lightning_compress.export.onnx import export_onnx, onnx_parity, pruned_zeros_kept
+from lightning_compress.export.onnx import export_float_onnx, export_onnx, onnx_parity, pruned_zeros_kept
 from lightning_compress.trainer.checkpoint_selection import CompressionTarget
 from lightning_compress.trainer.progress import spawned
 from lightning_compress.trainer.tables import log_table
@@ -145,6 +147,29 @@ def quantization_report(job: Job, quantizer: HasFloatMode, loader: Any) -> dict[
         "onnx_path": str(path),
         "size_bytes_onnx": path.stat().st_size,
     }
+
+
+def latency_report(job: Job, report: dict[str, Any], example: Any) -> dict[str, Any]:
+    """Stage 4b: ONNX Runtime latency of the job's model (``latency`` settings): the int8 file when the job
+    quantized, else the float model exported to ``model.onnx`` (checked in ONNX Runtime before it is written)."""
+    settings = job.cfg.get("latency")
+    if not settings:
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+        log.warning("latency not measured: it needs ONNX Runtime (`pip install 'lightning-compress[onnx]'`); "
+                    "set latency=null to skip it without this warning.")  # fmt: skip
+        return {"latency_ms_batch1": None, "throughput_per_s": None}
+    from lightning_compress.analysis.latency import onnx_latency
+
+    path = (
+        Path(report["onnx_path"])
+        if "onnx_path" in report
+        else export_float_onnx(job.module, job.out / "model.onnx", example)
+    )
+    measured = onnx_latency(path, example, **dict(settings))
+    return {**measured, "latency_onnx": path.name}
 
 
 def train_student_alone(cfg: DictConfig, out: Path) -> float:
@@ -294,6 +319,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         quantizer = next((cb for cb in job.compression if isinstance(cb, HasFloatMode)), None)
         if quantizer is not None:
             report.update(quantization_report(job, quantizer, loader))
+        report.update(latency_report(job, report, next(iter(loader))[0]))
         distiller = next((cb for cb in job.compression if isinstance(cb, HasTeachers)), None)
         if distiller is not None:
             report.update(distillation_report(job, distiller, loader))
@@ -329,7 +355,7 @@ register_sweeper()
 def main(cfg: DictConfig) -> float | list[float]:
     """Entry point of the ``lightning-compress`` console script; returns the objective(s) for sweeps."""
     objective = str(cfg.get("objective", "accuracy"))
-    check_objective(objective)
+    check_objective(objective, cfg.get("latency"))
     try:
         report = train(cfg)
     finally:

@@ -83,6 +83,10 @@ class KnowledgeDistillation(Callback):
             batch is known (from the second epoch on). Samples are keyed by a hash of their bytes, so shuffling is
             fine; augmentation is not (an augmented sample is a new sample, and the cache would only grow). The
             cache lives on the student's device.
+        cache_dir: With ``cache_teacher_outputs``, a directory where the cache is stored when ``fit`` ends and
+            read when it starts, keyed by the teachers' weights (SHA-256), so that later runs with the same teachers
+            skip their forward from the first epoch (the app sets a sweep's ``stages`` directory). A stored cache
+            that does not read back is recomputed with a warning.
         wrap_training_step: Wrap the module's ``training_step`` (default). ``False``: call :meth:`loss` yourself.
         feature_pairs: Feature (hint) distillation, FitNets-style: ``{student module name: teacher module name}`` (the
             first teacher's). Each student feature passes a learned adapter (1×1 conv or linear, where the channel
@@ -107,6 +111,7 @@ class KnowledgeDistillation(Callback):
         teacher_checkpoint: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
         teacher_weights: Sequence[float] | None = None,
         cache_teacher_outputs: bool = False,
+        cache_dir: str | os.PathLike | None = None,
         wrap_training_step: bool = True,
         feature_pairs: Mapping[str, str] | None = None,
         feature_weight: float = 1.0,
@@ -143,6 +148,9 @@ class KnowledgeDistillation(Callback):
             raise ValueError(f"{message}, got {teacher_weights!r}.")
         self.teacher_weights = [float(w) / sum(weights) for w in weights]
         self.cache_teacher_outputs = check_flag("cache_teacher_outputs", cache_teacher_outputs)
+        if cache_dir is not None and not self.cache_teacher_outputs:
+            raise ValueError("`cache_dir` stores the teacher-output cache: set cache_teacher_outputs=True with it.")
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.wrap_training_step = check_flag("wrap_training_step", wrap_training_step)
         self.feature_pairs = {str(s): str(t) for s, t in dict(feature_pairs or {}).items()}
         self.feature_weight = float(check_number("feature_weight", feature_weight, 0))
@@ -354,6 +362,8 @@ class KnowledgeDistillation(Callback):
                 "you pass to self.manual_backward."
             )
         self.build_teachers()
+        if self.cache_dir is not None and trainer.is_global_zero and not self._cache:
+            self._load_cache()
         if self.feature_pairs:
             self._attach_features(pl_module)
         if not self.wrap_training_step:
@@ -389,6 +399,8 @@ class KnowledgeDistillation(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for teacher in self.teachers:
             teacher.to(pl_module.device)
+        if self._cache_values is not None:
+            self._cache_values = self._cache_values.to(pl_module.device)  # a cache read from disk is on the CPU
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -403,6 +415,41 @@ class KnowledgeDistillation(Callback):
         means = {f"{k}_epoch": metric.compute() for k, metric in self._means.items() if metric.update_count}
         if means:
             pl_module.log_dict(means, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ the teacher-output cache on disk
+    def _cache_key(self) -> dict[str, Any]:
+        return {"teachers": [fingerprint(t) for t in self.teachers], "keys": "projection-seed-0"}
+
+    def _load_cache(self) -> None:
+        from lightning_compress.core.cache import StageCache
+
+        def read(path: Any) -> int:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            keys, values = stored["keys"], stored["values"]
+            if keys.shape[0] != values.shape[0] or keys.dtype != torch.float64:
+                raise ValueError(f"{keys.shape[0]} keys for {values.shape[0]} rows")
+            self._cache = {tuple(row): i for i, row in enumerate(keys.tolist())}
+            self._cache_values = values
+            return len(self._cache)
+
+        assert self.cache_dir is not None
+        StageCache(self.cache_dir).load("teacher-outputs", self._cache_key(), read, ".pt")
+
+    def _store_cache(self) -> None:
+        from lightning_compress.core.cache import StageCache
+
+        if self._cache_values is None or not self._cache:
+            return
+        keys = torch.tensor(list(self._cache), dtype=torch.float64)
+        rows = torch.tensor(list(self._cache.values()))
+        stored = {"keys": keys, "values": self._cache_values.index_select(0, rows.to(self._cache_values.device)).cpu()}
+        assert self.cache_dir is not None
+        StageCache(self.cache_dir).store("teacher-outputs", self._cache_key(), lambda p: torch.save(stored, p), ".pt")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.cache_dir is not None and trainer.is_global_zero:
+            self._store_cache()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -175,6 +175,49 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     return path
 
 
+def export_float_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, atol: float = 1e-4) -> Path:
+    """Write a float model (dense or pruned, no quantizers) as ONNX — after checking in ONNX Runtime that the file
+    computes what the model computes on ``example_input``: largest absolute output difference at most ``atol``
+    times the largest output magnitude (at least 1). Used by the app to measure latency of models without QAT.
+
+    Raises:
+        TypeError: ``example_input`` is not a tensor.
+        ExportMismatchError: ONNX Runtime's outputs differ; nothing is written.
+    """
+    import onnxruntime as ort
+
+    if not isinstance(example_input, Tensor):
+        raise TypeError(
+            f"export_float_onnx: `example_input` must be a torch.Tensor, got {type(example_input).__name__}."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        example_input = example_input.detach().to(next(model.parameters()).device)
+        program = torch.onnx.export(
+            model, (example_input,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            verbose=False,
+        )  # fmt: skip
+        assert program is not None
+        with torch.no_grad():
+            ref = model(example_input).float().cpu()
+    finally:
+        model.train(was_training)
+    proto = program.model_proto
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: example_input.cpu().numpy()})[0])
+    diff = float((out.float() - ref).abs().max())
+    if diff > atol * max(1.0, float(ref.abs().max())):
+        raise ExportMismatchError(
+            f"export_float_onnx: ONNX Runtime's outputs differ from the model's by up to {diff:.3g} on the example "
+            f"input, so nothing was written to {path}."
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    return path
+
+
 def _verify(proto: Any, model: nn.Module, example_input: Tensor, path: Path) -> None:
     """Run the ONNX model in ONNX Runtime on ``example_input`` next to ``model``; raise when they disagree."""
     import onnxruntime as ort
