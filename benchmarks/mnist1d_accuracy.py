@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from _common import machine, mean_std, update_results
 from accuracy import train as prune_run
 from distillation import fit
-from qat_accuracy import run as qat_run
+from qat_accuracy import agreement_cell, run_all
 from scipy.stats import ttest_ind
 
 from lightning_compress import KnowledgeDistillation
@@ -71,22 +69,13 @@ def main() -> None:
             f"| {verdict(ours, peer)} |"
         )
 
-    qat: dict[str, list[dict[str, float]]] = {k: [] for k in QAT_KINDS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            for kind in QAT_KINDS:
-                out = Path(tmp) / f"{kind}-{seed}"
-                out.mkdir()
-                qat[kind].append(qat_run(seed, kind, args.epochs, out, task="mnist1d"))
-                print(seed, kind, qat[kind][-1].get("accuracy"), flush=True)
+    qat = run_all(len(seeds), list(QAT_KINDS), args.epochs, task="mnist1d")
     qat_acc = {k: [r["accuracy"] for r in v] for k, v in qat.items()}
     qat_rows = []
     for kind in QAT_KINDS:
-        agreement = [r["agreement"] for r in qat[kind] if "agreement" in r]
         qat_rows.append(
             f"| {kind} | {mean_std(qat_acc[kind])} | "
-            f"{verdict(qat_acc[kind], qat_acc['float']) if kind != 'float' else '—'} | "
-            f"{f'{min(agreement):.2f}' if agreement else '—'} |"
+            f"{verdict(qat_acc[kind], qat_acc['float']) if kind != 'float' else '—'} | {agreement_cell(qat[kind])} |"
         )
 
     kd: dict[str, list[float]] = {"teacher": [], "alone": [], "distilled": []}

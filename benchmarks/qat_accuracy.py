@@ -150,6 +150,25 @@ def run(seed: int, kind: str, epochs: int, out: Path, task: str = "digits") -> d
     return result
 
 
+def run_all(seeds: int, kinds: list[str], epochs: int, task: str = "digits") -> dict[str, list[dict[str, float]]]:
+    """:func:`run` for every seed and kind (seeds outermost), each in its own temporary directory."""
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(seeds):
+            for kind in kinds:
+                out = Path(tmp) / f"{kind}-{seed}".replace(" ", "_").replace("%", "")
+                out.mkdir()
+                results[kind].append(run(seed, kind, epochs, out, task))
+                print(seed, kind, results[kind][-1], flush=True)
+    return results
+
+
+def agreement_cell(runs: list[dict[str, float]]) -> str:
+    """The lowest top-1 agreement (%) over the runs that exported, or a dash."""
+    agreement = [r["agreement"] for r in runs if "agreement" in r]
+    return f"{min(agreement):.2f}" if agreement else "—"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
@@ -158,14 +177,7 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
     kinds = ["float", "int8", "w4", "w2-lsq", "torch.ao eager", "90% + int8"]
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
-            for kind in kinds:
-                out = Path(tmp) / f"{kind}-{seed}".replace(" ", "_").replace("%", "")
-                out.mkdir()
-                results[kind].append(run(seed, kind, args.epochs, out))
-                print(seed, kind, results[kind][-1], flush=True)
+    results = run_all(args.seeds, kinds, args.epochs)
 
     def acc(kind):
         return [r["accuracy"] for r in results[kind]]
@@ -173,10 +185,9 @@ def main() -> None:
     float_mean = statistics.mean(acc("float"))
     rows = []
     for kind in kinds:
-        agreement = [r["agreement"] for r in results[kind] if "agreement" in r]
         rows.append(
             f"| {kind} | {mean_std(acc(kind))} | {statistics.mean(acc(kind)) - float_mean:+.2f} | "
-            f"{(f'{min(agreement):.2f}' if agreement else '—')} |"
+            f"{agreement_cell(results[kind])} |"
         )
     size_rows = []
     for kind in ("float", "int8", "w4", "90% + int8"):

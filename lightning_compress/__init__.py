@@ -20,6 +20,7 @@ from lightning_compress.analysis.report import LayerStats, compression_summary, 
 from lightning_compress.apps.recipes import available_recipes, load_recipe
 from lightning_compress.core.selection import select_modules
 from lightning_compress.distillation import KnowledgeDistillation
+from lightning_compress.export.compact import export_compact
 from lightning_compress.export.onnx import export_onnx, onnx_parity
 from lightning_compress.pruning import MagnitudePruning, prune_
 from lightning_compress.quantization import QATConfig, QuantizationAwareTraining, prepare_qat
@@ -36,6 +37,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "available_recipes",
     "compression_summary",
+    "export_compact",
     "export_onnx",
     "load_compressed",
     "load_recipe",

@@ -25,6 +25,7 @@ def test_wheel_ships_configs_and_recipes_and_runs_outside_the_repo(tmp_path):
     assert shipped_recipes == {p.name for p in (ROOT / "conf" / "recipe").glob("*.yaml")} and len(shipped_recipes) > 5
     assert "lightning_compress/conf/config.yaml" in names
     assert "lightning_compress/conf/compression/magnitude_pruning.yaml" in names
+    assert "hydra_plugins/lightning_compress_sweeper/__init__.py" in names  # the resumable sweeper, where Hydra looks
 
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
@@ -43,3 +44,15 @@ def test_wheel_ships_configs_and_recipes_and_runs_outside_the_repo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].startswith(str(target))  # the installed copy, not the checkout
     assert json.loads((run_dir / "report.json").read_text())["recipe"] == "digits_prune90"
+
+    # an Optuna sweep from the installed copy: the shipped sweeper plugin stores its study in the sweep directory
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.argv[0] = 'lightning-compress'; "
+         "from lightning_compress.apps.train import main; main()", "hparams_search=tpe", "hydra.sweeper.n_trials=1",
+         f"hydra.sweep.dir={sweep}", "trainer.max_epochs=1", "compression.pruning.end_epoch=1", "logger=none",
+         "latency=null", "trainer.enable_progress_bar=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (sweep / "optuna.db").is_file() and (sweep / "0" / "report.json").is_file()

@@ -1,0 +1,156 @@
+"""Channel groups (Torch-Pruning's dependency graph) and the compact export: removing a group is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import export_compact
+from lightning_compress.analysis.report import flops_per_sample
+from lightning_compress.pruning.groups import apply_group_masks_, channel_groups, group_keep, group_scores
+from lightning_compress.tasks import CNN1D, ResNet20
+
+pytest.importorskip("torch_pruning")
+
+
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and shifts, so that a channel left with its BatchNorm shift would show."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+class Branches(nn.Module):
+    """Concatenation, a depthwise convolution and a residual addition in one small network (and, with ``grouped``, a
+    grouped convolution in the residual branch)."""
+
+    def __init__(self, grouped: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.left = nn.Conv2d(8, 8, 1)
+        self.right = nn.Conv2d(8, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=2 if grouped else 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([self.left(x), self.right(x)], dim=1)
+        x = torch.relu(self.bn(self.depthwise(x)))
+        return self.head(x + self.grouped(x))
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: ResNet20((3, 16, 16), 10, width=8), (8, 3, 16, 16)),
+        (lambda: CNN1D(), (8, 1, 40)),
+        (Branches, (8, 3, 12, 12)),
+    ],  # fmt: skip
+    ids=["resnet-residuals", "conv1d-flatten-linear", "concat-depthwise-residual"],
+)
+def test_removing_half_the_channels_by_group_is_exact(make, shape):
+    model = _trained_like(make())
+    x = torch.randn(*shape)
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    groups = channel_groups(model, x)
+    keep = group_keep(groups, group_scores(groups), 0.5)
+    apply_group_masks_(groups, keep)
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys  # trained in the user's shapes
+    compact = export_compact(model, x)
+    assert compact.max_abs_difference <= 1e-4
+    torch.testing.assert_close(compact(x), model(x), atol=1e-4, rtol=0)
+    assert sum(p.numel() for p in compact.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())
+    assert flops_per_sample(compact, x) < 0.6 * flops_per_sample(model, x)
+
+
+def test_a_group_through_a_grouped_convolution_is_not_offered():
+    x = torch.randn(2, 3, 12, 12)
+    plain = {g.root for g in channel_groups(Branches(), x)}
+    with pytest.warns(UserWarning, match="grouped convolution 'grouped'.*they stay"):
+        grouped = {g.root for g in channel_groups(Branches(grouped=True), x)}
+    assert "grouped" in plain and "grouped" not in grouped and "stem.0" in grouped
+
+
+def test_a_group_is_never_emptied_and_the_output_layer_keeps_its_outputs():
+    model = _trained_like(ResNet20((3, 16, 16), 10, width=4))
+    x = torch.randn(2, 3, 16, 16)
+    groups = channel_groups(model, x)
+    assert all(g.root != "fc" for g in groups)
+    keep = group_keep(groups, group_scores(groups), 0.99)
+    assert all(int(k.sum()) >= 1 for k in keep)
+    apply_group_masks_(groups, keep)
+    compact = export_compact(model, x)
+    assert compact(x).shape == (2, 10)
+
+
+def test_a_filter_zeroed_by_hand_without_its_batchnorm_is_refused():
+    model = _trained_like(ResNet20((3, 16, 16), 10, width=4))
+    with torch.no_grad():
+        model.features[0].weight[1].zero_()  # the filter, not its BatchNorm shift: not a removable channel
+    with pytest.raises(
+        ValueError, match=r"channel 1 of 'features.0' is zero there but not in the layers it is coupled"
+    ):
+        export_compact(model, torch.randn(2, 3, 16, 16))
+
+
+def test_layers_left_out_keep_their_group():
+    model = ResNet20((3, 16, 16), 10, width=4)
+    x = torch.randn(2, 3, 16, 16)
+    roots = {g.root for g in channel_groups(model, x)}
+    kept = {g.root for g in channel_groups(model, x, exclude=r"features\.0$")}
+    assert "features.0" in roots and "features.0" not in kept
+    assert len(kept) < len(roots)  # the stem's residual stream is coupled with it: that group goes too
+
+
+class WithGroupNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.GroupNorm(2, 8)
+        self.out = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.out(self.norm(self.conv(x))).mean((2, 3))
+
+
+def test_a_module_the_export_cannot_cut_is_named_with_the_exclude_to_use():
+    with pytest.raises(
+        ValueError, match=r"'norm' \(GroupNorm\) holds channels coupled with 'conv'.*exclude=\['conv'\]"
+    ):
+        channel_groups(WithGroupNorm(), torch.randn(2, 3, 8, 8))
+
+
+def test_one_shot_prune_then_compact_on_the_mnist1d_cnn():
+    from lightning_compress.pruning import prune_channel_groups_
+
+    model = _trained_like(CNN1D())
+    x = torch.randn(16, 1, 40)
+    groups, keep = prune_channel_groups_(model, x, 0.5, scope="layer")
+    with torch.no_grad():  # a fine-tuning step revives the zeroed channels; re-applying the masks removes them again
+        for p in model.parameters():
+            p.add_(0.01)
+    apply_group_masks_(groups, keep)
+    assert sorted(g.root for g in groups) == ["features.0", "features.3", "features.6"]
+    assert all(int(model.features[i].weight.flatten(1).abs().sum(1).eq(0).sum()) == 12 for i in (0, 3, 6))
+    compact = export_compact(model, x)
+    assert [compact.features[i].out_channels for i in (0, 3, 6)] == [13, 13, 13]
+    with pytest.raises(ValueError, match="no channel group to prune"):
+        prune_channel_groups_(CNN1D(), x, 0.5, exclude=r"features")
+
+
+def test_bad_amounts_are_refused():
+    model = ResNet20((3, 16, 16), 10, width=4)
+    groups = channel_groups(model, torch.randn(2, 3, 16, 16))
+    scores = group_scores(groups)
+    with pytest.raises(ValueError, match="sparsity"):
+        group_keep(groups, scores, 1.0)
+    with pytest.raises(ValueError, match="`scope` must be 'global' or 'layer'"):
+        group_keep(groups, scores, 0.5, scope="model")
