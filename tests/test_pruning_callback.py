@@ -54,10 +54,9 @@ def fit(tmp_path, cb, module=None, datamodule=None, **trainer_kwargs):
     [
         (dict(final_sparsity=0.9), False),
         (dict(final_sparsity=0.8, scope="layer"), True),
-        (dict(final_sparsity=0.5, granularity="channel", exclude="classifier.3"), True),
         (dict(final_sparsity=0.5, granularity="2:4", exclude=r"features\.0$"), True),
     ],
-    ids=["global-90", "layer-80", "channel-50", "2:4"],
+    ids=["global-90", "layer-80", "2:4"],
 )
 def test_exact_final_sparsity_and_accuracy(tmp_path, kwargs, per_layer):
     pl.seed_everything(0)
@@ -126,6 +125,54 @@ def test_checkpoint_loads_strict_into_unmodified_class_and_weights_only(tmp_path
         assert torch.equal(w == 0, ~cb.masks[name])
     state = ckpt["callbacks"][cb.state_key]
     assert set(state["masks"]) == set(cb.selected_layers) and state["masks"]["net.features.3"].dtype == torch.bool
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_channel_groups_are_removed_whole_and_export_compact_is_exact(tmp_path, scope):
+    from lightning_compress import export_compact
+
+    pl.seed_everything(0)
+    cb = MagnitudePruning(final_sparsity=0.5, granularity="channel", scope=scope, end_epoch=4)
+    trainer, module, dm = fit(tmp_path, cb, max_epochs=5)
+    keys = {k: v.shape for k, v in small_module().state_dict().items()}
+    assert {k: v.shape for k, v in module.state_dict().items()} == keys  # trained in the user's shapes
+    roots = sorted(g.root for g in cb.groups)
+    assert roots == ["net.classifier.1", "net.features.0", "net.features.3", "net.features.7"]  # not the output layer
+    channels = sum(g.channels for g in cb.groups)
+    assert cb.channel_sparsity() == pytest.approx(int(0.5 * channels) / channels, abs=1 / channels)
+    for group in cb.groups:
+        assert 1 <= int(cb._group_keep[cb.groups.index(group)].sum()) < group.channels
+        if scope == "layer":
+            assert int((~cb._group_keep[cb.groups.index(group)]).sum()) == group.channels // 2
+    net = module.net
+    removed = (~cb._group_keep[[g.root for g in cb.groups].index("net.features.0")]).nonzero().flatten()
+    for param in (net.features[0].weight, net.features[1].weight, net.features[1].bias):
+        assert param.detach()[removed].eq(0).all()  # the filter with its BatchNorm scale and shift
+    dm.setup("test")
+    x = next(iter(dm.test_dataloader()))[0]
+    compact = export_compact(module, x)
+    assert compact.max_abs_difference <= 1e-4
+    assert sum(p.numel() for p in compact.parameters()) < 0.5 * sum(p.numel() for p in module.parameters())
+    assert trainer.test(module, dm, verbose=False)[0]["test/acc"] > 0.85
+
+
+def test_channel_groups_resume_mid_schedule_equals_uninterrupted_run(tmp_path):
+    from lightning_compress.tasks import DigitsDataModule
+
+    def callback():
+        return MagnitudePruning(final_sparsity=0.5, granularity="channel", end_epoch=3, update_every_n_steps=4)
+
+    pl.seed_everything(0)
+    full_module, full_cb = small_module(), callback()
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "full", filename="{epoch}", save_top_k=-1)
+    fit(tmp_path / "full", full_cb, module=full_module, max_epochs=4, callbacks=[ckpt_cb], enable_checkpointing=True)
+    pl.seed_everything(123)
+    module, cb = small_module(), callback()
+    trainer = make_trainer(tmp_path / "resumed", callbacks=[cb], max_epochs=4)
+    trainer.fit(module, DigitsDataModule(seed=0), ckpt_path=tmp_path / "full" / "epoch=1.ckpt")
+    assert [torch.equal(a, b) for a, b in zip(full_cb._group_keep, cb._group_keep, strict=True)] == [True] * 4
+    for (k, a), (_, b) in zip(full_module.state_dict().items(), module.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
 
 
 def test_resume_mid_schedule_equals_uninterrupted_run(tmp_path):
@@ -281,9 +328,14 @@ def test_compression_summary_without_trainer():
         ),
         (dict(scope="model"), ValueError, r"`scope` must be one of \('global', 'layer'\), got 'model'"),
         (
-            dict(granularity="channel", scope="global", final_sparsity=0.5),
+            dict(granularity="2:4", scope="global", final_sparsity=0.5),
             ValueError,
-            r"scope='global'.*needs granularity='unstructured'",
+            r"scope='global'.*N:M patterns are per layer",
+        ),
+        (
+            dict(granularity="channel", criterion="random", final_sparsity=0.5),
+            ValueError,
+            r"criterion='random' is not offered with granularity='channel'",
         ),
         (
             dict(granularity="2:4"),
@@ -420,3 +472,24 @@ def test_ddp_spawn_two_processes_identical_masks(tmp_path):
     ]
     total = sum(w.numel() for w in weights)
     assert sum(w.numel() - int(torch.count_nonzero(w)) for w in weights) == round(0.8 * total)
+
+
+def test_channel_groups_refuse_a_module_the_export_cannot_cut_before_the_first_step(tmp_path):
+    from torch import nn
+
+    from lightning_compress.tasks import ClassificationModule
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.out = nn.Conv2d(1, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 10, 3)
+
+        def forward(self, x):
+            return self.out(self.norm(self.conv(x))).mean((2, 3))
+
+    module = ClassificationModule(Net())
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    cb = MagnitudePruning(final_sparsity=0.5, granularity="channel", end_epoch=1)
+    with pytest.raises(ValueError, match=r"'net.norm' \(GroupNorm\) holds channels coupled with 'net.conv'"):
+        fit(tmp_path, cb, module=module, max_epochs=1)
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # no step was taken

@@ -45,6 +45,14 @@ from lightning_compress.core.selection import (
     select_modules,
     weights_of,
 )
+from lightning_compress.pruning.groups import (
+    ChannelGroup,
+    channel_groups,
+    group_index,
+    group_keep,
+    group_scores,
+    require_torch_pruning,
+)
 from lightning_compress.trainer.progress import (
     callback_state,
     check_optimizers,
@@ -91,12 +99,16 @@ class MagnitudePruning(Callback):
         end_epoch: Epoch (or share of training) at which ``final_sparsity`` is reached. Must not exceed the
             Trainer's ``max_epochs`` (an error, raised before the first step: the ramp would never finish).
         schedule: ``"cubic"`` or ``"linear"``.
-        granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole output channels ranked by
-            L2 norm) or ``"N:M"`` such as ``"2:4"`` (in every group of M consecutive input weights the N
-            smallest are zero; ``final_sparsity`` may then be at most N/M, reached when every group follows
-            the pattern).
-        scope: ``"global"`` (one ranking across all selected layers; unstructured only, its default) or
-            ``"layer"`` (every layer at the target; the default for channel and N:M).
+        granularity: ``"unstructured"`` (single weights), ``"channel"`` (whole channel groups: a layer's output
+            channel with its bias, the following BatchNorm's scale and shift, the next layers' input channel and
+            every channel coupled through residual additions or concatenations, found by Torch-Pruning's dependency
+            graph on the first training batch or ``example_input_array``; ranked by their L2 norm; ``final_sparsity``
+            is the share of channels removed, :meth:`channel_sparsity`; a group always keeps one channel; then
+            :func:`~lightning_compress.export_compact` cuts them out) or ``"N:M"`` such as ``"2:4"`` (in every group
+            of M consecutive input weights the N smallest are zero; ``final_sparsity`` may then be at most N/M,
+            reached when every group follows the pattern).
+        scope: ``"global"`` (one ranking across all selected layers or channel groups; the default for
+            unstructured) or ``"layer"`` (every layer or group at the target; the default for channel and N:M).
         criterion: ``"magnitude"`` (default), ``"random"`` (fixed random scores from ``seed``) or
             ``"threshold"`` (every ``|w| < threshold`` is pruned at each update; the schedule's target is
             then not used and the measured sparsity is what the threshold gives).
@@ -157,12 +169,17 @@ class MagnitudePruning(Callback):
         if scope is None:
             scope = Scope.GLOBAL if self.granularity.kind == "unstructured" else Scope.LAYER
         self.scope = check_choice("scope", scope, Scope).value
-        if self.scope == Scope.GLOBAL and self.granularity.kind != "unstructured":
+        if self.scope == Scope.GLOBAL and self.granularity.kind == "nm":
             raise ValueError(
-                f"`scope='global'` ranks single weights across layers and needs granularity='unstructured'; "
-                f"got granularity={granularity!r}. Use scope='layer'."
+                f"`scope='global'` ranks weights or channel groups across layers; N:M patterns are per layer "
+                f"(granularity={granularity!r}). Use scope='layer'."
             )
         self.criterion = check_choice("criterion", criterion, Criterion).value
+        if self.granularity.kind == "channel" and self.criterion != Criterion.MAGNITUDE:
+            raise ValueError(
+                f"criterion={self.criterion!r} is not offered with granularity='channel': channel groups are ranked "
+                "by the L2 magnitude of all their coupled parameters (criterion='magnitude')."
+            )
         if self.criterion == Criterion.THRESHOLD:
             if threshold is None or not is_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
                 raise ValueError(f"criterion='threshold' needs a finite `threshold` > 0, got {threshold!r}.")
@@ -199,6 +216,9 @@ class MagnitudePruning(Callback):
         self._target = 0.0
         self._sparsity = 0.0
         self._start_step = self._end_step = self._every = 0
+        self._groups: list[ChannelGroup] = []  # granularity="channel": the dependency groups, built on the first batch
+        self._group_keep: list[Tensor] = []
+        self._group_index: list[tuple[Tensor, int, Tensor]] = []
 
     @property
     @override
@@ -254,6 +274,8 @@ class MagnitudePruning(Callback):
         selected = list(unique.values())
         weights = weights_of(selected)
         check_overrides_match(selected, self.layer_sparsity, "layer_sparsity")
+        if self.granularity.kind == "channel":
+            require_torch_pruning()  # refused at setup, not at the first batch
         if self.granularity.kind == "nm":
             for name, weight in weights.items():
                 try:
@@ -304,6 +326,8 @@ class MagnitudePruning(Callback):
         self._every = self.update_every_n_steps or max(
             MIN_STEPS_BETWEEN_UPDATES, round(span / DEFAULT_UPDATES_PER_RAMP)
         )
+        if self.granularity.kind == "channel" and not self._groups:
+            self._build_groups(trainer, pl_module)
         if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
@@ -342,6 +366,7 @@ class MagnitudePruning(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "masks": {name: mask.cpu() for name, mask in self._masks.items()},
+            "group_keep": [keep.cpu() for keep in self._group_keep],
             "last_update_step": self._last_update_step,
             "target": self._target,
             "end_step": self._end_step,
@@ -367,6 +392,8 @@ class MagnitudePruning(Callback):
         state = callback_state(checkpoint, self.state_key, "MagnitudePruning")
         self._bound = None
         self.setup(trainer, pl_module, "fit")
+        if self.granularity.kind == "channel":
+            self._build_groups(trainer, pl_module)
         self._restore(state)
         self._end_step = int(state.get("end_step", self._last_update_step))
 
@@ -379,10 +406,19 @@ class MagnitudePruning(Callback):
                 f"selects {sorted(self._weights)}. Use the include/exclude of the run that wrote it."
             )
         self._masks = {n: m.to(self._weights[n].device, torch.bool) for n, m in masks.items()}
+        keep = state.get("group_keep") or []
+        if self._groups and keep:
+            if [len(k) for k in keep] != [g.channels for g in self._groups]:
+                raise ValueError(
+                    "The checkpoint's channel groups do not match this model's "
+                    f"({[len(k) for k in keep]} channels vs {[g.channels for g in self._groups]})."
+                )
+            self._group_keep = [k.to(torch.bool) for k in keep]
+            self._group_index = group_index(self._groups, self._group_keep)
         self._last_update_step = int(state.get("last_update_step", -1))
         self._target = float(state.get("target", 0.0))
         self._apply()
-        self._sparsity = self.sparsity()
+        self._sparsity = self.channel_sparsity() if self._groups else self.sparsity()
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
         updated = self.should_update(step)
@@ -399,6 +435,9 @@ class MagnitudePruning(Callback):
 
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
+        if self._groups:
+            self._update_groups(trainer, step)
+            return
         weights = self._weights
         own = {n: v for n in weights if (v := match_overrides(n, self.layer_sparsity, self._selected)) is not None}
         self._target = self.scheduled_sparsity(step)
@@ -431,7 +470,72 @@ class MagnitudePruning(Callback):
             rank_zero_info(f"MagnitudePruning: step {step}, target {self._target:.4f}, measured {self._sparsity:.4f}")
 
     @torch.no_grad()
+    def _update_groups(self, trainer: pl.Trainer, step: int) -> None:
+        """granularity="channel": the schedule's share of all channels removed by dependency group (each group's
+        coupled parameters zeroed together), ranked by group L2 magnitude, globally or per group."""
+        self._target = self.scheduled_sparsity(step)
+        own = {
+            i: self.scheduled_sparsity(step, final)
+            for i, g in enumerate(self._groups)
+            if (final := match_overrides(g.root, self.layer_sparsity, self._selected)) is not None
+        }
+        keep = group_keep(self._groups, group_scores(self._groups), self._target, self.scope, own)
+        if trainer.world_size > 1:
+            keep = [k.to(next(iter(self._weights.values())).device) for k in keep]
+            keep = trainer.strategy.broadcast(keep, src=0)
+        self._group_keep = [k.cpu() for k in keep]
+        self._group_index = group_index(self._groups, self._group_keep)
+        self._masks = self._weight_masks()
+        self._last_update_step = step
+        self._apply()
+        self._sparsity = self.channel_sparsity()
+        if self.verbose:
+            rank_zero_info(
+                f"MagnitudePruning: step {step}, target {self._target:.4f} of the channels, "
+                f"measured {self._sparsity:.4f}"
+            )
+
+    def _weight_masks(self) -> dict[str, Tensor]:
+        """Each selected layer's weight mask implied by the removed channel groups (rows of removed outputs, columns
+        of removed inputs)."""
+        masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self._weights.items()}
+        for param, dim, indices in self._group_index:
+            for name, weight in self._weights.items():
+                if param is weight:
+                    masks[name].index_fill_(dim, indices.to(weight.device), False)
+        return masks
+
+    def _build_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The channel groups of the selected layers, traced on one input batch (``example_input_array`` when the
+        module has one, else the first training batch, read without touching the training's random streams)."""
+        example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            example = _first_input(trainer)
+        if not isinstance(example, Tensor):
+            raise ValueError(
+                "MagnitudePruning(granularity='channel') traces the model on one input to find its channel groups: "
+                "set `example_input_array` on your LightningModule (a tensor batch)."
+            )
+        self._groups = channel_groups(pl_module, example.to(pl_module.device), self.include, self.exclude)
+        if not self._groups:
+            raise ValueError(
+                "MagnitudePruning(granularity='channel'): no channel group can be pruned (the last layer keeps its "
+                "outputs; groups coupled with excluded layers stay). Check include/exclude."
+            )
+        roots = {g.root for g in self._groups}
+        for pattern in self.layer_sparsity:
+            if not any(match_overrides(r, {pattern: 0.0}, self._selected) is not None for r in roots):
+                raise ValueError(
+                    f"layer_sparsity pattern {pattern!r} matches no channel group's first layer "
+                    f"({', '.join(sorted(roots))})."
+                )
+
+    @torch.no_grad()
     def _apply(self) -> None:
+        if self._groups:
+            for param, dim, indices in self._group_index:
+                param.index_fill_(dim, indices, 0.0)
+            return
         for name, mask in self._masks.items():
             self._weights[name].mul_(mask)
 
@@ -450,6 +554,16 @@ class MagnitudePruning(Callback):
         total = sum(w.numel() for w in self._weights.values())
         zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in self._weights.values())
         return zeros / total if total else 0.0
+
+    def channel_sparsity(self) -> float:
+        """granularity="channel": the fraction of the groups' channels removed (what ``final_sparsity`` means there)."""
+        total = sum(len(k) for k in self._group_keep)
+        return sum(int((~k).sum()) for k in self._group_keep) / total if total else 0.0
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """granularity="channel": the dependency groups (known after the first batch), each naming its layers."""
+        return list(self._groups)
 
     @property
     def weights(self) -> dict[str, Tensor]:
@@ -471,3 +585,19 @@ class MagnitudePruning(Callback):
     def selected_layers(self) -> list[str]:
         """Names of the layers this callback prunes (known after ``setup``)."""
         return list(self._weights)
+
+
+def _first_input(trainer: pl.Trainer) -> Any:
+    """The input tensor of the first training batch, drawn from a fresh iterator without moving any random stream
+    (shuffling draws from them)."""
+    from lightning.pytorch.utilities.seed import isolate_rng
+
+    loader = trainer.train_dataloader
+    datamodule = getattr(trainer, "datamodule", None)
+    if loader is None and datamodule is not None:
+        loader = datamodule.train_dataloader()
+    if loader is None:
+        return None
+    with isolate_rng():
+        batch = next(iter(loader))
+    return batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,53 +182,68 @@ def group_scores(groups: Sequence[ChannelGroup]) -> list[Tensor]:
 
 
 def group_keep(
-    groups: Sequence[ChannelGroup], scores: Sequence[Tensor], sparsity: float, scope: str = "global"
+    groups: Sequence[ChannelGroup],
+    scores: Sequence[Tensor],
+    sparsity: float,
+    scope: str = "global",
+    own: Mapping[int, float] | None = None,
 ) -> list[Tensor]:
     """Per group, a boolean keep-mask over its channels that removes ``sparsity`` of all channels: the lowest scores
     in one global ranking (``scope="global"``, scores normalised per group by their mean) or in each group
-    (``"layer"``). A group always keeps at least one channel.
+    (``"layer"``). ``own``: group index → its own sparsity, ranked within the group and left out of the global
+    ranking. A group always keeps at least one channel.
 
     Raises:
-        ValueError: ``sparsity`` outside [0, 1) or an unknown ``scope``.
+        ValueError: A sparsity outside [0, 1) or an unknown ``scope``.
     """
     sparsity = float(check_number("sparsity", sparsity, 0, 1, high_open=True))
+    own = {i: float(check_number("sparsity", v, 0, 1, high_open=True)) for i, v in dict(own or {}).items()}
     if scope not in ("global", "layer"):
         raise ValueError(f"`scope` must be 'global' or 'layer', got {scope!r}.")
     keep = [torch.ones(g.channels, dtype=torch.bool) for g in groups]
-    if scope == "layer":
-        for mask, score in zip(keep, scores, strict=True):
-            remove = min(math.floor(sparsity * len(score)), len(score) - 1)
-            mask[torch.argsort(score, stable=True)[:remove]] = False
+    ranked_alone = set(own) if scope == "global" else set(range(len(groups)))
+    for i in ranked_alone:
+        remove = min(math.floor(own.get(i, sparsity) * len(scores[i])), len(scores[i]) - 1)
+        keep[i][torch.argsort(scores[i], stable=True)[:remove]] = False
+    rest = [i for i in range(len(groups)) if i not in ranked_alone]
+    if not rest:
         return keep
-    normalised = [s / s.mean().clamp_min(1e-12) for s in scores]
-    flat = torch.cat(normalised)
-    order = torch.argsort(flat, stable=True)
+    normalised = [scores[i] / scores[i].mean().clamp_min(1e-12) for i in rest]
+    order = torch.argsort(torch.cat(normalised), stable=True)
     offsets = torch.tensor([0] + [len(s) for s in normalised]).cumsum(0)
     remaining = [len(s) for s in normalised]
-    budget = math.floor(sparsity * len(flat))
+    budget = math.floor(sparsity * sum(remaining))
     for position in order.tolist():
         if budget == 0:
             break
         g = int(torch.searchsorted(offsets, position, right=True)) - 1
         if remaining[g] == 1:
             continue  # never a whole group
-        keep[g][position - int(offsets[g])] = False
+        keep[rest[g]][position - int(offsets[g])] = False
         remaining[g] -= 1
         budget -= 1
     return keep
 
 
+def group_index(groups: Sequence[ChannelGroup], keep: Sequence[Tensor]) -> list[tuple[Tensor, int, Tensor]]:
+    """(parameter, dimension, indices to zero) for every parameter slice of the removed channels: what
+    :func:`apply_group_masks_` writes, precomputed for re-applying after every optimizer step."""
+    index = []
+    for group, mask in zip(groups, keep, strict=True):
+        removed = (~mask.cpu()).nonzero().flatten().tolist()
+        for member in group.members:
+            indices = [i for c in removed for i in member.indices[c]]
+            if indices:
+                for param, dim in slices(member):
+                    index.append((param, dim, torch.tensor(indices, dtype=torch.long, device=param.device)))
+    return index
+
+
 @torch.no_grad()
 def apply_group_masks_(groups: Sequence[ChannelGroup], keep: Sequence[Tensor]) -> None:
     """Zero, in place, every parameter slice of the removed channels (shapes unchanged)."""
-    for group, mask in zip(groups, keep, strict=True):
-        removed = (~mask).nonzero().flatten().tolist()
-        for member in group.members:
-            indices = [i for c in removed for i in member.indices[c]]
-            if not indices:
-                continue
-            for param, dim in slices(member):
-                param.index_fill_(dim, torch.tensor(indices, device=param.device), 0.0)
+    for param, dim, indices in group_index(groups, keep):
+        param.index_fill_(dim, indices, 0.0)
 
 
 def prune_channel_groups_(
