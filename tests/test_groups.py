@@ -154,3 +154,24 @@ def test_bad_amounts_are_refused():
         group_keep(groups, scores, 1.0)
     with pytest.raises(ValueError, match="`scope` must be 'global' or 'layer'"):
         group_keep(groups, scores, 0.5, scope="model")
+
+
+@pytest.mark.slow
+def test_the_app_writes_the_compact_network_checked_on_the_test_split(tmp_path):
+    import json
+
+    from test_cli import run_app
+
+    run_dir = tmp_path / "run"
+    run_app(
+        tmp_path, "recipe=digits_channel50", f"hydra.run.dir={run_dir}", "trainer.max_epochs=2",
+        "compression.pruning.end_epoch=1", "logger=none", "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    report = json.loads((run_dir / "report.json").read_text())
+    compact = report["compact"]
+    assert compact["max_abs_difference"] <= 1e-4
+    assert compact["params"] < 0.3 * report["params"] and compact["flops_per_sample"] < 0.3 * report["flops_per_sample"]
+    assert compact["latency_ms_batch1"] > 0 and compact["throughput_per_s"] > 0
+    net = torch.load(run_dir / "model.compact.pt", weights_only=False)
+    assert sum(p.numel() for p in net.parameters()) == compact["params"]
+    assert (run_dir / "model.compact.onnx").stat().st_size == compact["size_bytes_onnx"]

@@ -75,4 +75,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
             f"{report['latency_ms_batch1']:.3f} ({low:.3f}–{high:.3f})",
             f"{report['throughput_per_s']:,.0f} ({slow:,.0f}–{fast:,.0f})",
         )  # fmt: skip
+        if compact := report.get("compact"):
+            speed.add_row(
+                f"{compact['params']:,} (compact)", f"{compact['flops_per_sample']:,}",
+                "—" if compact.get("latency_ms_batch1") is None else f"{compact['latency_ms_batch1']:.3f}",
+                "—" if compact.get("throughput_per_s") is None else f"{compact['throughput_per_s']:,.0f}",
+            )  # fmt: skip
         console.print(speed)

@@ -41,7 +41,7 @@ from lightning_compress.apps.terminal import LAYER_COLUMNS, print_report
 from lightning_compress.apps.tracking import finish_wandb_run, sweep_group
 from lightning_compress.core.cache import StageCache
 from lightning_compress.core.metrics import evaluate_accuracy
-from lightning_compress.core.protocol import HasFloatMode, HasMasks, HasTeachers
+from lightning_compress.core.protocol import HasFloatMode, HasMasks, HasTeachers, RemovesChannels
 from lightning_compress.export.onnx import export_float_onnx, export_onnx, onnx_parity, pruned_zeros_kept
 from lightning_compress.trainer.checkpoint_selection import CompressionTarget
 from lightning_compress.trainer.progress import spawned
@@ -172,6 +172,53 @@ def latency_report(job: Job, report: dict[str, Any], example: Any) -> dict[str, 
     return {**measured, "latency_onnx": path.name}
 
 
+def compact_report(job: Job, loader: Any) -> dict[str, Any]:
+    """Stage 4c, with channel groups removed (:class:`RemovesChannels`): the compact network
+    (:func:`~lightning_compress.export_compact`) written as ``model.compact.pt`` and ``model.compact.onnx`` after
+    checking on the whole test split that it computes what the trained model computes (largest absolute output
+    difference at most 1e-4, else the job fails), with its parameters, FLOPs and ONNX Runtime latency."""
+    if not any(isinstance(cb, RemovesChannels) and cb.groups for cb in job.compression):
+        return {}
+    if any(isinstance(cb, HasFloatMode) for cb in job.compression):
+        log.warning("The compact network with int8 quantization is not exported yet: model.compact.* not written.")
+        return {}
+    import torch
+
+    from lightning_compress.export.compact import export_compact
+    from lightning_compress.export.onnx import ExportMismatchError
+
+    device = job.module.device
+    example = next(iter(loader))[0].to(device)
+    compact = export_compact(job.module, example)
+    difference = 0.0
+    job.module.eval()
+    with torch.no_grad():
+        for batch in loader:
+            x = batch[0].to(device)
+            difference = max(difference, float((compact(x) - job.module(x)).abs().max()))
+    if difference > 1e-4:
+        raise ExportMismatchError(
+            f"the compact network differs from the trained model by up to {difference:.3g} on the test split "
+            "(> 1e-4); nothing was written."
+        )
+    torch.save(compact, job.out / "model.compact.pt")
+    path = export_float_onnx(compact, job.out / "model.compact.onnx", example)
+    measured: dict[str, Any] = {}
+    if settings := job.cfg.get("latency"):
+        from lightning_compress.analysis.latency import onnx_latency
+
+        measured = onnx_latency(path, example, **dict(settings))
+    return {
+        "compact": {
+            "params": sum(p.numel() for p in compact.parameters()),
+            "flops_per_sample": flops_per_sample(compact, example[:1]),
+            "max_abs_difference": difference,
+            "size_bytes_onnx": path.stat().st_size,
+            **{k: v for k, v in measured.items() if k in ("latency_ms_batch1", "throughput_per_s")},
+        }
+    }
+
+
 def train_student_alone(cfg: DictConfig, out: Path) -> float:
     """The distillation baseline: the same job without the distillation callback (no logger), its test accuracy."""
     alone = cfg.copy()
@@ -197,7 +244,8 @@ def distillation_report(job: Job, distiller: HasTeachers, loader: Any) -> dict[s
 def write_report(job: Job, report: dict[str, Any]) -> None:
     """Stage 6: ``report.json``, its numbers to every logger (``report/...``), the per-layer table."""
     (job.out / "report.json").write_text(json.dumps(report, indent=2))
-    flat = {**report, **{f"onnx_parity/{k}": v for k, v in report.get("onnx_parity", {}).items()}}
+    flat = {**report, **{f"onnx_parity/{k}": v for k, v in report.get("onnx_parity", {}).items()},
+            **{f"compact/{k}": v for k, v in report.get("compact", {}).items()}}  # fmt: skip
     rows = [[row[k] for k in LAYER_COLUMNS] for row in report["layers"]]
     for lg in job.trainer.loggers:
         lg.log_metrics({f"report/{k}": v for k, v in flat.items() if isinstance(v, (int, float))})
@@ -320,6 +368,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if quantizer is not None:
             report.update(quantization_report(job, quantizer, loader))
         report.update(latency_report(job, report, next(iter(loader))[0]))
+        report.update(compact_report(job, loader))
         distiller = next((cb for cb in job.compression if isinstance(cb, HasTeachers)), None)
         if distiller is not None:
             report.update(distillation_report(job, distiller, loader))

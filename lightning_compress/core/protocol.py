@@ -8,6 +8,7 @@
 * :class:`HasMasks` — a technique whose zeros must survive export (``masks``: layer name → keep-mask).
 * :class:`HasFloatMode` — a technique that quantizes and can switch back to float for a while (``disabled()``).
 * :class:`HasTeachers` — a technique that distils frozen teachers (``teachers``).
+* :class:`RemovesChannels` — a technique whose zeroed channel groups the compact export can cut out (``groups``).
 
 A new technique joins the coordination by having the attribute; nothing imports it by name.
 """
@@ -15,7 +16,7 @@ A new technique joins the coordination by having the attribute; nothing imports 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -67,4 +68,15 @@ class HasTeachers(Protocol):
     @property
     def teachers(self) -> list[nn.Module]:
         """The frozen teacher modules."""
+        ...
+
+
+@runtime_checkable
+class RemovesChannels(Protocol):
+    """Zeroes whole channel groups; an app builds the compact network (``export_compact``) when ``groups`` is
+    not empty."""
+
+    @property
+    def groups(self) -> list[Any]:
+        """The channel groups (empty when the technique does not remove channels)."""
         ...
