@@ -75,3 +75,26 @@ def cubic_amounts(final: float, end_epoch: int, initial: float = 0.0):
         return max(0.0, (after - before) / (1.0 - before))
 
     return amount
+
+
+def interleaved_ort_medians(
+    sessions: dict, rounds: int, sample_shape: tuple[int, ...], batches=((1, 100), (256, 3))
+) -> dict[tuple[str, int], list[float]]:
+    """Per (model, batch size): the median call time of each round; within a round every model runs in turn, so that
+    all see the same machine load. ``batches``: (batch size, calls per round)."""
+    import numpy as np
+
+    medians: dict[tuple[str, int], list[float]] = {(k, b): [] for k in sessions for b, _ in batches}
+    for _ in range(rounds):
+        for batch, repeats in batches:
+            inputs = np.random.default_rng(0).random((batch, *sample_shape), dtype=np.float32)
+            for kind, session in sessions.items():
+                name = session.get_inputs()[0].name
+                session.run(None, {name: inputs})
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    session.run(None, {name: inputs})
+                    times.append(time.perf_counter() - start)
+                medians[kind, batch].append(statistics.median(times))
+    return medians

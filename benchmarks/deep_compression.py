@@ -160,14 +160,14 @@ this benchmark, one after the other on this shared machine:
 
 - **without stage reuse** (`paths.stages_dir=null`: every trial trains its teacher, as every sweep did before):
   {plain_seconds / 60:.1f} min of wall time; its front (validation) has {len(plain_front)} trials;
-- **with stage reuse** (the default) and stopped by SIGTERM as soon as at least {stop_after} trials had finished, then the same
-  command again: the first invocation ran {first_seconds / 60:.1f} min; the second found **{finished_before} of
-  {args.trials} trials finished and ran {ran_after}** (jobs from #{first_new_job}; the trial that was running when
-  the sweep stopped is run again), in {second_seconds / 60:.1f} min. Together {sweep_seconds / 60:.1f} min
-  ({sweep_seconds / plain_seconds:.2f}× the sweep without reuse; the goal was at most half of the 22.7 min measured
-  before: {"met" if sweep_seconds <= 0.5 * 22.7 * 60 else "missed"}). The teacher was trained {teachers_trained}
-  time(s) and loaded {teachers_reused} times; {jobs_reused} trial(s) proposed a point already run and returned its
-  stored report without training.
+- **with stage reuse** (the default) and stopped by SIGTERM as soon as at least {stop_after} trials had
+  finished, then the same command again: the first invocation ran {first_seconds / 60:.1f} min; the second found
+  **{finished_before} of {args.trials} trials finished and ran {ran_after}** (jobs from #{first_new_job}; the
+  trial that was running when the sweep stopped is run again), in {second_seconds / 60:.1f} min. Together
+  {sweep_seconds / 60:.1f} min ({sweep_seconds / plain_seconds:.2f}× the sweep without reuse; the goal was at
+  most half of the 22.7 min measured before: {"met" if sweep_seconds <= 0.5 * 22.7 * 60 else "missed"}). The
+  teacher was trained {teachers_trained} time(s) and loaded {teachers_reused} times; {jobs_reused} trial(s)
+  proposed a point already run and returned its stored report without training.
 
 Trials of the resumed sweep sorted by size; the Pareto front (max validation accuracy at the target, min size; test
 accuracy only reported) has {len(front_jobs)} trials. Plot: [pareto_nsga2.png](pareto_nsga2.png).

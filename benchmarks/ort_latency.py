@@ -20,15 +20,13 @@ import collections
 import copy
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from _common import machine, update_results
+from _common import interleaved_ort_medians, machine, update_results
 from step_time import digits_32
 
 from lightning_compress import QuantizationAwareTraining, export_onnx
@@ -115,20 +113,7 @@ def main() -> None:
             paths = models(width, loader, tmp)
             sessions = {k: ort_session(p, args.threads, tmp / f"{p.stem}.opt.onnx") for k, p in paths.items()}
             kernels = {k: kernel_summary(tmp / f"{p.stem}.opt.onnx") for k, p in paths.items()}
-            # per round and batch size: each model's median call time; models interleaved within a round
-            rounds: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
-            for _ in range(args.rounds):
-                for batch, repeats in ((1, 100), (256, 3)):
-                    x = np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)
-                    for kind, sess in sessions.items():
-                        name = sess.get_inputs()[0].name
-                        sess.run(None, {name: x})
-                        times = []
-                        for _ in range(repeats):
-                            start = time.perf_counter()
-                            sess.run(None, {name: x})
-                            times.append(time.perf_counter() - start)
-                        rounds[kind, batch].append(statistics.median(times))
+            rounds = interleaved_ort_medians(sessions, args.rounds, (3, 32, 32))
             rows = []
             for kind in paths:
                 cells = []

@@ -1,0 +1,180 @@
+"""Channel groups: accuracy at 2x and 3x fewer FLOPs against Torch-Pruning's own prune-then-fine-tune, and the ONNX
+Runtime speed of the compact network.
+
+Part 1 — MNIST-1D, the paper's CNN with BatchNorm (`recipe=mnist1d_dense`: AdamW, lr 3e-3, 30 epochs), 3 seeds on
+one split. For each FLOPs goal the share of channels is the smallest one (in steps of 0.01) whose compact network
+has at most 1/2 or 1/3 of the dense FLOPs. Ours: `MagnitudePruning(granularity="channel", scope="layer")` ramping
+to that share over epochs 0-20 of 30, then `export_compact`. Peer: Torch-Pruning's `MetaPruner` with
+`GroupMagnitudeImportance(p=2)` (L2 group magnitude, as ours), the same share per layer, applied after 20 dense
+epochs and fine-tuned for the last 10 (the same 30 epochs in all). Both keep the output layer whole.
+
+Part 2 — ONNX Runtime, 2 threads: the ResNet-20-style network (32×32 inputs, widths 16 and 64) dense against its
+compact networks at the same 2x / 3x FLOPs goals (speed does not depend on the weights: the channels are chosen once
+by group magnitude on the initial weights), batch 1 and batch 256, interleaved rounds: median of the rounds'
+medians and the lowest-highest round.
+
+    python benchmarks/channel_groups.py       # writes the `channel_groups` section of benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch_pruning as tp
+from _common import interleaved_ort_medians, machine, mean_std, update_results
+
+from lightning_compress import MagnitudePruning, export_compact
+from lightning_compress.analysis.latency import ort_session
+from lightning_compress.analysis.report import flops_per_sample
+from lightning_compress.apps.config import compose, instantiate
+from lightning_compress.export.onnx import export_float_onnx
+from lightning_compress.pruning import prune_channel_groups_
+from lightning_compress.tasks import CNN1D, ResNet20
+
+GOALS = (2, 3)
+
+
+def share_for(make, x: torch.Tensor, goal: float) -> tuple[float, float]:
+    """The smallest channel share (0.01 steps) whose compact network has at most 1/goal of the dense FLOPs, and the
+    FLOPs ratio it gives."""
+    dense = flops_per_sample(make(), x)
+    for share in np.arange(0.05, 0.95, 0.01):
+        model = make().eval()
+        prune_channel_groups_(model, x, float(share), scope="layer")
+        ratio = dense / flops_per_sample(export_compact(model, x), x)
+        if ratio >= goal:
+            return round(float(share), 2), ratio
+    raise ValueError(f"no share reaches {goal}x fewer FLOPs")
+
+
+def task(seed: int):
+    cfg = compose(["recipe=mnist1d_dense", "logger=none", "callbacks=none", "paths.output_dir=/tmp/unused"])
+    pl.seed_everything(seed)
+    dm = instantiate(cfg.data)
+    net = instantiate(cfg.model, input_shape=dm.input_shape, num_classes=dm.num_classes)
+    return cfg, dm, instantiate(cfg.module, net=net, num_classes=dm.num_classes)
+
+
+def trainer(cfg, epochs: int, callbacks=()):
+    return instantiate(cfg.trainer, max_epochs=epochs, callbacks=list(callbacks), logger=False,
+                       enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+
+
+def run(seed: int, method: str, share: float | None, x: torch.Tensor) -> tuple[float, int]:
+    """Test accuracy (%) and FLOPs per sample of the final (compact) network."""
+    cfg, dm, module = task(seed)
+    if method == "dense":
+        t = trainer(cfg, 30)
+        t.fit(module, datamodule=dm)
+        return 100 * t.test(module, datamodule=dm, verbose=False)[0]["test/acc"], flops_per_sample(module.net, x)
+    if method == "ours":
+        cb = MagnitudePruning(final_sparsity=share, granularity="channel", scope="layer", end_epoch=20)
+        t = trainer(cfg, 30, [cb])
+        t.fit(module, datamodule=dm)
+        accuracy = 100 * t.test(module, datamodule=dm, verbose=False)[0]["test/acc"]
+        compact = export_compact(module.net, x)
+        return accuracy, flops_per_sample(compact, x)
+    # Torch-Pruning's pipeline: 20 dense epochs, MetaPruner once, 10 epochs of fine-tuning
+    t = trainer(cfg, 20)
+    t.fit(module, datamodule=dm)
+    module.net.eval()
+    pruner = tp.pruner.MetaPruner(
+        module.net, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=share,
+        global_pruning=False, ignored_layers=[module.net.classifier],
+    )  # fmt: skip
+    pruner.step()
+    t = trainer(cfg, 10)
+    t.fit(module, datamodule=dm)
+    return 100 * t.test(module, datamodule=dm, verbose=False)[0]["test/acc"], flops_per_sample(module.net, x)
+
+
+def speed(width: int, shares: dict[int, float], rounds: int, threads: int, tmp: Path) -> list[str]:
+    """ORT latency rows: dense and the compact networks of each goal, interleaved."""
+    x = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(0)
+    dense = ResNet20((3, 32, 32), 10, width=width).eval()
+    models = {"dense": dense}
+    for goal, share in shares.items():
+        model = copy.deepcopy(dense)
+        prune_channel_groups_(model, x, share, scope="layer")
+        models[f"compact, {goal}x fewer FLOPs"] = export_compact(model, x)
+    sessions = {k: ort_session(export_float_onnx(m, tmp / f"w{width}-{i}.onnx", x), threads) for i, (k, m) in
+                enumerate(models.items())}  # fmt: skip
+    medians = interleaved_ort_medians(sessions, rounds, (3, 32, 32))
+    rows = []
+    for kind, model in models.items():
+        cells = []
+        for batch in (1, 256):
+            ups = [d / m for d, m in zip(medians["dense", batch], medians[kind, batch], strict=True)]
+            cells.append(f"{statistics.median(medians[kind, batch]) * 1e3:.2f} | {statistics.median(ups):.2f}× "
+                         f"({min(ups):.2f}–{max(ups):.2f})")  # fmt: skip
+        rows.append(f"| {width} | {kind} | {sum(p.numel() for p in model.parameters()):,} | "
+                    f"{flops_per_sample(model, x) / 1e6:.1f} M | {cells[0]} | {cells[1]} |")  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    x1d = torch.randn(16, 1, 40)
+    shares = {goal: share_for(CNN1D, x1d, goal) for goal in GOALS}
+    results: dict[str, list[tuple[float, int]]] = {"dense": []}
+    for seed in range(args.seeds):
+        results["dense"].append(run(seed, "dense", None, x1d))
+        for goal, (share, _) in shares.items():
+            for method in ("ours", "Torch-Pruning MetaPruner"):
+                results.setdefault(f"{method}, {goal}x", []).append(run(seed, method, share, x1d))
+        print(seed, {k: v[-1] for k, v in results.items()}, flush=True)
+    dense_mean = statistics.mean(a for a, _ in results["dense"])
+    rows = []
+    for kind, runs in results.items():
+        accuracy = [a for a, _ in runs]
+        rows.append(f"| {kind} | {mean_std(accuracy)} | {statistics.mean(accuracy) - dense_mean:+.2f} | "
+                    f"{results['dense'][0][1] / runs[0][1]:.2f}× |")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        resnet_shares = {goal: share_for(lambda: ResNet20((3, 32, 32), 10, width=16), torch.randn(8, 3, 32, 32),
+                                         goal)[0] for goal in GOALS}  # fmt: skip
+        speed_rows = [r for width in (16, 64) for r in speed(width, resnet_shares, args.rounds, args.threads,
+                                                               Path(tmp))]  # fmt: skip
+    body = (
+        f"""## Channel groups: accuracy at 2× and 3× fewer FLOPs, and the compact network's speed
+
+`python benchmarks/channel_groups.py` — Machine: {machine()}.
+
+MNIST-1D, the paper's CNN with BatchNorm, 30 epochs, seeds 0–{args.seeds - 1} (test accuracy %, mean ± std). Shares of
+channels removed per group: {", ".join(f"{s:.2f} for {g}× ({r:.2f}× measured)" for g, (s, r) in shares.items())}.
+Ours: `MagnitudePruning(granularity="channel", scope="layer")` ramped over epochs 0–20, then `export_compact`
+(FLOPs of the compact network). Peer: Torch-Pruning `MetaPruner` (`GroupMagnitudeImportance(p=2)`, same share per
+layer, output layer whole) after 20 dense epochs, 10 epochs of fine-tuning.
+
+| model | accuracy | vs dense | FLOPs reduction |
+|---|---:|---:|---:|
+"""
+        + "\n".join(rows)
+        + f"""
+
+ONNX Runtime, 2 threads, ResNet-20-style at 32×32, {args.rounds} interleaved rounds: median latency (ms) and the
+speed-up over dense (median, lowest–highest round). Shares for the ResNet: {resnet_shares}.
+
+| width | model | parameters | FLOPs / sample | batch 1 (ms) | vs dense | batch 256 (ms) | vs dense |
+|---:|---|---:|---:|---:|---:|---:|---:|
+"""
+        + "\n".join(speed_rows)
+    )
+    update_results("channel_groups", body)
+
+
+if __name__ == "__main__":
+    main()
