@@ -1,4 +1,5 @@
-"""Step time of MagnitudePruning vs plain training vs Lightning's ModelPruning, in one process.
+"""Step time of MagnitudePruning (unstructured, and by channel groups) vs plain training vs Lightning's ModelPruning,
+in one process.
 
 ResNet-20-style (width 16) on 32×32 inputs: the digits, upscaled to 32×32 and repeated over 3 channels
 (real images, no download). The three set-ups run interleaved (A B C A B C …) so that drift of the
@@ -41,6 +42,7 @@ KINDS = (
     "MagnitudePruning",
     f"MagnitudePruning, {SHORT_RAMP}-step ramp",
     "MagnitudePruning, update every step",
+    "MagnitudePruning, channel groups",
     "ModelPruning",
 )
 
@@ -71,6 +73,8 @@ def make_callbacks(kind: str, module: nn.Module, ramp_epochs: int, steps_per_epo
         return [TimedMagnitudePruning(final_sparsity=0.9, end_epoch=SHORT_RAMP / steps_per_epoch)]
     if kind == "MagnitudePruning, update every step":
         return [TimedMagnitudePruning(final_sparsity=0.9, end_epoch=ramp_epochs, update_every_n_steps=1)]
+    if kind == "MagnitudePruning, channel groups":  # group masks (weights, biases, BatchNorm) re-applied every step
+        return [TimedMagnitudePruning(final_sparsity=0.5, granularity="channel", end_epoch=ramp_epochs)]
     params = [(m, "weight") for _, m in select_modules(module)]
     return [
         ModelPruning(
@@ -148,7 +152,9 @@ first {args.steps} steps; {args.repeats} interleaved repetitions; median step, e
 MagnitudePruning with its defaults recomputes the masks 50 times along the ramp (here every {every} steps), at
 most every {MIN_STEPS_BETWEEN_UPDATES} steps, and re-applies them after every optimizer step; the third row is a
 {SHORT_RAMP}-step ramp with the defaults (without the floor: an update after every step); the fourth recomputes the
-masks after every step (`update_every_n_steps=1`, the worst case). ModelPruning prunes 50 % of the remaining weights
+masks after every step (`update_every_n_steps=1`, the worst case); the fifth removes 50 % of the channels by
+dependency group (`granularity="channel"`: group masks over weights, biases and BatchNorm re-applied after every
+step; goal ≤ 1.05× plain). ModelPruning prunes 50 % of the remaining weights
 at every epoch end (forward pre-hook, torch.nn.utils.prune). Goals: MagnitudePruning ≤ 1.02× plain; any ramp length
 with the defaults ≤ 1.03× ({SHORT_RAMP}-step ramp: {short:.3f}×, {"met" if short <= 1.03 else "missed"}).
 "Hook time" is the wall time spent inside MagnitudePruning's own hooks per step (mask updates, re-applying
