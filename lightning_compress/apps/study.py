@@ -3,8 +3,8 @@
 Hydra's Optuna sweeper (``hydra-optuna-sweeper`` 1.3 and 1.4) runs ``n_trials`` *more* trials every time it is
 started and numbers its job directories from 0 again, so a rerun of an interrupted sweep retrains everything and
 overwrites the first jobs' directories. :class:`ResumableOptunaSweeper` (shipped as the Hydra plugin
-``hydra_plugins.lightning_compress_sweeper``, selected by every ``hparams_search`` config) keeps Optuna's
-sampling, launching and bookkeeping and changes only that:
+``hydra_plugins.lightning_compress_sweeper``, selected by the Optuna ``hparams_search`` configs: tpe, random,
+cmaes, nsga2) keeps Optuna's sampling, launching and bookkeeping and changes only that:
 
 - the study is stored (``hydra.sweeper.storage``; by default ``sqlite:///<sweep dir>/optuna.db``) and
   ``n_trials`` counts *finished* trials: a rerun of the same command runs only the trials still missing, in new job
