@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_compress import export_compact
 from lightning_compress.analysis.report import flops_per_sample
+from lightning_compress.pruning import prune_channel_groups_
 from lightning_compress.pruning.groups import apply_group_masks_, channel_groups, group_keep, group_scores
 from lightning_compress.tasks import CNN1D, ResNet20
 
@@ -144,6 +145,20 @@ def test_one_shot_prune_then_compact_on_the_mnist1d_cnn():
     assert [compact.features[i].out_channels for i in (0, 3, 6)] == [13, 13, 13]
     with pytest.raises(ValueError, match="no channel group to prune"):
         prune_channel_groups_(CNN1D(), x, 0.5, exclude=r"features")
+
+
+def test_round_to_keeps_multiples_of_the_block_and_stays_exact():
+    model = _trained_like(ResNet20((3, 16, 16), 10, width=16))
+    x = torch.randn(4, 3, 16, 16)
+    groups, keep = prune_channel_groups_(model, x, 0.32, scope="layer", round_to=8)
+    assert sorted(int(k.sum()) for k in keep) == sorted(max(8, round((g.channels - int(0.32 * g.channels)) / 8) * 8)
+                                                        for g in groups)  # fmt: skip
+    assert all(int(k.sum()) % 8 == 0 for k in keep)
+    compact = export_compact(model, x)
+    assert compact.max_abs_difference <= 1e-4
+    assert {m.out_channels for m in compact.modules() if isinstance(m, nn.Conv2d)} <= {8, 16, 24, 32, 40, 48, 56, 64}
+    with pytest.raises(ValueError, match="round_to.*needs scope='layer'"):
+        group_keep(groups, group_scores(groups), 0.5, scope="global", round_to=8)
 
 
 def test_bad_amounts_are_refused():

@@ -333,6 +333,11 @@ def test_compression_summary_without_trainer():
             r"scope='global'.*N:M patterns are per layer",
         ),
         (
+            dict(granularity="channel", scope="global", round_to=8, final_sparsity=0.5),
+            ValueError,
+            r"`round_to` rounds the channels each group keeps: it needs granularity='channel' and scope='layer'",
+        ),
+        (
             dict(granularity="channel", criterion="random", final_sparsity=0.5),
             ValueError,
             r"criterion='random' is not offered with granularity='channel'",

@@ -126,6 +126,8 @@ class MagnitudePruning(Callback):
             always at the ramp's end).
         seed: Seed of the random scores for ``criterion="random"``.
         verbose: Print a line at every mask update (rank zero only).
+        round_to: With ``granularity="channel"`` and ``scope="layer"``: each group keeps a multiple of this many
+            channels (8 suits ONNX Runtime's CPU convolution kernels; see ``benchmarks/channel_groups.py``).
 
     Example::
 
@@ -153,6 +155,7 @@ class MagnitudePruning(Callback):
         update_every_n_steps: int | None = None,
         seed: int = 0,
         verbose: bool = False,
+        round_to: int | None = None,
     ) -> None:
         super().__init__()
         self.granularity: Granularity = parse_granularity(granularity)
@@ -199,6 +202,11 @@ class MagnitudePruning(Callback):
                                                  optional=True)  # fmt: skip
         self.seed = int(check_number("seed", seed, integer=True))
         self.verbose = check_flag("verbose", verbose)
+        self.round_to = check_number("round_to", round_to, 1, integer=True, optional=True)
+        if self.round_to is not None and (self.granularity.kind != "channel" or self.scope != Scope.LAYER):
+            raise ValueError(
+                "`round_to` rounds the channels each group keeps: it needs granularity='channel' and scope='layer'."
+            )
         self._epochs: dict[str, float | None] = {}  # start/end in epochs, once the Trainer's length is known
 
         self._bound: Any = None  # a weak reference to the module this callback prunes
@@ -479,7 +487,7 @@ class MagnitudePruning(Callback):
             for i, g in enumerate(self._groups)
             if (final := match_overrides(g.root, self.layer_sparsity, self._selected)) is not None
         }
-        keep = group_keep(self._groups, group_scores(self._groups), self._target, self.scope, own)
+        keep = group_keep(self._groups, group_scores(self._groups), self._target, self.scope, own, self.round_to)
         if trainer.world_size > 1:
             keep = [k.to(next(iter(self._weights.values())).device) for k in keep]
             keep = trainer.strategy.broadcast(keep, src=0)
