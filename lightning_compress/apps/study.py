@@ -70,17 +70,12 @@ def check_storage(storage: Any) -> Any:
     return storage
 
 
-def finished_and_next_job(storage: Any, study_name: str) -> tuple[int, int]:
-    """(trials finished in the stored study, the next free job number); (0, 0) for a new study."""
+def finished_and_next_job(study: Any) -> tuple[int, int]:
+    """(trials finished in ``study``, the next free job number: one per trial asked so far)."""
     import optuna
 
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return 0, 0
     trials = study.get_trials(deepcopy=False)
-    finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    return finished, len(trials)
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials), len(trials)
 
 
 def check_same_search(study: Any, overrides: list[str]) -> None:
@@ -114,10 +109,10 @@ def prepare_resume(impl: Any, arguments: list[str], objective: str | None = None
     if impl.storage is None:
         return  # an in-memory study: nothing to resume
     impl.storage = check_storage(impl.storage)
-    finished, next_job = finished_and_next_job(impl.storage, impl.study_name)
     study = optuna.create_study(
         study_name=impl.study_name, storage=impl.storage, directions=directions, load_if_exists=True
     )
+    finished, next_job = finished_and_next_job(study)
     check_same_search(study, search_overrides(list(arguments)))
     missing = max(0, int(impl.n_trials) - finished)
     log.info(

@@ -161,15 +161,21 @@ def latency_report(job: Job, report: dict[str, Any], example: Any) -> dict[str, 
         log.warning("latency not measured: it needs ONNX Runtime (`pip install 'lightning-compress[onnx]'`); "
                     "set latency=null to skip it without this warning.")  # fmt: skip
         return {"latency_ms_batch1": None, "throughput_per_s": None}
-    from lightning_compress.analysis.latency import onnx_latency
-
     path = (
         Path(report["onnx_path"])
         if "onnx_path" in report
         else export_float_onnx(job.module, job.out / "model.onnx", example)
     )
-    measured = onnx_latency(path, example, **dict(settings))
-    return {**measured, "latency_onnx": path.name}
+    return {**_latency(job, path, example), "latency_onnx": path.name}
+
+
+def _latency(job: Job, path: Path, example: Any) -> dict[str, Any]:
+    """ONNX Runtime latency of the file ``path`` with the job's ``latency`` settings ({} when they are null)."""
+    if not (settings := job.cfg.get("latency")):
+        return {}
+    from lightning_compress.analysis.latency import onnx_latency
+
+    return onnx_latency(path, example, **dict(settings))
 
 
 def compact_report(job: Job, loader: Any) -> dict[str, Any]:
@@ -185,34 +191,17 @@ def compact_report(job: Job, loader: Any) -> dict[str, Any]:
     import torch
 
     from lightning_compress.export.compact import export_compact
-    from lightning_compress.export.onnx import ExportMismatchError
 
-    device = job.module.device
-    example = next(iter(loader))[0].to(device)
-    compact = export_compact(job.module, example)
-    difference = 0.0
-    job.module.eval()
-    with torch.no_grad():
-        for batch in loader:
-            x = batch[0].to(device)
-            difference = max(difference, float((compact(x) - job.module(x)).abs().max()))
-    if difference > 1e-4:
-        raise ExportMismatchError(
-            f"the compact network differs from the trained model by up to {difference:.3g} on the test split "
-            "(> 1e-4); nothing was written."
-        )
+    example = next(iter(loader))[0].to(job.module.device)
+    compact = export_compact(job.module, example, check_inputs=(batch[0] for batch in loader))
     torch.save(compact, job.out / "model.compact.pt")
     path = export_float_onnx(compact, job.out / "model.compact.onnx", example)
-    measured: dict[str, Any] = {}
-    if settings := job.cfg.get("latency"):
-        from lightning_compress.analysis.latency import onnx_latency
-
-        measured = onnx_latency(path, example, **dict(settings))
+    measured = _latency(job, path, example)
     return {
         "compact": {
             "params": sum(p.numel() for p in compact.parameters()),
             "flops_per_sample": flops_per_sample(compact, example[:1]),
-            "max_abs_difference": difference,
+            "max_abs_difference": compact.max_abs_difference,
             "size_bytes_onnx": path.stat().st_size,
             **{k: v for k, v in measured.items() if k in ("latency_ms_batch1", "throughput_per_s")},
         }
@@ -316,12 +305,11 @@ def stage_cache(cfg: DictConfig) -> StageCache | None:
     return StageCache(root) if root else None
 
 
-def reused_report(cfg: DictConfig, cache: StageCache) -> dict[str, Any] | None:
-    """The report of a finished job with the same settings (:func:`job_settings`), written into this job's
+def reused_report(cfg: DictConfig, cache: StageCache, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The report of a finished job with the same ``settings`` (:func:`job_settings`), written into this job's
     directory with ``reused_from`` naming the stored file; None when there is none (or it was corrupt: warned)."""
     if cfg.get("ckpt_path"):
         return None  # resuming a job is asked for explicitly: run it
-    settings = job_settings(cfg)
     report = cache.load("job", settings, lambda p: dict(json.loads(p.read_text())), ".json")
     if report is None:
         return None
@@ -340,7 +328,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     With ``paths.stages_dir`` (a multirun's ``<sweep dir>/stages``) a job whose settings already ran returns that
     report without training (:func:`reused_report`), and a finished job stores its report there."""
     cache = stage_cache(cfg)
-    if cache is not None and (reused := reused_report(cfg, cache)) is not None:
+    settings = job_settings(cfg) if cache is not None else {}
+    if cache is not None and (reused := reused_report(cfg, cache, settings)) is not None:
         return reused
     job = build(cfg)
     try:
@@ -375,7 +364,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_report(job, report)
     _check_parity(report, cfg.get("onnx_parity_min_agreement"), job.out / "report.json")
     if cache is not None and job.trainer.is_global_zero and not cfg.get("ckpt_path"):
-        cache.store("job", job_settings(cfg), lambda p: p.write_text(json.dumps(report, indent=2)), ".json")
+        cache.store("job", settings, lambda p: p.write_text(json.dumps(report, indent=2)), ".json")
     return report
 
 

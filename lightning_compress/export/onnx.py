@@ -184,28 +184,22 @@ def export_float_onnx(model: nn.Module, path: str | os.PathLike, example_input: 
         TypeError: ``example_input`` is not a tensor.
         ExportMismatchError: ONNX Runtime's outputs differ; nothing is written.
     """
-    import onnxruntime as ort
-
     if not isinstance(example_input, Tensor):
         raise TypeError(
             f"export_float_onnx: `example_input` must be a torch.Tensor, got {type(example_input).__name__}."
         )
+    example_input = example_input.detach().to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
-        example_input = example_input.detach().to(next(model.parameters()).device)
         program = torch.onnx.export(
             model, (example_input,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             verbose=False,
         )  # fmt: skip
-        assert program is not None
-        with torch.no_grad():
-            ref = model(example_input).float().cpu()
     finally:
         model.train(was_training)
-    proto = program.model_proto
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: example_input.cpu().numpy()})[0])
+    assert program is not None
+    ref, out = _side_by_side(program.model_proto, model, example_input)
     diff = float((out.float() - ref).abs().max())
     if diff > atol * max(1.0, float(ref.abs().max())):
         raise ExportMismatchError(
@@ -218,8 +212,9 @@ def export_float_onnx(model: nn.Module, path: str | os.PathLike, example_input: 
     return path
 
 
-def _verify(proto: Any, model: nn.Module, example_input: Tensor, path: Path) -> None:
-    """Run the ONNX model in ONNX Runtime on ``example_input`` next to ``model``; raise when they disagree."""
+def _side_by_side(proto: Any, model: nn.Module, example_input: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's outputs (evaluation mode, no gradients) and ONNX Runtime's for the ONNX model ``proto``, on
+    ``example_input``, both float32 on the CPU."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -227,11 +222,16 @@ def _verify(proto: Any, model: nn.Module, example_input: Tensor, path: Path) -> 
     model.eval()
     try:
         with torch.no_grad():
-            ref = model(example_input).float().cpu().reshape(len(example_input), -1)
+            ref = model(example_input).float().cpu()
     finally:
         model.train(was_training)
     out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: example_input.cpu().numpy()})[0])
-    out = out.float().reshape(len(example_input), -1)
+    return ref, out.float()
+
+
+def _verify(proto: Any, model: nn.Module, example_input: Tensor, path: Path) -> None:
+    """Run the ONNX model in ONNX Runtime on ``example_input`` next to ``model``; raise when they disagree."""
+    ref, out = (t.reshape(len(example_input), -1) for t in _side_by_side(proto, model, example_input))
     top_ref, top_out = ref.argmax(-1), out.argmax(-1)
     # A flip between two logits closer than numerical noise is not a disagreement of the models.
     noise = 1e-4 * float(ref.abs().max().clamp_min(1e-6))
