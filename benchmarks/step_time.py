@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import MagnitudePruning
 from lightning_compress.core.selection import select_modules
-from lightning_compress.pruning.callback import MIN_STEPS_BETWEEN_UPDATES
 from lightning_compress.tasks import ClassificationModule, DigitsDataModule, ResNet20
+from lightning_compress.trainer.progress import MIN_STEPS_BETWEEN_UPDATES
 
 
 def digits_32(batch_size: int) -> DataLoader:

@@ -7,8 +7,8 @@ Public API::
 The package is layered, imports pointing down only (``tests/test_layers.py`` enforces it):
 
 * ``core`` — pure tensor and module code: masks, schedules, quantizers, losses, selection, checks, metrics, protocol;
-* adapters — ``pruning``, ``quantization``, ``distillation`` (callbacks and their Trainer-free forms), ``export``,
-  ``trainer`` (what callbacks share about a running Trainer);
+* adapters — ``pruning``, ``quantization``, ``distillation``, ``lowrank`` (callbacks and their Trainer-free forms),
+  ``export``, ``trainer`` (what callbacks share about a running Trainer);
 * ``analysis`` — size report, compact artifact, sensitivity scan, Pareto front (no Hydra, no rich);
 * ``apps`` — the Hydra apps, recipes, terminal report, W&B wiring.
 
@@ -22,6 +22,7 @@ from lightning_compress.core.selection import select_modules
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.export.compact import export_compact
 from lightning_compress.export.onnx import export_onnx, onnx_parity
+from lightning_compress.lowrank import LowRankFactorization, low_rank_
 from lightning_compress.pruning import MagnitudePruning, prune_
 from lightning_compress.quantization import QATConfig, QuantizationAwareTraining, prepare_qat
 from lightning_compress.trainer.checkpoint_selection import CompressionTarget
@@ -32,6 +33,7 @@ __all__ = [
     "CompressionTarget",
     "KnowledgeDistillation",
     "LayerStats",
+    "LowRankFactorization",
     "MagnitudePruning",
     "QATConfig",
     "QuantizationAwareTraining",
@@ -41,6 +43,7 @@ __all__ = [
     "export_onnx",
     "load_compressed",
     "load_recipe",
+    "low_rank_",
     "model_report",
     "onnx_parity",
     "prepare_qat",

@@ -190,3 +190,67 @@ def test_the_app_writes_the_compact_network_checked_on_the_test_split(tmp_path):
     net = torch.load(run_dir / "model.compact.pt", weights_only=False)
     assert sum(p.numel() for p in net.parameters()) == compact["params"]
     assert (run_dir / "model.compact.onnx").stat().st_size == compact["size_bytes_onnx"]
+
+
+@pytest.mark.parametrize("observer", ["minmax", "lsq"])
+def test_compact_export_of_a_quantization_aware_model_keeps_its_quantizers_and_is_equal(observer):
+    """Channel groups + QAT: the compact network keeps each layer's quantizers, its per-channel weight ranges cut with
+    the channels, and computes what the fake-quantized model computes; its int8 ONNX file agrees in ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    from lightning_compress import QATConfig, export_onnx, onnx_parity, prepare_qat
+    from lightning_compress.quantization.prepare import quantized_layers
+
+    torch.manual_seed(0)
+    model = _trained_like(ResNet20((3, 16, 16), 10, width=8))
+    x = torch.randn(64, 3, 16, 16)
+    prune_channel_groups_(model, x[:4], 0.5)
+    prepare_qat(model, QATConfig(observer=observer))
+    model.train()
+    with torch.no_grad():
+        for batch in x.split(16):  # observe ranges
+            model(batch)
+    model.eval()
+    compact = export_compact(model, x[:4], check_inputs=[x])
+    assert compact.max_abs_difference <= 1e-4 and compact.quantized_top1_agreement >= 0.995
+    layers = quantized_layers(compact)
+    assert len(layers) == len(quantized_layers(model))
+    for layer in layers.values():
+        assert layer.weight_quantizer.scale.numel() == layer.weight.shape[0]
+    assert sum(p.numel() for p in compact.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(compact, Path(tmp) / "compact.int8.onnx", x[:4])
+        parity = onnx_parity(compact, path, [(x, torch.zeros(64, dtype=torch.long))])
+    assert parity["top1_agreement"] == 1.0
+
+
+def test_factorizing_a_quantization_aware_layer_is_refused():
+    from lightning_compress import QATConfig, prepare_qat
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    prepare_qat(model, QATConfig())
+    with pytest.raises(ValueError, match=r"quantization-aware training and `ranks` asks to factorize \['0'\]"):
+        export_compact(model, torch.randn(2, 32), ranks={"0": 2})
+
+
+@pytest.mark.slow
+def test_the_app_writes_the_compact_int8_network_when_the_job_quantizes(tmp_path):
+    import json
+
+    from test_cli import run_app
+
+    run_dir = tmp_path / "run"
+    run_app(
+        tmp_path, "recipe=digits_channel50", "+compression@compression.quantization=quantization_aware_training",
+        f"hydra.run.dir={run_dir}", "trainer.max_epochs=3", "compression.pruning.end_epoch=1", "logger=none",
+        "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    report = json.loads((run_dir / "report.json").read_text())
+    compact = report["compact"]
+    assert compact["onnx_path"] == "model.compact.int8.onnx" and not (run_dir / "model.compact.onnx").exists()
+    assert compact["max_abs_difference"] <= 1e-4 and compact["quantized_top1_agreement"] >= 0.995
+    assert compact["onnx_parity"]["top1_agreement"] >= 0.995
+    assert compact["params"] < 0.3 * report["params"]
+    assert (run_dir / "model.compact.int8.onnx").stat().st_size == compact["size_bytes_onnx"]

@@ -498,3 +498,24 @@ def test_channel_groups_refuse_a_module_the_export_cannot_cut_before_the_first_s
     with pytest.raises(ValueError, match=r"'net.norm' \(GroupNorm\) holds channels coupled with 'net.conv'"):
         fit(tmp_path, cb, module=module, max_epochs=1)
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # no step was taken
+
+
+class _SameGroupsOnEveryRank(Callback):
+    def on_train_end(self, trainer, pl_module):
+        pruning = next(c for c in trainer.callbacks if isinstance(c, MagnitudePruning))
+        assert pruning.channel_sparsity() == pytest.approx(0.5, abs=0.01)
+        assert_same_on_every_rank(trainer, [k.float() for k in pruning._group_keep])
+        assert_same_on_every_rank(trainer, list(pl_module.parameters()))
+
+
+@pytest.mark.slow
+def test_ddp_spawn_channel_groups_identical_on_every_rank(tmp_path):
+    pytest.importorskip("torch_pruning")
+    from lightning_compress.tasks import DigitsDataModule
+
+    pl.seed_everything(0)
+    cb = MagnitudePruning(final_sparsity=0.5, granularity="channel", end_epoch=2)
+    trainer = make_trainer(
+        tmp_path, callbacks=[cb, _SameGroupsOnEveryRank()], max_epochs=2, strategy="ddp_spawn", devices=2
+    )
+    trainer.fit(small_module(), DigitsDataModule())

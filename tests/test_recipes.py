@@ -22,6 +22,7 @@ from lightning_compress.tasks import DigitsDataModule
 FAST = {  # shorter teachers, so that every recipe runs in seconds here
     "digits_distill": ["compression.distillation.teacher.max_epochs=1"],
     "digits_deep_compression": ["compression.distillation.teacher.max_epochs=1"],
+    "digits_resnet20_channel_qat_kd": ["compression.distillation.teacher.max_epochs=1"],
     # no CIFAR-10 here: its teacher (a ResNet) learns digits for an epoch, as the user's module below does
     "cifar10_resnet20_deep_compression": [
         "compression.distillation.teacher.max_epochs=1",

@@ -41,7 +41,7 @@ from lightning_compress.apps.terminal import LAYER_COLUMNS, print_report
 from lightning_compress.apps.tracking import finish_wandb_run, sweep_group
 from lightning_compress.core.cache import StageCache
 from lightning_compress.core.metrics import evaluate_accuracy
-from lightning_compress.core.protocol import HasFloatMode, HasMasks, HasTeachers, RemovesChannels
+from lightning_compress.core.protocol import Factorizes, HasFloatMode, HasMasks, HasTeachers, RemovesChannels
 from lightning_compress.export.onnx import export_float_onnx, export_onnx, onnx_parity, pruned_zeros_kept
 from lightning_compress.trainer.checkpoint_selection import CompressionTarget
 from lightning_compress.trainer.progress import spawned
@@ -179,30 +179,42 @@ def _latency(job: Job, path: Path, example: Any) -> dict[str, Any]:
 
 
 def compact_report(job: Job, loader: Any) -> dict[str, Any]:
-    """Stage 4c, with channel groups removed (:class:`RemovesChannels`): the compact network
-    (:func:`~lightning_compress.export_compact`) written as ``model.compact.pt`` and ``model.compact.onnx`` after
-    checking on the whole test split that it computes what the trained model computes (largest absolute output
-    difference at most 1e-4, else the job fails), with its parameters, FLOPs and ONNX Runtime latency."""
-    if not any(isinstance(cb, RemovesChannels) and cb.groups for cb in job.compression):
-        return {}
-    if any(isinstance(cb, HasFloatMode) for cb in job.compression):
-        log.warning("The compact network with int8 quantization is not exported yet: model.compact.* not written.")
+    """Stage 4c, with channel groups removed (:class:`RemovesChannels`) or layers kept at low rank
+    (:class:`Factorizes`): the compact network (:func:`~lightning_compress.export_compact`) written as
+    ``model.compact.pt`` and ``model.compact.onnx`` (``model.compact.int8.onnx``, with its ONNX Runtime parity, when
+    the job quantizes) after checking on the whole test split that it computes what the
+    trained model computes (largest absolute output difference at most 1e-4, else the job fails), with its parameters,
+    FLOPs and ONNX Runtime latency."""
+    channels = any(isinstance(cb, RemovesChannels) and cb.groups for cb in job.compression)
+    ranks = {n: r for cb in job.compression if isinstance(cb, Factorizes) for n, r in cb.ranks.items()}
+    if not channels and not ranks:
         return {}
     import torch
 
     from lightning_compress.export.compact import export_compact
 
     example = next(iter(loader))[0].to(job.module.device)
-    compact = export_compact(job.module, example, check_inputs=(batch[0] for batch in loader))
+    compact = export_compact(
+        job.module, example, check_inputs=(batch[0] for batch in loader), ranks=ranks, channels=channels
+    )
     torch.save(compact, job.out / "model.compact.pt")
-    path = export_float_onnx(compact, job.out / "model.compact.onnx", example)
+    parity = {}
+    if any(isinstance(cb, HasFloatMode) for cb in job.compression):
+        # quantization-aware: the compact network keeps its layers' quantizers (cut with the channels); int8 QDQ
+        path = export_onnx(compact, job.out / "model.compact.int8.onnx", example)
+        parity = {"onnx_parity": {k: v for k, v in onnx_parity(compact, path, loader).items() if k != "accuracy_torch"}}
+    else:
+        path = export_float_onnx(compact, job.out / "model.compact.onnx", example)
     measured = _latency(job, path, example)
     return {
         "compact": {
             "params": sum(p.numel() for p in compact.parameters()),
             "flops_per_sample": flops_per_sample(compact, example[:1]),
             "max_abs_difference": compact.max_abs_difference,
+            **({"quantized_top1_agreement": compact.quantized_top1_agreement} if parity else {}),
+            "onnx_path": path.name,
             "size_bytes_onnx": path.stat().st_size,
+            **parity,
             **{k: v for k, v in measured.items() if k in ("latency_ms_batch1", "throughput_per_s")},
         }
     }
@@ -233,8 +245,10 @@ def distillation_report(job: Job, distiller: HasTeachers, loader: Any) -> dict[s
 def write_report(job: Job, report: dict[str, Any]) -> None:
     """Stage 6: ``report.json``, its numbers to every logger (``report/...``), the per-layer table."""
     (job.out / "report.json").write_text(json.dumps(report, indent=2))
+    compact = report.get("compact", {})
     flat = {**report, **{f"onnx_parity/{k}": v for k, v in report.get("onnx_parity", {}).items()},
-            **{f"compact/{k}": v for k, v in report.get("compact", {}).items()}}  # fmt: skip
+            **{f"compact/{k}": v for k, v in compact.items()},
+            **{f"compact/onnx_parity/{k}": v for k, v in compact.get("onnx_parity", {}).items()}}  # fmt: skip
     rows = [[row[k] for k in LAYER_COLUMNS] for row in report["layers"]]
     for lg in job.trainer.loggers:
         lg.log_metrics({f"report/{k}": v for k, v in flat.items() if isinstance(v, (int, float))})
@@ -371,19 +385,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _check_parity(report: dict[str, Any], minimum: float | None, where: Path) -> None:
     """Fail the job when the int8 export disagrees with the fake-quantized model past ``minimum`` top-1 agreement,
     or lost any pruned zero."""
-    parity = report.get("onnx_parity")
-    if parity is None:
-        return
-    if minimum is not None and parity["top1_agreement"] < minimum:
-        raise RuntimeError(
-            f"ONNX Runtime and the fake-quantized model agree on {parity['top1_agreement']:.2%} of the test "
-            f"predictions, below onnx_parity_min_agreement={minimum}; see {where}."
-        )
-    if parity.get("pruned_zeros_kept", 1.0) < 1.0:
-        raise RuntimeError(
-            f"Only {parity['pruned_zeros_kept']:.4%} of the pruned weights are zeros in the int8 ONNX file: the "
-            f"masks did not survive quantization and export; see {where}."
-        )
+    for parity, what in ((report.get("onnx_parity"), "int8 export"),
+                         (report.get("compact", {}).get("onnx_parity"), "compact int8 export")):  # fmt: skip
+        if parity is None:
+            continue
+        if minimum is not None and parity["top1_agreement"] < minimum:
+            raise RuntimeError(
+                f"ONNX Runtime ({what}) and the fake-quantized model agree on {parity['top1_agreement']:.2%} of the "
+                f"test predictions, below onnx_parity_min_agreement={minimum}; see {where}."
+            )
+        if parity.get("pruned_zeros_kept", 1.0) < 1.0:
+            raise RuntimeError(
+                f"Only {parity['pruned_zeros_kept']:.4%} of the pruned weights are zeros in the int8 ONNX file: the "
+                f"masks did not survive quantization and export; see {where}."
+            )
 
 
 register_sweeper()

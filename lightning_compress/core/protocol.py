@@ -9,6 +9,7 @@
 * :class:`HasFloatMode` — a technique that quantizes and can switch back to float for a while (``disabled()``).
 * :class:`HasTeachers` — a technique that distils frozen teachers (``teachers``).
 * :class:`RemovesChannels` — a technique whose zeroed channel groups the compact export can cut out (``groups``).
+* :class:`Factorizes` — a technique whose low-rank layers the compact export replaces by two factors (``ranks``).
 
 A new technique joins the coordination by having the attribute; nothing imports it by name.
 """
@@ -79,4 +80,15 @@ class RemovesChannels(Protocol):
     @property
     def groups(self) -> list[Any]:
         """The channel groups (empty when the technique does not remove channels)."""
+        ...
+
+
+@runtime_checkable
+class Factorizes(Protocol):
+    """Keeps layers at low rank; an app builds the compact network (``export_compact(ranks=...)``) when ``ranks`` is
+    not empty."""
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Layer name → rank of the layers to replace by two factors."""
         ...

@@ -1,23 +1,72 @@
-"""The compact export: the network with every zeroed channel group physically removed, proven equal.
+"""The compact export: the network with every zeroed channel group physically removed and every low-rank layer
+replaced by its two factors, proven equal.
 
-Training keeps the user's shapes (masks zero whole channel groups, :mod:`lightning_compress.pruning.groups`);
-:func:`export_compact` builds the smaller network through Torch-Pruning's dependency graph and checks on an example
-input that it computes what the masked model computes, raising instead of returning a network that does not.
+Training keeps the user's shapes (masks zero whole channel groups, :mod:`lightning_compress.pruning.groups`; low-rank
+projections, :mod:`lightning_compress.lowrank`); :func:`export_compact` builds the smaller network — channels cut
+through Torch-Pruning's dependency graph, layers factorized by SVD — and checks on an example input that it computes
+what the trained model computes, raising instead of returning a network that does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.export.onnx import ExportMismatchError
+from lightning_compress.core.lowrank import layer_info
+from lightning_compress.export.onnx import PARITY_GOAL, ExportMismatchError
 from lightning_compress.pruning.groups import ChannelGroup, channel_groups, require_torch_pruning, slices
+from lightning_compress.quantization.prepare import quantized_layers
 
-__all__ = ["ExportMismatchError", "export_compact"]
+__all__ = ["ExportMismatchError", "export_compact", "factorize"]
+
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+@torch.no_grad()
+def factorize(module: nn.Module, rank: int, name: str = "layer") -> nn.Sequential:
+    """``module`` (a Linear or ungrouped convolution) as two layers through a rank-``rank`` truncated SVD of its weight
+    matrix: two Linears, or a convolution with the original kernel, stride, padding and dilation to ``rank`` channels
+    followed by a 1×1 convolution that carries the bias. Exact when the weight has rank ``rank`` at most.
+
+    Raises:
+        ValueError: ``rank`` ≤ 0, or at/above the break-even rank (the factors would not be smaller) — named.
+    """
+    info = layer_info(name, module)
+    if not 1 <= rank <= info.break_even:
+        raise ValueError(
+            f"rank {rank} for layer {name!r} ({info.rows}×{info.cols}) must be in [1, {info.break_even}] (full rank "
+            f"{info.full_rank}; from {info.break_even + 1} on the two factors are not smaller than the layer)."
+        )
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    u, s, vh = torch.linalg.svd(weight.reshape(info.rows, -1).double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    left = (u[:, :rank] * root).to(weight.dtype)  # (out, r)
+    right = (root[:, None] * vh[:rank]).to(weight.dtype)  # (r, in·k…)
+    bias = module.bias
+    first: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+    second: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+    if isinstance(module, nn.Linear):
+        first = nn.Linear(module.in_features, rank, bias=False)
+        second = nn.Linear(rank, module.out_features, bias=bias is not None)
+    else:
+        assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        conv = type(module)
+        shape: dict[str, Any] = {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+                                 "dilation": module.dilation, "padding_mode": module.padding_mode}  # fmt: skip
+        first = conv(module.in_channels, rank, bias=False, **shape)
+        second = conv(rank, module.out_channels, 1, bias=bias is not None)
+    first.weight.copy_(right.reshape(first.weight.shape))
+    second.weight.copy_(left.reshape(second.weight.shape))
+    if isinstance(bias, Tensor) and isinstance(second.bias, Tensor):
+        second.bias.copy_(bias.detach())
+    return nn.Sequential(first, second).to(weight.device).train(module.training)
 
 
 def _is_zero(param: Tensor, dim: int, indices: list[int]) -> bool:
@@ -46,47 +95,158 @@ def _removed_channels(group: ChannelGroup) -> list[int]:
 
 
 def export_compact(
-    model: nn.Module, example_input: Tensor, atol: float = 1e-4, check_inputs: Iterable[Tensor] | None = None
+    model: nn.Module,
+    example_input: Tensor,
+    atol: float = 1e-4,
+    check_inputs: Iterable[Tensor] | None = None,
+    ranks: Mapping[str, int] | None = None,
+    channels: bool | None = None,
 ) -> nn.Module:
-    """A physically smaller copy of ``model`` with every zeroed channel group cut out, checked to compute what
-    ``model`` computes on ``example_input`` and on every batch of ``check_inputs`` (e.g. a whole test split): largest
-    absolute output difference at most ``atol``, returned as ``compact.max_abs_difference``. The model itself is not
-    changed.
+    """A physically smaller copy of ``model``, checked to compute what ``model`` computes.
+
+    Every zeroed channel group is cut out (``channels``: needs ``torch-pruning``; ``None`` cuts them when it is
+    installed or when there are no ``ranks``) and every layer named in ``ranks`` (e.g.
+    ``LowRankFactorization.ranks``) is replaced by its two low-rank factors (:func:`factorize`). The check runs on
+    ``example_input`` and on every batch of ``check_inputs`` (e.g. a whole test split): the largest absolute output
+    difference must be at most ``atol``; it is returned as ``compact.max_abs_difference``. A model prepared for
+    quantization-aware training keeps its quantizers (per-channel weight ranges cut with the channels; export it with
+    :func:`~lightning_compress.export_onnx`): it is compared with the quantizers off, and quantized by top-1 agreement
+    (at least :data:`~lightning_compress.export.onnx.PARITY_GOAL`, returned as ``compact.quantized_top1_agreement``),
+    since cutting zero channels changes the order of float sums and a value on a rounding tie may land one step away.
+    The model itself is not changed.
 
     Raises:
-        ValueError: A channel zeroed in some of its coupled layers only (named), or a group that would be emptied.
-        ExportMismatchError: The compact network's outputs differ by more than ``atol`` (the difference named).
+        ValueError: A channel zeroed in some of its coupled layers only (named), a group that would be emptied, a rank
+            out of range or a name in ``ranks`` that is no layer of the model.
+        ExportMismatchError: The compact network's outputs differ by more than ``atol`` (the difference named) — e.g.
+            a layer in ``ranks`` whose weight is not of that rank.
     """
-    tp = require_torch_pruning()
-    was_training = model.training
     compact = copy.deepcopy(model).eval()
     names = dict(compact.named_modules())
+    unknown = sorted(set(ranks or {}) - set(names))
+    if unknown:
+        raise ValueError(f"export_compact: `ranks` names layers the model does not have: {unknown}.")
+    quantized = quantized_layers(compact)
+    if quantized and ranks:
+        raise ValueError(
+            f"export_compact: the model is prepared for quantization-aware training and `ranks` asks to factorize "
+            f"{sorted(ranks)}: the two factors would have no quantizers. Export the low-rank model without QAT."
+        )
+    if channels or (channels is None and (not ranks or _has_torch_pruning())):
+        if quantized:
+            _cut_quantized_channels(compact, quantized, example_input)
+        else:
+            _cut_channels(compact, example_input)
+    for name, rank in (ranks or {}).items():  # after the cuts: a cut layer's remaining rows/columns keep its rank
+        parent, _, child = name.rpartition(".")
+        setattr(compact.get_submodule(parent) if parent else compact, child, factorize(names[name], int(rank), name))
+    difference, agreement = _compare(model, compact, itertools.chain([example_input], check_inputs or []))
+    if difference > atol:
+        raise ExportMismatchError(
+            f"export_compact: the compact network's outputs differ from the model's by up to {difference:.3g} "
+            f"(> atol={atol}{', quantizers off' if quantized else ''}) on the checked inputs; nothing was returned."
+        )
+    if agreement is not None and agreement < PARITY_GOAL:
+        raise ExportMismatchError(
+            f"export_compact: quantized, the compact network agrees with the model on {agreement:.2%} of the checked "
+            f"predictions (< {PARITY_GOAL:.1%}); nothing was returned."
+        )
+    compact.max_abs_difference = difference  # type: ignore[assignment]
+    compact.quantized_top1_agreement = agreement  # type: ignore[assignment]
+    return compact
+
+
+@contextlib.contextmanager
+def _quantizers_off(*models: nn.Module) -> Iterator[None]:
+    """Within the block the quantization-aware layers of ``models`` compute in float (phases restored after)."""
+    quantizers = [q for model in models for layer in quantized_layers(model).values() for q in _quantizers(layer)]
+    phases = [(q.observing, q.quantizing) for q in quantizers]
+    for q in quantizers:
+        q.observing = q.quantizing = False
+    try:
+        yield
+    finally:
+        for q, (observing, quantizing) in zip(quantizers, phases, strict=True):
+            q.observing, q.quantizing = observing, quantizing
+
+
+def _compare(model: nn.Module, compact: nn.Module, inputs: Iterable[Tensor]) -> tuple[float, float | None]:
+    """The largest absolute output difference between ``compact`` and ``model`` and, for quantization-aware models,
+    their top-1 agreement quantized.
+
+    A quantization-aware model is compared with its quantizers off: cutting zero channels changes the order of the
+    float sums, and a value on a rounding tie of a quantizer can then land one step away (0.03 on a ResNet-20's logits
+    here) — the same float-order effect as between PyTorch and ONNX Runtime, judged the same way, by top-1 agreement
+    (:data:`~lightning_compress.export.onnx.PARITY_GOAL`)."""
+    quantized = bool(quantized_layers(model))
+    was_training = model.training
+    model.eval()
+    difference, agree, seen = 0.0, 0, 0
+    device = next(iter(model.parameters())).device
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                x = x.to(device)
+                with _quantizers_off(model, compact) if quantized else contextlib.nullcontext():
+                    difference = max(difference, float((compact(x).float() - model(x).float()).abs().max()))
+                if quantized:
+                    agree += int((compact(x).argmax(-1) == model(x).argmax(-1)).sum())
+                    seen += len(x)
+    finally:
+        model.train(was_training)
+    return difference, (agree / seen if quantized else None)
+
+
+def _has_torch_pruning() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch_pruning") is not None
+
+
+def _cut_quantized_channels(compact: nn.Module, layers: dict[str, Any], example_input: Tensor) -> None:
+    """:func:`_cut_channels` on a model prepared for quantization-aware training: traced with the quantizers off (the
+    plain layers' computation), and each layer's per-output-channel quantizer state (observed ranges, scales,
+    zero-points) cut with the layer's output channels. Input and output quantizers are per tensor: unchanged."""
+    with _quantizers_off(compact):
+        removed = _cut_channels(compact, example_input)
+    for name, rows in removed.items():
+        if name not in layers:
+            continue
+        quantizer = layers[name].weight_quantizer
+        if not quantizer.spec.per_channel:
+            continue
+        keep = torch.tensor([i for i in range(quantizer.min_val.numel()) if i not in set(rows)], dtype=torch.long)
+        for key in ("min_val", "max_val", "zero_point", "scale"):
+            value = getattr(quantizer, key)
+            cut = value.detach().index_select(0, keep.to(value.device))
+            if isinstance(value, nn.Parameter):
+                setattr(quantizer, key, nn.Parameter(cut, requires_grad=value.requires_grad))
+            else:
+                setattr(quantizer, key, cut)
+
+
+def _quantizers(layer: Any) -> list[Any]:
+    return [q for q in (layer.input_quantizer, layer.weight_quantizer, getattr(layer, "output_quantizer", None)) if q]
+
+
+def _cut_channels(compact: nn.Module, example_input: Tensor) -> dict[str, list[int]]:
+    """Remove, in place, every channel group whose parameters are all zero; returns each layer's removed output rows
+    (by module name)."""
+    tp = require_torch_pruning()
+    names = dict(compact.named_modules())
     plan = []
+    rows: dict[str, set[int]] = {}
     for group in channel_groups(compact, example_input):
         removed = _removed_channels(group)
         if len(removed) == group.channels:
             raise ValueError(f"export_compact: every channel of {group.root!r} is zero; a layer cannot be emptied.")
         if removed:
             plan.append((group.root, removed))
+            for member in group.outputs():
+                rows.setdefault(member.name, set()).update(i for c in removed for i in member.indices[c])
     graph = tp.DependencyGraph().build_dependency(compact, example_inputs=example_input, verbose=False)
     for root, removed in plan:
         module = names[root]
         handler = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
         graph.get_pruning_group(module, handler, removed).prune()
-    device = example_input.device
-    model.eval()
-    difference = 0.0
-    try:
-        with torch.no_grad():
-            for x in itertools.chain([example_input], check_inputs or []):
-                x = x.to(device)
-                difference = max(difference, float((compact(x).float() - model(x).float()).abs().max()))
-    finally:
-        model.train(was_training)
-    if difference > atol:
-        raise ExportMismatchError(
-            f"export_compact: the compact network's outputs differ from the model's by up to {difference:.3g} "
-            f"(> atol={atol}) on the checked inputs; nothing was returned."
-        )
-    compact.max_abs_difference = difference  # type: ignore[assignment]
-    return compact
+    return {name: sorted(found) for name, found in rows.items()}

@@ -33,7 +33,6 @@ from lightning_compress.core.checks import (
     is_number,
     parse_epoch,
     same_kind_order,
-    show_epoch,
 )
 from lightning_compress.core.masks import Granularity, compute_masks, nm_groups, parse_granularity, random_scores
 from lightning_compress.core.schedules import sparsity_at
@@ -57,17 +56,14 @@ from lightning_compress.trainer.progress import (
     callback_state,
     check_optimizers,
     check_strategy,
-    optimizer_steps_per_epoch,
-    resolve_epochs,
+    first_input,
+    ramp_steps,
+    resolve_ramp,
+    update_due,
+    update_every,
     warn_if_spawned,
 )
 from lightning_compress.trainer.tables import log_table
-
-#: With ``update_every_n_steps=None`` the masks are updated this many times along the ramp ...
-DEFAULT_UPDATES_PER_RAMP = 50
-#: ... but at most every this many optimizer steps: on a short ramp a mask update after every step cost 1.06-1.10x a
-#: plain step (ResNet-20-style, benchmarks/step_time.py); re-applying the masks still happens after every step.
-MIN_STEPS_BETWEEN_UPDATES = 4
 
 
 def _check_sparsity(name: str, value: Any, granularity: Granularity) -> float:
@@ -240,13 +236,7 @@ class MagnitudePruning(Callback):
 
     def should_update(self, step: int) -> bool:
         """Whether the masks are recomputed after optimizer step ``step``."""
-        if step < self._start_step:
-            return False
-        if self._last_update_step < 0:
-            return True  # first update (at the ramp's start, or on entering it after a late start)
-        if step <= self._end_step:
-            return (step - self._start_step) % self._every == 0 or step == self._end_step
-        return self._last_update_step < self._end_step
+        return update_due(step, self._start_step, self._end_step, self._every, self._last_update_step)
 
     def scheduled_sparsity(self, step: int, final: float | None = None) -> float:
         """The sparsity the schedule asks for after optimizer step ``step`` (for a layer override, its own
@@ -293,21 +283,8 @@ class MagnitudePruning(Callback):
                         f"granularity='{self.granularity}' cannot prune layer {name!r}: {err}. "
                         f"Leave it out with `exclude`."
                     ) from None
-        epochs = resolve_epochs(trainer, "MagnitudePruning", {"start_epoch": self.start_epoch,
-                                                                 "end_epoch": self.end_epoch})  # fmt: skip
-        start, end = epochs["start_epoch"], epochs["end_epoch"]
-        assert start is not None and end is not None
-        if start > end:
-            raise ValueError(
-                f"`start_epoch` ({show_epoch(self.start_epoch)}, epoch {start:g}) must not be after `end_epoch` "
-                f"({show_epoch(self.end_epoch)}, epoch {end:g})."
-            )
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0 and end > max_epochs + 1e-9:
-            raise ValueError(
-                f"`end_epoch` ({end:g}) is past the Trainer's max_epochs ({max_epochs}): the ramp "
-                f"would never reach final_sparsity={self.final_sparsity:g}. Set end_epoch <= {max_epochs}."
-            )
+        goal = f"final_sparsity={self.final_sparsity:g}"
+        start, end = resolve_ramp(trainer, "MagnitudePruning", self.start_epoch, self.end_epoch, goal)
         self._epochs = {"start": start, "end": end}
         self._bound = weakref.ref(pl_module)
         warn_if_spawned(trainer, "MagnitudePruning", "masks")
@@ -320,20 +297,11 @@ class MagnitudePruning(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_optimizers(trainer, pl_module, "MagnitudePruning")
-        steps_per_epoch = optimizer_steps_per_epoch(trainer, "MagnitudePruning")
         start, end = self._epochs["start"], self._epochs["end"]
         assert start is not None and end is not None
-        self._start_step = round(start * steps_per_epoch)
-        self._end_step = round(end * steps_per_epoch)
-        if trainer.max_steps is not None and 0 <= trainer.max_steps < self._end_step:
-            raise ValueError(
-                f"`end_epoch` ({end:g}) is {self._end_step} optimizer steps, past the Trainer's "
-                f"max_steps ({trainer.max_steps}): the ramp would never reach final_sparsity."
-            )
-        span = self._end_step - self._start_step
-        self._every = self.update_every_n_steps or max(
-            MIN_STEPS_BETWEEN_UPDATES, round(span / DEFAULT_UPDATES_PER_RAMP)
-        )
+        goal = f"final_sparsity={self.final_sparsity:g}"
+        self._start_step, self._end_step = ramp_steps(trainer, "MagnitudePruning", start, end, goal)
+        self._every = update_every(self._start_step, self._end_step, self.update_every_n_steps)
         if self.granularity.kind == "channel" and not self._groups:
             self._build_groups(trainer, pl_module)
         if self._loaded is not None:
@@ -516,9 +484,7 @@ class MagnitudePruning(Callback):
     def _build_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The channel groups of the selected layers, traced on one input batch (``example_input_array`` when the
         module has one, else the first training batch, read without touching the training's random streams)."""
-        example = getattr(pl_module, "example_input_array", None)
-        if example is None:
-            example = _first_input(trainer)
+        example = first_input(trainer, pl_module)
         if not isinstance(example, Tensor):
             raise ValueError(
                 "MagnitudePruning(granularity='channel') traces the model on one input to find its channel groups: "
@@ -593,19 +559,3 @@ class MagnitudePruning(Callback):
     def selected_layers(self) -> list[str]:
         """Names of the layers this callback prunes (known after ``setup``)."""
         return list(self._weights)
-
-
-def _first_input(trainer: pl.Trainer) -> Any:
-    """The input tensor of the first training batch, drawn from a fresh iterator without moving any random stream
-    (shuffling draws from them)."""
-    from lightning.pytorch.utilities.seed import isolate_rng
-
-    loader = trainer.train_dataloader
-    datamodule = getattr(trainer, "datamodule", None)
-    if loader is None and datamodule is not None:
-        loader = datamodule.train_dataloader()
-    if loader is None:
-        return None
-    with isolate_rng():
-        batch = next(iter(loader))
-    return batch[0] if isinstance(batch, (tuple, list)) else batch

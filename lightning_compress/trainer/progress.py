@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_compress.core.checks import epoch_share, resolve_epoch
+from lightning_compress.core.checks import epoch_share, resolve_epoch, show_epoch
 
 
 def optimizer_steps_per_epoch(trainer: pl.Trainer, owner: str) -> int:
@@ -127,3 +127,88 @@ def callback_state(checkpoint: str | os.PathLike, state_key: str, owner: str) ->
             f"{sorted(callbacks)}. Restore with the same include/exclude (and granularity) as the run that wrote it."
         )
     return dict(callbacks[state_key])
+
+
+def resolve_ramp(
+    trainer: pl.Trainer, owner: str, start: float | str | None, end: float | str | None, goal: str
+) -> tuple[float, float]:
+    """The epochs at which a ramp (``start_epoch`` → ``end_epoch``) starts and ends, once the Trainer's length is known.
+
+    Raises:
+        ValueError: ``start_epoch`` after ``end_epoch``, or ``end_epoch`` past ``max_epochs`` (the ramp would never
+            reach ``goal``, named in the message).
+    """
+    epochs = resolve_epochs(trainer, owner, {"start_epoch": start, "end_epoch": end})
+    first, last = epochs["start_epoch"], epochs["end_epoch"]
+    assert first is not None and last is not None
+    if first > last:
+        raise ValueError(
+            f"`start_epoch` ({show_epoch(start)}, epoch {first:g}) must not be after `end_epoch` "
+            f"({show_epoch(end)}, epoch {last:g})."
+        )
+    total = trainer.max_epochs
+    if total is not None and total >= 0 and last > total + 1e-9:
+        raise ValueError(
+            f"`end_epoch` ({last:g}) is past the Trainer's max_epochs ({total}): the ramp "
+            f"would never reach {goal}. Set end_epoch <= {total}."
+        )
+    return first, last
+
+
+def ramp_steps(trainer: pl.Trainer, owner: str, start: float, end: float, goal: str) -> tuple[int, int]:
+    """The optimizer steps at which a ramp from epoch ``start`` to epoch ``end`` starts and ends.
+
+    Raises:
+        ValueError: The ramp ends past the Trainer's ``max_steps`` (it would never reach ``goal``).
+    """
+    steps_per_epoch = optimizer_steps_per_epoch(trainer, owner)
+    first, last = round(start * steps_per_epoch), round(end * steps_per_epoch)
+    if trainer.max_steps is not None and 0 <= trainer.max_steps < last:
+        raise ValueError(
+            f"`end_epoch` ({end:g}) is {last} optimizer steps, past the Trainer's "
+            f"max_steps ({trainer.max_steps}): the ramp would never reach {goal}."
+        )
+    return first, last
+
+
+def first_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """One input batch to trace the model on: ``example_input_array`` when the module has one, else the input of the
+    first training batch, drawn from a fresh iterator without moving any random stream (shuffling draws from them)."""
+    from lightning.pytorch.utilities.seed import isolate_rng
+
+    example = getattr(pl_module, "example_input_array", None)
+    if example is not None:
+        return example
+    loader = trainer.train_dataloader
+    datamodule = getattr(trainer, "datamodule", None)
+    if loader is None and datamodule is not None:
+        loader = datamodule.train_dataloader()
+    if loader is None:
+        return None
+    with isolate_rng():
+        batch = next(iter(loader))
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+#: With ``update_every_n_steps=None`` a ramp's structure (masks, ranks) is updated this many times along it ...
+DEFAULT_UPDATES_PER_RAMP = 50
+#: ... but at most every this many optimizer steps: on a short ramp a mask update after every step cost 1.06-1.10x a
+#: plain step (ResNet-20-style, benchmarks/step_time.py); re-applying the structure still happens after every step.
+MIN_STEPS_BETWEEN_UPDATES = 4
+
+
+def update_every(start: int, end: int, every: int | None) -> int:
+    """Optimizer steps between structure updates along a ramp from step ``start`` to ``end`` (``every`` when given)."""
+    return every or max(MIN_STEPS_BETWEEN_UPDATES, round((end - start) / DEFAULT_UPDATES_PER_RAMP))
+
+
+def update_due(step: int, start: int, end: int, every: int, last_update: int) -> bool:
+    """Whether a ramp's structure is updated after optimizer step ``step``: at the ramp's start (or on entering it after
+    a late start), every ``every`` steps along it, at its end, and once after it if its end was missed."""
+    if step < start:
+        return False
+    if last_update < 0:
+        return True
+    if step <= end:
+        return (step - start) % every == 0 or step == end
+    return last_update < end

@@ -1,0 +1,113 @@
+"""Low-rank factorization without a Trainer: which layers, at which cost, and one-shot projection of any nn.Module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.core.lowrank import LowRankLayer, choose_ranks, layer_info, normalized_spectrum, project_rank_
+from lightning_compress.core.selection import check_overrides_match, match_overrides, select_modules, weights_of
+
+
+def output_positions(model: nn.Module, example: Tensor, selected: Sequence[tuple[str, nn.Module]]) -> dict[str, int]:
+    """Output positions per sample of each selected layer (a convolution's output pixels, a Linear's tokens), from
+    one forward pass on the first sample of ``example`` (the model's mode and random streams are left as they were)."""
+    seen: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: Any, output: Tensor) -> None:
+            channels = int(getattr(module, "out_channels", 0) or getattr(module, "out_features", 1))
+            seen[name] = output.numel() // (output.shape[0] * channels)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in selected]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(example[:1])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def low_rank_layers(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    layer_rank: Mapping[str, int] | None = None,
+    budget: str = "params",
+    example_input: Tensor | None = None,
+) -> tuple[list[tuple[str, nn.Module]], list[LowRankLayer], dict[str, int]]:
+    """The selected ``(name, module)`` pairs, their matrix views (with output positions for ``budget="flops"``, traced
+    on ``example_input``) and the fixed ranks ``layer_rank`` gives them.
+
+    Raises:
+        ValueError: A layer that cannot be factorized, a ``layer_rank`` pattern matching nothing or a rank above a
+            layer's break-even, a FLOPs budget without an example input.
+    """
+    selected = select_modules(model, include, exclude)
+    check_overrides_match(selected, layer_rank, "layer_rank")
+    positions: dict[str, int] = {}
+    if budget == "flops":
+        if not isinstance(example_input, Tensor):
+            raise ValueError(
+                "a low-rank budget in FLOPs traces the model on one input to count multiply-adds: pass an example "
+                "input (a LightningModule's `example_input_array`, or the first training batch)."
+            )
+        positions = output_positions(model, example_input, selected)
+    layers = [layer_info(n, m, positions.get(n, 1)) for n, m in selected]
+    fixed = {}
+    for layer in layers:
+        rank = match_overrides(layer.name, layer_rank, selected)
+        if rank is None:
+            continue
+        if not 1 <= rank <= layer.break_even:
+            raise ValueError(
+                f"layer_rank {rank} for layer {layer.name!r} ({layer.rows}×{layer.cols}) must be in "
+                f"[1, {layer.break_even}]: from {layer.break_even + 1} on (full rank {layer.full_rank}) its two "
+                "factors hold as many weights as the layer."
+            )
+        fixed[layer.name] = int(rank)
+    return selected, layers, fixed
+
+
+@torch.no_grad()
+def low_rank_(
+    model: nn.Module,
+    ratio: float,
+    budget: str = "params",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    layer_rank: Mapping[str, int] | None = None,
+    example_input: Tensor | None = None,
+) -> dict[str, int]:
+    """One-shot low rank: project the selected layers' weights in place onto the ranks that cut their parameters (or
+    multiply-adds) ``ratio``-fold, chosen globally (:func:`~lightning_compress.core.lowrank.choose_ranks`). Returns
+    the ranks of the layers to factorize, for :func:`~lightning_compress.export_compact` (``ranks=``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> ranks = low_rank_(net, ratio=2)
+        >>> sum(r * (64 + (10 if n == "2" else 64)) for n, r in ranks.items()) <= (64 * 64 + 10 * 64) / 2
+        True
+    """
+    from lightning_compress.core.checks import check_number
+
+    check_number("ratio", ratio, 1.0, low_open=True)
+    _, layers, fixed = low_rank_layers(model, include, exclude, layer_rank, budget, example_input)
+    weights = weights_of(select_modules(model, include, exclude))
+    spectra = {layer.name: normalized_spectrum(weights[layer.name]).cpu() for layer in layers}
+    ranks = choose_ranks(layers, spectra, 1.0 / float(ratio), budget, fixed)
+    out = {}
+    for layer in layers:
+        if ranks[layer.name] <= layer.break_even:
+            project_rank_(weights[layer.name], ranks[layer.name])
+            out[layer.name] = ranks[layer.name]
+    return out
