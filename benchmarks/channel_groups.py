@@ -1,9 +1,10 @@
 """Channel groups: accuracy at 2x and 3x fewer FLOPs against Torch-Pruning's own prune-then-fine-tune, and the ONNX
 Runtime speed of the compact network.
 
-Part 1 — MNIST-1D, the paper's CNN with BatchNorm (`recipe=mnist1d_dense`: AdamW, lr 3e-3, 30 epochs), 3 seeds on
-one split. For each FLOPs goal the share of channels is the smallest one (in steps of 0.01) whose compact network
-has at most 1/2 or 1/3 of the dense FLOPs. Ours: `MagnitudePruning(granularity="channel", scope="layer")` ramping
+Part 1 — MNIST-1D, the paper's CNN with BatchNorm (`recipe=mnist1d_dense`: AdamW, lr 3e-3, 30 epochs), and digits
+(8×8) with the ResNet-20-style network of width 16 (`recipe=dense model=resnet20`), 3 seeds on one split. For each
+FLOPs goal the share of channels is the smallest one (in steps of 0.01) whose compact network has at most 1/2 or 1/3
+of the dense FLOPs. Ours: `MagnitudePruning(granularity="channel", scope="layer")` ramping
 to that share over epochs 0-20 of 30, then `export_compact`. Peer: Torch-Pruning's `MetaPruner` with
 `GroupMagnitudeImportance(p=2)` (L2 group magnitude, as ours), the same share per layer, applied after 20 dense
 epochs and fine-tuned for the last 10 (the same 30 epochs in all). Both keep the output layer whole.
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from _common import interleaved_ort_medians, machine, mean_std, update_results
+from mnist1d_accuracy import verdict
 
 from lightning_compress import MagnitudePruning, export_compact
 from lightning_compress.analysis.latency import ort_session
@@ -55,8 +57,14 @@ def share_for(make, x: torch.Tensor, goal: float) -> tuple[float, float]:
     raise ValueError(f"no share reaches {goal}x fewer FLOPs")
 
 
-def task(seed: int):
-    cfg = compose(["recipe=mnist1d_dense", "logger=none", "callbacks=none", "paths.output_dir=/tmp/unused"])
+#: The accuracy tasks: (recipe, model override, the name in the table).
+TASKS = {"mnist1d": ("mnist1d_dense", None, "MNIST-1D CNN"), "resnet20": ("dense", "resnet20", "ResNet-20 w16, digits")}
+
+
+def task(seed: int, name: str = "mnist1d"):
+    recipe, model, _ = TASKS[name]
+    overrides = [f"recipe={recipe}", "logger=none", "callbacks=none", "paths.output_dir=/tmp/unused"]
+    cfg = compose(overrides + ([f"model={model}"] if model else []))
     pl.seed_everything(seed)
     dm = instantiate(cfg.data)
     net = instantiate(cfg.model, input_shape=dm.input_shape, num_classes=dm.num_classes)
@@ -68,9 +76,9 @@ def trainer(cfg, epochs: int, callbacks=()):
                        enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
 
 
-def run(seed: int, method: str, share: float | None, x: torch.Tensor) -> tuple[float, int]:
+def run(seed: int, method: str, share: float | None, x: torch.Tensor, name: str = "mnist1d") -> tuple[float, int]:
     """Test accuracy (%) and FLOPs per sample of the final (compact) network."""
-    cfg, dm, module = task(seed)
+    cfg, dm, module = task(seed, name)
     if method == "dense":
         t = trainer(cfg, 30)
         t.fit(module, datamodule=dm)
@@ -88,12 +96,17 @@ def run(seed: int, method: str, share: float | None, x: torch.Tensor) -> tuple[f
     module.net.eval()
     pruner = tp.pruner.MetaPruner(
         module.net, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=share,
-        global_pruning=False, ignored_layers=[module.net.classifier],
+        global_pruning=False, ignored_layers=[last_layer(module.net)],
     )  # fmt: skip
     pruner.step()
     t = trainer(cfg, 10)
     t.fit(module, datamodule=dm)
     return 100 * t.test(module, datamodule=dm, verbose=False)[0]["test/acc"], flops_per_sample(module.net, x)
+
+
+def last_layer(net: torch.nn.Module) -> torch.nn.Module:
+    """The network's output layer (kept whole by both methods)."""
+    return [m for m in net.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear))][-1]
 
 
 def speed(width: int, shares: dict[int, float], rounds: int, threads: int, tmp: Path) -> list[str]:
@@ -124,6 +137,13 @@ def speed(width: int, shares: dict[int, float], rounds: int, threads: int, tmp: 
     return rows
 
 
+def shares_text(all_shares: dict) -> str:
+    return "; ".join(
+        f"{TASKS[name][2]}: " + ", ".join(f"{s:.2f} for {g}× ({r:.2f}× measured)" for g, (s, r) in shares.items())
+        for name, shares in all_shares.items()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
@@ -131,21 +151,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    x1d = torch.randn(16, 1, 40)
-    shares = {goal: share_for(CNN1D, x1d, goal) for goal in GOALS}
-    results: dict[str, list[tuple[float, int]]] = {"dense": []}
-    for seed in range(args.seeds):
-        results["dense"].append(run(seed, "dense", None, x1d))
-        for goal, (share, _) in shares.items():
-            for method in ("ours", "Torch-Pruning MetaPruner"):
-                results.setdefault(f"{method}, {goal}x", []).append(run(seed, method, share, x1d))
-        print(seed, {k: v[-1] for k, v in results.items()}, flush=True)
-    dense_mean = statistics.mean(a for a, _ in results["dense"])
+    inputs = {"mnist1d": (CNN1D, torch.randn(16, 1, 40)),
+              "resnet20": (lambda: ResNet20((1, 8, 8), 10, width=16), torch.randn(16, 1, 8, 8))}  # fmt: skip
     rows = []
-    for kind, runs in results.items():
-        accuracy = [a for a, _ in runs]
-        rows.append(f"| {kind} | {mean_std(accuracy)} | {statistics.mean(accuracy) - dense_mean:+.2f} | "
-                    f"{results['dense'][0][1] / runs[0][1]:.2f}× |")  # fmt: skip
+    all_shares = {}
+    for name, (make, x) in inputs.items():
+        shares = all_shares[name] = {goal: share_for(make, x, goal) for goal in GOALS}
+        results: dict[str, list[tuple[float, int]]] = {"dense": []}
+        for seed in range(args.seeds):
+            results["dense"].append(run(seed, "dense", None, x, name))
+            for goal, (share, _) in shares.items():
+                for method in ("ours", "Torch-Pruning MetaPruner"):
+                    results.setdefault(f"{method}, {goal}x", []).append(run(seed, method, share, x, name))
+            print(name, seed, {k: v[-1] for k, v in results.items()}, flush=True)
+        dense = [a for a, _ in results["dense"]]
+        for kind, runs in results.items():
+            accuracy = [a for a, _ in runs]
+            versus = "—" if kind == "dense" else verdict(accuracy, dense)
+            rows.append(f"| {TASKS[name][2]} | {kind} | {mean_std(accuracy)} | {versus} | "
+                        f"{results['dense'][0][1] / runs[0][1]:.2f}× |")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         resnet_shares = {goal: share_for(lambda: ResNet20((3, 32, 32), 10, width=16), torch.randn(8, 3, 32, 32),
                                          goal)[0] for goal in GOALS}  # fmt: skip
@@ -156,14 +180,15 @@ def main() -> None:
 
 `python benchmarks/channel_groups.py` — Machine: {machine()}.
 
-MNIST-1D, the paper's CNN with BatchNorm, 30 epochs, seeds 0–{args.seeds - 1} (test accuracy %, mean ± std). Shares of
-channels removed per group: {", ".join(f"{s:.2f} for {g}× ({r:.2f}× measured)" for g, (s, r) in shares.items())}.
-Ours: `MagnitudePruning(granularity="channel", scope="layer")` ramped over epochs 0–20, then `export_compact`
-(FLOPs of the compact network). Peer: Torch-Pruning `MetaPruner` (`GroupMagnitudeImportance(p=2)`, same share per
-layer, output layer whole) after 20 dense epochs, 10 epochs of fine-tuning.
+MNIST-1D, the paper's CNN with BatchNorm, and digits (8×8) with the ResNet-20-style network of width 16 (`recipe=dense
+model=resnet20`: AdamW, 30 epochs), seeds 0–{args.seeds - 1} (test accuracy %, mean ± std; "vs dense" with Welch's
+t-test over the seeds). Shares of channels removed per group: {shares_text(all_shares)}. Ours:
+`MagnitudePruning(granularity="channel", scope="layer")` ramped over epochs 0–20, then `export_compact` (FLOPs of the
+compact network). Peer: Torch-Pruning `MetaPruner` (`GroupMagnitudeImportance(p=2)`, same share per layer, output
+layer whole) after 20 dense epochs, 10 epochs of fine-tuning.
 
-| model | accuracy | vs dense | FLOPs reduction |
-|---|---:|---:|---:|
+| task | model | accuracy | vs dense | FLOPs reduction |
+|---|---|---:|---|---:|
 """
         + "\n".join(rows)
         + f"""
