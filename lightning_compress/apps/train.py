@@ -187,6 +187,11 @@ def compact_report(job: Job, loader: Any) -> dict[str, Any]:
     FLOPs and ONNX Runtime latency."""
     channels = any(isinstance(cb, RemovesChannels) and cb.groups for cb in job.compression)
     ranks = {n: r for cb in job.compression if isinstance(cb, Factorizes) for n, r in cb.ranks.items()}
+    if ranks and any(isinstance(cb, HasFloatMode) for cb in job.compression):
+        log.warning("The low-rank layers stay whole in the compact network: their two factors would have no "
+                    "quantizers (export_compact refuses ranks on a quantization-aware model); model.int8.onnx holds "
+                    "them at full shape.")  # fmt: skip
+        ranks = {}
     if not channels and not ranks:
         return {}
     import torch

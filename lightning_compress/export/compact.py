@@ -25,8 +25,6 @@ from lightning_compress.quantization.prepare import quantized_layers
 
 __all__ = ["ExportMismatchError", "export_compact", "factorize"]
 
-_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-
 
 @torch.no_grad()
 def factorize(module: nn.Module, rank: int, name: str = "layer") -> nn.Sequential:

@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
@@ -39,6 +38,7 @@ from lightning_compress.core.selection import (
 )
 from lightning_compress.lowrank.functional import low_rank_layers
 from lightning_compress.trainer.progress import (
+    StepwiseTechnique,
     callback_state,
     check_optimizers,
     check_strategy,
@@ -59,7 +59,7 @@ class Budget(Choice):
     FLOPS = "flops"
 
 
-class LowRankFactorization(Callback):
+class LowRankFactorization(StepwiseTechnique):
     r"""Low-rank factorization of a LightningModule's Linear and (ungrouped) convolution layers, reached gradually.
 
     Along the schedule (cubic by default, as :class:`~lightning_compress.MagnitudePruning`'s) the selected layers'
@@ -200,16 +200,6 @@ class LowRankFactorization(Callback):
         self._step(trainer, pl_module, trainer.global_step, log=False)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if step == self._last_seen_step:
-            return  # no optimizer step in this batch (gradient accumulation)
-        self._last_seen_step = step
-        self._step(trainer, pl_module, step)
-
-    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -225,15 +215,6 @@ class LowRankFactorization(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"ranks": dict(self._ranks), "last_update_step": self._last_update_step, "keep": self._keep,
                 "end_step": self._end_step}  # fmt: skip
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_bound"] = None
-        return state
 
     def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
         """Read the ranks of a checkpoint a run with this callback wrote, in a process that did not train (after

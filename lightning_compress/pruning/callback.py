@@ -17,7 +17,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -53,6 +52,7 @@ from lightning_compress.pruning.groups import (
     require_torch_pruning,
 )
 from lightning_compress.trainer.progress import (
+    StepwiseTechnique,
     callback_state,
     check_optimizers,
     check_strategy,
@@ -78,7 +78,7 @@ def _check_sparsity(name: str, value: Any, granularity: Granularity) -> float:
     return number
 
 
-class MagnitudePruning(Callback):
+class MagnitudePruning(StepwiseTechnique):
     r"""Gradual magnitude pruning (Zhu & Gupta, 2017) of a LightningModule's Conv and Linear weights.
 
     Sparsity ramps from ``initial_sparsity`` at ``start_epoch`` to ``final_sparsity`` at ``end_epoch``
@@ -311,16 +311,6 @@ class MagnitudePruning(Callback):
         self._step(trainer, pl_module, trainer.global_step, log=False)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if step == self._last_seen_step:
-            return  # no optimizer step in this batch (gradient accumulation)
-        self._last_seen_step = step
-        self._step(trainer, pl_module, step)
-
-    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         per_layer = self.layer_sparsities()
         pl_module.log_dict({f"compress/sparsity/{n}": v for n, v in per_layer.items()}, on_epoch=True)
@@ -347,15 +337,6 @@ class MagnitudePruning(Callback):
             "target": self._target,
             "end_step": self._end_step,
         }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_bound"] = None  # a weak reference does not pickle (ddp_spawn pickles the Trainer's callbacks)
-        return state
 
     def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
         """Rebuild this callback's masks on ``pl_module`` from a checkpoint a run with it wrote — in a process that did

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_compress.core.checks import epoch_share, resolve_epoch, show_epoch
@@ -212,3 +213,34 @@ def update_due(step: int, start: int, end: int, every: int, last_update: int) ->
     if step <= end:
         return (step - start) % every == 0 or step == end
     return last_update < end
+
+
+class StepwiseTechnique(Callback):
+    """What the techniques that act after every optimizer step share (MagnitudePruning, LowRankFactorization):
+    ``_step(trainer, pl_module, step)`` is called once per optimizer step (not per batch under gradient accumulation);
+    ``load_state_dict`` keeps the checkpoint's state for ``on_train_start`` (``_loaded``); the weak reference to the
+    bound module (``_bound``) is dropped when pickled (``ddp_spawn`` pickles the Trainer's callbacks)."""
+
+    _last_seen_step: int
+    _loaded: dict[str, Any] | None
+    _bound: Any
+
+    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
+        raise NotImplementedError
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_seen_step:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._last_seen_step = step
+        self._step(trainer, pl_module, step)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_bound"] = None  # a weak reference does not pickle
+        return state
