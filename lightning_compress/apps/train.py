@@ -187,7 +187,8 @@ def compact_report(job: Job, loader: Any) -> dict[str, Any]:
     FLOPs and ONNX Runtime latency."""
     channels = any(isinstance(cb, RemovesChannels) and cb.groups for cb in job.compression)
     ranks = {n: r for cb in job.compression if isinstance(cb, Factorizes) for n, r in cb.ranks.items()}
-    if ranks and any(isinstance(cb, HasFloatMode) for cb in job.compression):
+    quantizes = any(isinstance(cb, HasFloatMode) for cb in job.compression)
+    if ranks and quantizes:
         log.warning("The low-rank layers stay whole in the compact network: their two factors would have no "
                     "quantizers (export_compact refuses ranks on a quantization-aware model); model.int8.onnx holds "
                     "them at full shape.")  # fmt: skip
@@ -204,7 +205,7 @@ def compact_report(job: Job, loader: Any) -> dict[str, Any]:
     )
     torch.save(compact, job.out / "model.compact.pt")
     parity = {}
-    if any(isinstance(cb, HasFloatMode) for cb in job.compression):
+    if quantizes:
         # quantization-aware: the compact network keeps its layers' quantizers (cut with the channels); int8 QDQ
         path = export_onnx(compact, job.out / "model.compact.int8.onnx", example)
         parity = {"onnx_parity": {k: v for k, v in onnx_parity(compact, path, loader).items() if k != "accuracy_torch"}}
@@ -216,7 +217,7 @@ def compact_report(job: Job, loader: Any) -> dict[str, Any]:
             "params": sum(p.numel() for p in compact.parameters()),
             "flops_per_sample": flops_per_sample(compact, example[:1]),
             "max_abs_difference": compact.max_abs_difference,
-            **({"quantized_top1_agreement": compact.quantized_top1_agreement} if parity else {}),
+            **({"quantized_top1_agreement": compact.quantized_top1_agreement} if quantizes else {}),
             "onnx_path": path.name,
             "size_bytes_onnx": path.stat().st_size,
             **parity,

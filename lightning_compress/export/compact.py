@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lightning_compress.core.lowrank import layer_info
 from lightning_compress.export.onnx import PARITY_GOAL, ExportMismatchError
 from lightning_compress.pruning.groups import ChannelGroup, channel_groups, require_torch_pruning, slices
-from lightning_compress.quantization.prepare import quantized_layers
+from lightning_compress.quantization.prepare import float_phase, quantized_layers
 
 __all__ = ["ExportMismatchError", "export_compact", "factorize"]
 
@@ -154,20 +154,6 @@ def export_compact(
     return compact
 
 
-@contextlib.contextmanager
-def _quantizers_off(*models: nn.Module) -> Iterator[None]:
-    """Within the block the quantization-aware layers of ``models`` compute in float (phases restored after)."""
-    quantizers = [q for model in models for layer in quantized_layers(model).values() for q in _quantizers(layer)]
-    phases = [(q.observing, q.quantizing) for q in quantizers]
-    for q in quantizers:
-        q.observing = q.quantizing = False
-    try:
-        yield
-    finally:
-        for q, (observing, quantizing) in zip(quantizers, phases, strict=True):
-            q.observing, q.quantizing = observing, quantizing
-
-
 def _compare(model: nn.Module, compact: nn.Module, inputs: Iterable[Tensor]) -> tuple[float, float | None]:
     """The largest absolute output difference between ``compact`` and ``model`` and, for quantization-aware models,
     their top-1 agreement quantized.
@@ -185,7 +171,7 @@ def _compare(model: nn.Module, compact: nn.Module, inputs: Iterable[Tensor]) -> 
         with torch.no_grad():
             for x in inputs:
                 x = x.to(device)
-                with _quantizers_off(model, compact) if quantized else contextlib.nullcontext():
+                with float_phase(model, compact) if quantized else contextlib.nullcontext():
                     difference = max(difference, float((compact(x).float() - model(x).float()).abs().max()))
                 if quantized:
                     agree += int((compact(x).argmax(-1) == model(x).argmax(-1)).sum())
@@ -205,7 +191,7 @@ def _cut_quantized_channels(compact: nn.Module, layers: dict[str, Any], example_
     """:func:`_cut_channels` on a model prepared for quantization-aware training: traced with the quantizers off (the
     plain layers' computation), and each layer's per-output-channel quantizer state (observed ranges, scales,
     zero-points) cut with the layer's output channels. Input and output quantizers are per tensor: unchanged."""
-    with _quantizers_off(compact):
+    with float_phase(compact):
         removed = _cut_channels(compact, example_input)
     for name, rows in removed.items():
         if name not in layers:
@@ -213,7 +199,8 @@ def _cut_quantized_channels(compact: nn.Module, layers: dict[str, Any], example_
         quantizer = layers[name].weight_quantizer
         if not quantizer.spec.per_channel:
             continue
-        keep = torch.tensor([i for i in range(quantizer.min_val.numel()) if i not in set(rows)], dtype=torch.long)
+        cut_rows = set(rows)
+        keep = torch.tensor([i for i in range(quantizer.min_val.numel()) if i not in cut_rows], dtype=torch.long)
         for key in ("min_val", "max_val", "zero_point", "scale"):
             value = getattr(quantizer, key)
             cut = value.detach().index_select(0, keep.to(value.device))
@@ -221,10 +208,6 @@ def _cut_quantized_channels(compact: nn.Module, layers: dict[str, Any], example_
                 setattr(quantizer, key, nn.Parameter(cut, requires_grad=value.requires_grad))
             else:
                 setattr(quantizer, key, cut)
-
-
-def _quantizers(layer: Any) -> list[Any]:
-    return [q for q in (layer.input_quantizer, layer.weight_quantizer, getattr(layer, "output_quantizer", None)) if q]
 
 
 def _cut_channels(compact: nn.Module, example_input: Tensor) -> dict[str, list[int]]:

@@ -17,7 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_compress.core.checks import (
@@ -33,7 +33,6 @@ from lightning_compress.core.lowrank import LowRankLayer, check_budget, choose_r
 from lightning_compress.core.schedules import sparsity_at
 from lightning_compress.core.selection import (
     load_layer_values,
-    select_modules,
     weights_of,
 )
 from lightning_compress.lowrank.functional import low_rank_layers
@@ -43,6 +42,7 @@ from lightning_compress.trainer.progress import (
     check_optimizers,
     check_strategy,
     first_input,
+    ramp_progress,
     ramp_steps,
     resolve_ramp,
     update_due,
@@ -134,7 +134,6 @@ class LowRankFactorization(StepwiseTechnique):
         self._reset()
 
     def _reset(self) -> None:
-        self._selected: list[tuple[str, nn.Module]] = []
         self._weights: dict[str, Tensor] = {}
         self._layers: list[LowRankLayer] = []
         self._fixed: dict[str, int] = {}
@@ -157,14 +156,6 @@ class LowRankFactorization(StepwiseTechnique):
             return
         check_strategy(trainer, "LowRankFactorization")
         self._reset()
-        selected = select_modules(pl_module, self.include, self.exclude)
-        frozen = [n for n, m in selected if not m.weight.requires_grad]
-        if frozen:
-            raise ValueError(
-                f"LowRankFactorization: layer(s) {', '.join(map(repr, frozen))} are frozen (weight.requires_grad="
-                "False); a projected frozen layer would lose its weights without training to recover. Leave them out "
-                "with `exclude`."
-            )
         example = first_input(trainer, pl_module) if self.budget == Budget.FLOPS else None
         if isinstance(example, Tensor):
             example = example.to(pl_module.device)
@@ -172,7 +163,13 @@ class LowRankFactorization(StepwiseTechnique):
             pl_module, self.include, self.exclude, self.layer_rank, self.budget, example
         )
         self._weights = weights_of(selected)
-        self._selected = selected
+        frozen = [n for n, w in self._weights.items() if not w.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"LowRankFactorization: layer(s) {', '.join(map(repr, frozen))} are frozen (weight.requires_grad="
+                "False); a projected frozen layer would lose its weights without training to recover. Leave them out "
+                "with `exclude`."
+            )
         # The budget is checked now, at the final ratio (rank 1 everywhere must meet it), not at the ramp's end.
         try:
             check_budget(self._layers, 1.0 / self.ratio, self.budget, self._fixed)
@@ -240,8 +237,7 @@ class LowRankFactorization(StepwiseTechnique):
 
     def scheduled_keep(self, step: int) -> float:
         """The share of the layers' dense cost the schedule allows after optimizer step ``step``."""
-        span = self._end_step - self._start_step
-        progress = 1.0 if span <= 0 else (step - self._start_step) / span
+        progress = ramp_progress(step, self._start_step, self._end_step)
         return 1.0 - sparsity_at(progress, 0.0, 1.0 - 1.0 / self.ratio, self.schedule)
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
@@ -272,7 +268,8 @@ class LowRankFactorization(StepwiseTechnique):
         if trainer.world_size > 1:
             # Every rank holds the same weights under DDP; broadcasting rank zero's ranks makes agreement a guarantee.
             ranks = trainer.strategy.broadcast(ranks, src=0)
-        self._ranks = {n: r for n, r in ranks.items() if r < next(x for x in self._layers if x.name == n).full_rank}
+        full = {layer.name: layer.full_rank for layer in self._layers}
+        self._ranks = {n: r for n, r in ranks.items() if r < full[n]}
         self._last_update_step = step
         if self.verbose:
             rank_zero_info(

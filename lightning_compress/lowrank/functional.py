@@ -101,8 +101,8 @@ def low_rank_(
     from lightning_compress.core.checks import check_number
 
     check_number("ratio", ratio, 1.0, low_open=True)
-    _, layers, fixed = low_rank_layers(model, include, exclude, layer_rank, budget, example_input)
-    weights = weights_of(select_modules(model, include, exclude))
+    selected, layers, fixed = low_rank_layers(model, include, exclude, layer_rank, budget, example_input)
+    weights = weights_of(selected)
     spectra = {layer.name: normalized_spectrum(weights[layer.name]).cpu() for layer in layers}
     ranks = choose_ranks(layers, spectra, 1.0 / float(ratio), budget, fixed)
     out = {}

@@ -57,6 +57,7 @@ from lightning_compress.trainer.progress import (
     check_optimizers,
     check_strategy,
     first_input,
+    ramp_progress,
     ramp_steps,
     resolve_ramp,
     update_due,
@@ -242,8 +243,7 @@ class MagnitudePruning(StepwiseTechnique):
         """The sparsity the schedule asks for after optimizer step ``step`` (for a layer override, its own
         ``final``)."""
         final = self.final_sparsity if final is None else final
-        span = self._end_step - self._start_step
-        progress = 1.0 if span <= 0 else (step - self._start_step) / span
+        progress = ramp_progress(step, self._start_step, self._end_step)
         return sparsity_at(progress, min(self.initial_sparsity, final), final, self.schedule)
 
     # ------------------------------------------------------------------ hooks

@@ -23,9 +23,10 @@ the BatchNorm passes its input on: PyTorch then computes what the exported integ
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -442,13 +443,32 @@ def _python_path(module: nn.Module, args: Any) -> None:
     """A no-op forward pre-hook: its presence makes a TransformerEncoderLayer compute through its own submodules."""
 
 
+def layer_quantizers(layer: Any) -> list[FakeQuantizer]:
+    """A prepared layer's quantizers: input, weight and (with ``quantize_outputs``) output."""
+    return [q for q in (layer.input_quantizer, layer.weight_quantizer, getattr(layer, "output_quantizer", None)) if q]
+
+
 def set_phase(layers: Mapping[str, nn.Module] | nn.Module, observing: bool, quantizing: bool) -> None:
     """Switch range observation and fake quantization of prepared layers (a model, or name → layer)."""
     found: dict[str, Any] = quantized_layers(layers) if isinstance(layers, nn.Module) else dict(layers)
     for layer in found.values():
-        for q in (layer.input_quantizer, layer.weight_quantizer, getattr(layer, "output_quantizer", None)):
-            if q is not None:
-                q.observing, q.quantizing = observing, quantizing
+        for q in layer_quantizers(layer):
+            q.observing, q.quantizing = observing, quantizing
+
+
+@contextlib.contextmanager
+def float_phase(*models: nn.Module) -> Iterator[None]:
+    """Within the block the prepared layers of ``models`` neither observe nor quantize (the plain layers'
+    computation); each quantizer's own phase is restored after."""
+    quantizers = [q for model in models for layer in quantized_layers(model).values() for q in layer_quantizers(layer)]
+    phases = [(q.observing, q.quantizing) for q in quantizers]
+    for q in quantizers:
+        q.observing = q.quantizing = False
+    try:
+        yield
+    finally:
+        for q, (observing, quantizing) in zip(quantizers, phases, strict=True):
+            q.observing, q.quantizing = observing, quantizing
 
 
 def folded_batchnorms(layers: Mapping[str, nn.Module]) -> list[nn.Module]:

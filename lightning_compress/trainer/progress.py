@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_compress.core.checks import epoch_share, resolve_epoch, show_epoch
 
@@ -203,6 +204,12 @@ def update_every(start: int, end: int, every: int | None) -> int:
     return every or max(MIN_STEPS_BETWEEN_UPDATES, round((end - start) / DEFAULT_UPDATES_PER_RAMP))
 
 
+def ramp_progress(step: int, start: int, end: int) -> float:
+    """Where optimizer step ``step`` is on a ramp from step ``start`` to ``end``: 0 at its start, 1 at its end (1 for an
+    empty ramp, a one-shot change; the schedules clamp values outside [0, 1])."""
+    return 1.0 if end <= start else (step - start) / (end - start)
+
+
 def update_due(step: int, start: int, end: int, every: int, last_update: int) -> bool:
     """Whether a ramp's structure is updated after optimizer step ``step``: at the ramp's start (or on entering it after
     a late start), every ``every`` steps along it, at its end, and once after it if its end was missed."""
@@ -228,6 +235,7 @@ class StepwiseTechnique(Callback):
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
         raise NotImplementedError
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -237,6 +245,7 @@ class StepwiseTechnique(Callback):
         self._last_seen_step = step
         self._step(trainer, pl_module, step)
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict
 
