@@ -43,6 +43,9 @@ KINDS = (
     f"MagnitudePruning, {SHORT_RAMP}-step ramp",
     "MagnitudePruning, update every step",
     "MagnitudePruning, channel groups",
+    "MagnitudePruning, taylor",
+    "MagnitudePruning, movement",
+    "MagnitudePruning, channel groups, taylor",
     "ModelPruning",
 )
 
@@ -63,6 +66,9 @@ class TimedMagnitudePruning(MagnitudePruning):
     def on_train_epoch_end(self, *args):
         self._timed(super().on_train_epoch_end, *args)
 
+    def on_before_optimizer_step(self, *args):
+        self._timed(super().on_before_optimizer_step, *args)
+
 
 def make_callbacks(kind: str, module: nn.Module, ramp_epochs: int, steps_per_epoch: int) -> list[pl.Callback]:
     if kind == "plain":
@@ -75,6 +81,11 @@ def make_callbacks(kind: str, module: nn.Module, ramp_epochs: int, steps_per_epo
         return [TimedMagnitudePruning(final_sparsity=0.9, end_epoch=ramp_epochs, update_every_n_steps=1)]
     if kind == "MagnitudePruning, channel groups":  # group masks (weights, biases, BatchNorm) re-applied every step
         return [TimedMagnitudePruning(final_sparsity=0.5, granularity="channel", end_epoch=ramp_epochs)]
+    if kind in ("MagnitudePruning, taylor", "MagnitudePruning, movement"):  # + scores from w·g after every step
+        return [TimedMagnitudePruning(final_sparsity=0.9, end_epoch=ramp_epochs, criterion=kind.split(", ")[1])]
+    if kind == "MagnitudePruning, channel groups, taylor":  # + per-channel Σ w·g over every coupled parameter
+        return [TimedMagnitudePruning(final_sparsity=0.5, granularity="channel", end_epoch=ramp_epochs,
+                                      criterion="taylor")]  # fmt: skip
     params = [(m, "weight") for _, m in select_modules(module)]
     return [
         ModelPruning(
@@ -154,7 +165,9 @@ most every {MIN_STEPS_BETWEEN_UPDATES} steps, and re-applies them after every op
 {SHORT_RAMP}-step ramp with the defaults (without the floor: an update after every step); the fourth recomputes the
 masks after every step (`update_every_n_steps=1`, the worst case); the fifth removes 50 % of the channels by
 dependency group (`granularity="channel"`: group masks over weights, biases and BatchNorm re-applied after every
-step; goal ≤ 1.05× plain). ModelPruning prunes 50 % of the remaining weights
+step; goal ≤ 1.05× plain); the sixth to eighth add the gradient criteria (`criterion="taylor"` / `"movement"`:
+`w·∂L/∂w` added to the scores before every optimizer step, per weight or per channel group; goal ≤ 1.05× plain).
+ModelPruning prunes 50 % of the remaining weights
 at every epoch end (forward pre-hook, torch.nn.utils.prune). Goals: MagnitudePruning ≤ 1.02× plain; any ramp length
 with the defaults ≤ 1.03× ({SHORT_RAMP}-step ramp: {short:.3f}×, {"met" if short <= 1.03 else "missed"}).
 "Hook time" is the wall time spent inside MagnitudePruning's own hooks per step (mask updates, re-applying

@@ -7,8 +7,8 @@ Public API::
 The package is layered, imports pointing down only (``tests/test_layers.py`` enforces it):
 
 * ``core`` — pure tensor and module code: masks, schedules, quantizers, losses, selection, checks, metrics, protocol;
-* adapters — ``pruning``, ``quantization``, ``distillation``, ``lowrank`` (callbacks and their Trainer-free forms),
-  ``export``, ``trainer`` (what callbacks share about a running Trainer);
+* adapters — ``pruning``, ``quantization``, ``distillation``, ``lowrank``, ``clustering`` (callbacks and their
+  Trainer-free forms), ``export``, ``trainer`` (what callbacks share about a running Trainer);
 * ``analysis`` — size report, compact artifact, sensitivity scan, Pareto front (no Hydra, no rich);
 * ``apps`` — the Hydra apps, recipes, terminal report, W&B wiring.
 
@@ -18,6 +18,7 @@ The package is layered, imports pointing down only (``tests/test_layers.py`` enf
 from lightning_compress.analysis.artifact import load_compressed, save_compressed
 from lightning_compress.analysis.report import LayerStats, compression_summary, model_report
 from lightning_compress.apps.recipes import available_recipes, load_recipe
+from lightning_compress.clustering import WeightClustering, cluster_weights_
 from lightning_compress.core.selection import select_modules
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.export.compact import export_compact
@@ -37,7 +38,9 @@ __all__ = [
     "MagnitudePruning",
     "QATConfig",
     "QuantizationAwareTraining",
+    "WeightClustering",
     "available_recipes",
+    "cluster_weights_",
     "compression_summary",
     "export_compact",
     "export_onnx",

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 #: Layer of a module, by the longest matching prefix of its dotted name below the package.
 LAYERS = {
     "core": 0,
-    "pruning": 1, "quantization": 1, "distillation": 1, "lowrank": 1, "export": 1, "trainer": 1, "instantiate": 1,
+    "pruning": 1, "quantization": 1, "distillation": 1, "lowrank": 1, "clustering": 1, "export": 1, "trainer": 1,
+    "instantiate": 1,
     "analysis": 2,
     "apps": 3,
     "tasks": 4,

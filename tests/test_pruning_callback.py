@@ -322,9 +322,9 @@ def test_compression_summary_without_trainer():
             r"`schedule` must be one of \('cubic', 'linear'\), got 'exponential'",
         ),
         (
-            dict(criterion="taylor"),
+            dict(criterion="fisher"),
             ValueError,
-            r"`criterion` must be one of \('magnitude', 'random', 'threshold'\), got 'taylor'",
+            r"`criterion` must be one of \('magnitude', 'random', 'threshold', 'taylor', 'movement'\), got 'fisher'",
         ),
         (dict(scope="model"), ValueError, r"`scope` must be one of \('global', 'layer'\), got 'model'"),
         (

@@ -1,7 +1,9 @@
 """The compact artifact (``model.lcz``): a real file whose size is the ``size_bytes_compressed`` of ``report.json``.
 
-For every tensor a bitmask of its non-zeros plus the non-zero values (quantized weights as their integers), the
-whole payload entropy-coded with the standard library's ``lzma``. :func:`save_compressed` writes it,
+For every tensor a bitmask of its non-zeros plus the non-zero values (quantized weights as their integers) — or, for a
+tensor whose non-zeros share at most 256 values (weight clustering), those values once (the codebook) and each
+non-zero's index into them at ``⌈log2 k⌉`` bits — the whole payload entropy-coded with the standard library's
+``lzma``. :func:`save_compressed` writes it,
 :func:`load_compressed` reads it back exactly.
 """
 
@@ -18,10 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.clustering import index_bits
 from lightning_compress.export.onnx import export_form
 from lightning_compress.quantization.prepare import quantized_layers
 
 _MAGIC = b"LCZ1"
+#: A tensor whose non-zeros share at most this many values is stored as a codebook plus indices (when smaller).
+CODEBOOK_MAX = 256
 
 
 def _state_dict(obj: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -57,7 +62,8 @@ def save_compressed(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLi
     """Write the compact artifact of a model (or state dict) and return its size in bytes.
 
     Every tensor is stored as a packed bitmask of its non-zeros plus the non-zero values (floating point as
-    float32, integers in their own type: int8 for quantized weights); the payload is compressed with ``lzma``.
+    float32, integers in their own type: int8 for quantized weights) or, when its non-zeros share at most 256 values
+    and that is smaller, their codebook plus ``⌈log2 k⌉``-bit indices; the payload is compressed with ``lzma``.
     A model is stored as :func:`compressed_state` gives it (integers for quantized layers). Loading it back with
     :func:`load_compressed` gives those tensors exactly (floating point as float32).
     """
@@ -67,8 +73,13 @@ def save_compressed(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLi
         array = tensor.float().numpy() if tensor.is_floating_point() else tensor.contiguous().numpy()
         values = array.ravel()
         nonzero = values != 0
-        parts = [np.packbits(nonzero).tobytes(), values[nonzero].astype(values.dtype.newbyteorder("<")).tobytes()]
-        entry = {"kind": "sparse", "dtype": str(values.dtype)}
+        kept = values[nonzero].astype(values.dtype.newbyteorder("<"))
+        parts = [np.packbits(nonzero).tobytes(), kept.tobytes()]
+        entry: dict[str, object] = {"kind": "sparse", "dtype": str(values.dtype)}
+        book = _codebook(kept)
+        if book is not None:
+            parts = [parts[0], *book[1:]]
+            entry = {"kind": "codebook", "dtype": str(values.dtype), "bits": book[0]}
         sizes = [len(p) for p in parts]
         header.append({"name": name, "shape": list(tensor.shape), "offset": offset, "sizes": sizes, **entry})
         chunks.extend(parts)
@@ -100,9 +111,35 @@ def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]:
         shape = tuple(entry["shape"])
         count = int(np.prod(shape)) if shape else 1
         dtype = np.dtype(entry["dtype"]).newbyteorder("<")
-        mask_len, values_len = entry["sizes"]
+        mask_len, *rest = entry["sizes"]
         mask = np.unpackbits(np.frombuffer(payload, np.uint8, mask_len, start))[:count].astype(bool)
         values = np.zeros(count, dtype.newbyteorder("="))
-        values[mask] = np.frombuffer(payload, dtype, values_len // dtype.itemsize, start + mask_len)
+        if entry.get("kind") == "codebook":
+            book_len, index_len = rest
+            book = np.frombuffer(payload, dtype, book_len // dtype.itemsize, start + mask_len)
+            packed = np.frombuffer(payload, np.uint8, index_len, start + mask_len + book_len)
+            values[mask] = book[_unpack_indices(packed, int(mask.sum()), int(entry["bits"]))]
+        else:
+            (values_len,) = rest
+            values[mask] = np.frombuffer(payload, dtype, values_len // dtype.itemsize, start + mask_len)
         out[entry["name"]] = torch.from_numpy(values.reshape(shape))
     return out
+
+
+def _codebook(kept: np.ndarray) -> tuple[int, bytes, bytes] | None:
+    """``(bits, codebook, packed indices)`` for non-zero values that share at most :data:`CODEBOOK_MAX` values, when
+    that is smaller than the values themselves; else ``None``."""
+    book, indices = np.unique(kept, return_inverse=True)
+    if not 0 < len(book) <= CODEBOOK_MAX:
+        return None
+    bits = index_bits(len(book))
+    if len(book) * kept.itemsize + (len(kept) * bits + 7) // 8 >= kept.nbytes:
+        return None
+    # most significant bit first, one index after the other: 4-bit indices are nibbles, 2-bit ones quarter bytes
+    planes = (indices.astype(np.uint16)[:, None] >> np.arange(bits - 1, -1, -1, dtype=np.uint16)) & 1
+    return bits, book.tobytes(), np.packbits(planes.astype(np.uint8).ravel()).tobytes()
+
+
+def _unpack_indices(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
+    planes = np.unpackbits(packed)[: count * bits].reshape(count, bits).astype(np.int64)
+    return (planes << np.arange(bits - 1, -1, -1)).sum(axis=1)

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lightning_compress.analysis.artifact import fp32_size_bytes, save_compressed
+from lightning_compress.analysis.artifact import CODEBOOK_MAX, fp32_size_bytes, save_compressed
+from lightning_compress.core.clustering import distinct_nonzero, index_bits
 from lightning_compress.core.quantizers import FakeQuantizer
 from lightning_compress.quantization.prepare import float_state_dict
 
@@ -40,18 +41,28 @@ class LayerStats:
         return {**asdict(self), "sparsity": self.sparsity}
 
 
-def _weight_bits(module: nn.Module) -> int:
-    """Bits of the module's weight: its weight quantizer's under quantization-aware training, else 32."""
+def _weight_bits(module: nn.Module) -> tuple[int, int]:
+    """Bits per non-zero weight and the bytes of its codebook: the weight quantizer's bits under quantization-aware
+    training; ``⌈log2 k⌉`` bits plus ``k`` float32 values for a weight that shares ``k`` <= 256 non-zero values (weight
+    clustering; :data:`~lightning_compress.analysis.artifact.CODEBOOK_MAX`); else 32 and none."""
     spec = getattr(getattr(module, "weight_quantizer", None), "spec", None)
-    return int(spec.bits) if spec is not None else 32
+    if spec is not None:
+        return int(spec.bits), 0
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        distinct = distinct_nonzero(weight)
+        if 0 < distinct <= CODEBOOK_MAX and index_bits(distinct) < 32 and distinct < int(torch.count_nonzero(weight)):
+            return index_bits(distinct), 4 * distinct
+    return 32, 0
 
 
 def compression_summary(model: nn.Module) -> list[LayerStats]:
     """Per-layer figures for every module that owns parameters (its own, not its children's).
 
     ``bytes`` is the in-memory size of those parameters (``numel × element_size``). ``bits`` is the weight's
-    bit-width (a quantized layer's weight quantizer; 32 otherwise) and ``packed_bytes`` what the layer takes as the
-    compact artifact lays it out before lzma: a bitmask of the non-zeros plus the non-zero weights at ``bits`` and
+    bit-width (a quantized layer's weight quantizer; ``⌈log2 k⌉`` for a clustered weight sharing ``k`` values; 32
+    otherwise) and ``packed_bytes`` what the layer takes as the compact artifact lays it out before lzma: a bitmask of
+    the non-zeros plus the non-zero weights at ``bits`` (and a clustered weight's codebook of ``k`` float32 values) and
     the other parameters (bias) at 32 bits.
 
     Example:
@@ -67,10 +78,10 @@ def compression_summary(model: nn.Module) -> list[LayerStats]:
         own = list(module.parameters(recurse=False))
         if not own or isinstance(module, FakeQuantizer):  # a learned scale is part of its layer's encoding
             continue
-        bits = _weight_bits(module)
+        bits, codebook = _weight_bits(module)
         weight = getattr(module, "weight", None)
         nonzero = {id(p): int(torch.count_nonzero(p.detach())) for p in own}
-        packed = sum(
+        packed = codebook + sum(
             math.ceil(p.numel() / 8) + math.ceil(nonzero[id(p)] * (bits if p is weight else 32) / 8) for p in own
         )
         rows.append(

@@ -50,6 +50,8 @@ class Criterion(Choice):
     MAGNITUDE = "magnitude"
     RANDOM = "random"
     THRESHOLD = "threshold"
+    TAYLOR = "taylor"
+    MOVEMENT = "movement"
 
 
 class Observer(Choice):

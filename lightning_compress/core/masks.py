@@ -61,6 +61,27 @@ def magnitude_scores(weight: Tensor) -> Tensor:
     return weight.detach().abs().float()
 
 
+#: Criteria whose scores accumulate from gradients during training (first-order Taylor, movement).
+GRADIENT_CRITERIA = ("taylor", "movement")
+
+
+def gradient_term(product: Tensor, criterion: str, channels: bool = False) -> Tensor:
+    """One optimizer step's addition to a score, from ``product`` = ``w · ∂L/∂w`` (per weight, or summed per channel):
+    ``|w·g|`` for ``"taylor"`` (Molchanov et al. 2019: the first-order estimate of the loss change when the weight is
+    removed) and ``−w·g`` for ``"movement"`` (Sanh et al. 2020: positive while training moves the weight away from
+    zero). For channels (``channels=True``: ``product`` summed over each channel's coupled weights) Taylor squares the
+    sum, as Molchanov et al. do for a filter.
+
+    Example:
+        >>> w, g = torch.tensor([0.5, -0.5, 0.1]), torch.tensor([-1.0, -1.0, 2.0])
+        >>> gradient_term(w * g, "taylor"), gradient_term(w * g, "movement")
+        (tensor([0.5000, 0.5000, 0.2000]), tensor([ 0.5000, -0.5000, -0.2000]))
+    """
+    if criterion == "taylor":
+        return product.square() if channels else product.abs()
+    return -product
+
+
 def random_scores(weight: Tensor, generator: torch.Generator) -> Tensor:
     """Scores for random pruning: uniform numbers drawn once from ``generator`` (seeded, so reproducible)."""
     return torch.rand(weight.shape, generator=generator, dtype=torch.float32).to(weight.device)
@@ -235,11 +256,12 @@ def compute_masks(
             layers together; with ``"layer"`` it holds in every layer.
         granularity: ``"unstructured"``, ``"channel"`` or ``"N:M"``.
         scope: ``"global"`` or ``"layer"``.
-        criterion: ``"magnitude"`` ranks by ``|w|``; ``"random"`` ranks by ``scores`` (required then);
-            ``"threshold"`` zeroes every ``|w| < threshold`` and ignores ``sparsity``.
+        criterion: ``"magnitude"`` ranks by ``|w|``; ``"random"``, ``"taylor"`` and ``"movement"`` rank by
+            ``scores`` (required then: fixed random numbers, or scores accumulated from gradients, see
+            :func:`gradient_term`); ``"threshold"`` zeroes every ``|w| < threshold`` and ignores ``sparsity``.
         layer_sparsity: Layer name → its own target; those layers are ranked on their own, not globally.
         previous: Earlier masks; weights pruned there stay pruned.
-        scores: Precomputed scores (for ``"random"``), layer name → tensor.
+        scores: Precomputed scores (for ``"random"``, ``"taylor"``, ``"movement"``), layer name → tensor.
         threshold: The magnitude threshold for ``criterion="threshold"``.
 
     Raises:
@@ -255,9 +277,9 @@ def compute_masks(
         if threshold is None:
             raise ValueError("criterion='threshold' needs a `threshold`.")
         return {n: threshold_mask(w, threshold, prev.get(n)) for n, w in weights.items()}
-    if criterion == "random":
+    if criterion in ("random", *GRADIENT_CRITERIA):
         if scores is None:
-            raise ValueError("criterion='random' needs precomputed `scores`.")
+            raise ValueError(f"criterion={criterion.value!r} needs precomputed `scores`.")
         layer_scores = {n: scores[n] for n in weights}
     else:
         layer_scores = {n: magnitude_scores(w) for n, w in weights.items()}

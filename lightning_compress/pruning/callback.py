@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_compress.core.checks import (
@@ -33,7 +34,15 @@ from lightning_compress.core.checks import (
     parse_epoch,
     same_kind_order,
 )
-from lightning_compress.core.masks import Granularity, compute_masks, nm_groups, parse_granularity, random_scores
+from lightning_compress.core.masks import (
+    GRADIENT_CRITERIA,
+    Granularity,
+    compute_masks,
+    gradient_term,
+    nm_groups,
+    parse_granularity,
+    random_scores,
+)
 from lightning_compress.core.schedules import sparsity_at
 from lightning_compress.core.selection import (
     check_overrides_match,
@@ -45,7 +54,10 @@ from lightning_compress.core.selection import (
 )
 from lightning_compress.pruning.groups import (
     ChannelGroup,
+    GradientPlan,
     channel_groups,
+    channel_products,
+    gradient_plan,
     group_index,
     group_keep,
     group_scores,
@@ -106,9 +118,15 @@ class MagnitudePruning(StepwiseTechnique):
             reached when every group follows the pattern).
         scope: ``"global"`` (one ranking across all selected layers or channel groups; the default for
             unstructured) or ``"layer"`` (every layer or group at the target; the default for channel and N:M).
-        criterion: ``"magnitude"`` (default), ``"random"`` (fixed random scores from ``seed``) or
+        criterion: ``"magnitude"`` (default), ``"random"`` (fixed random scores from ``seed``),
             ``"threshold"`` (every ``|w| < threshold`` is pruned at each update; the schedule's target is
-            then not used and the measured sparsity is what the threshold gives).
+            then not used and the measured sparsity is what the threshold gives), or a gradient criterion, whose
+            scores accumulate ``w·∂L/∂w`` after every optimizer step (accumulated gradients, unscaled under AMP):
+            ``"taylor"`` (first-order Taylor, Molchanov et al. 2019: ``|w·g|`` summed between mask updates; for a
+            channel group the square of its summed ``w·g``) or ``"movement"`` (Sanh et al. 2020: ``−w·g`` summed
+            over all of training, which favours weights that training moves away from zero — meant for fine-tuning
+            a trained model). Both work with every granularity; a mask update before any optimizer step (an
+            ``initial_sparsity`` at step 0) ranks by magnitude. The scores are in the checkpoint.
         threshold: The magnitude threshold for ``criterion="threshold"``.
         layer_sparsity: ``{pattern: final sparsity}`` overrides (regular expressions or selectors such as
             ``"@first"``, ``"@last"``, ``"@Linear"``: see :mod:`lightning_compress.core.selection`); a matching
@@ -175,10 +193,11 @@ class MagnitudePruning(StepwiseTechnique):
                 f"(granularity={granularity!r}). Use scope='layer'."
             )
         self.criterion = check_choice("criterion", criterion, Criterion).value
-        if self.granularity.kind == "channel" and self.criterion != Criterion.MAGNITUDE:
+        if self.granularity.kind == "channel" and self.criterion not in (Criterion.MAGNITUDE, *GRADIENT_CRITERIA):
             raise ValueError(
                 f"criterion={self.criterion!r} is not offered with granularity='channel': channel groups are ranked "
-                "by the L2 magnitude of all their coupled parameters (criterion='magnitude')."
+                "by the L2 magnitude of all their coupled parameters (criterion='magnitude') or by gradients "
+                "('taylor', 'movement')."
             )
         if self.criterion == Criterion.THRESHOLD:
             if threshold is None or not is_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
@@ -215,6 +234,9 @@ class MagnitudePruning(StepwiseTechnique):
         self._selected: list[tuple[str, nn.Module]] = []
         self._masks: dict[str, Tensor] = {}
         self._scores: dict[str, Tensor] | None = None
+        self._plan: GradientPlan = []  # channel groups with a gradient criterion: where their channels sit
+        self._group_grad_scores: list[Tensor] = []
+        self._scored_steps = 0  # optimizer steps whose gradients the scores hold
         self._loaded: dict[str, Any] | None = None
         self._last_update_step = -1
         self._last_seen_step = -1
@@ -257,6 +279,12 @@ class MagnitudePruning(StepwiseTechnique):
         if (message := not_compressed(pl_module, "MagnitudePruning")) is not None:
             rank_zero_warn(message)
         frozen = [n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor) and not w.requires_grad]
+        if frozen and self.criterion in GRADIENT_CRITERIA:
+            raise ValueError(
+                f"MagnitudePruning(criterion={self.criterion!r}) scores weights by their gradients, but the selected "
+                f"layer(s) {', '.join(repr(n) for n in frozen)} are frozen (weight.requires_grad=False) and get none. "
+                "Leave them out with `exclude`, or unfreeze them."
+            )
         if frozen:
             rank_zero_warn(
                 f"MagnitudePruning leaves {len(frozen)} frozen layer(s) (weight.requires_grad=False) dense: "
@@ -293,6 +321,8 @@ class MagnitudePruning(StepwiseTechnique):
         if self.criterion == "random":
             generator = torch.Generator().manual_seed(self.seed)
             self._scores = {n: random_scores(w, generator) for n, w in weights.items()}
+        if self.criterion in GRADIENT_CRITERIA and self.granularity.kind != "channel":
+            self._scores = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -309,6 +339,36 @@ class MagnitudePruning(StepwiseTechnique):
             self._loaded = None
         self._last_seen_step = trainer.global_step
         self._step(trainer, pl_module, trainer.global_step, log=False)
+
+    @override
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        # The gradients here are accumulated over the step's batches, all-reduced under DDP and unscaled under AMP.
+        if self.criterion not in GRADIENT_CRITERIA or not self._weights or self.target_reached:
+            return
+        if self._groups:
+            products = channel_products(self._plan, [g.channels for g in self._groups])
+            if products is None:
+                return  # a step the AMP scaler skips (non-finite gradients): it does not count
+            terms = [gradient_term(p, self.criterion, channels=True) for p in products]
+            if not self._group_grad_scores:
+                self._group_grad_scores = [torch.zeros_like(t) for t in terms]
+            for score, term in zip(self._group_grad_scores, terms, strict=True):
+                score += term
+        else:
+            assert self._scores is not None
+            step_terms = {
+                n: gradient_term((w.detach() * w.grad).float(), self.criterion)
+                for n, w in self._weights.items()
+                if w.grad is not None
+            }
+            if not math.isfinite(float(sum(t.sum() for t in step_terms.values()))):
+                return
+            for name, term in step_terms.items():
+                self._scores[name] += term
+        self._scored_steps += 1
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -336,6 +396,7 @@ class MagnitudePruning(StepwiseTechnique):
             "last_update_step": self._last_update_step,
             "target": self._target,
             "end_step": self._end_step,
+            **self._gradient_state(),
         }
 
     def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
@@ -355,6 +416,39 @@ class MagnitudePruning(StepwiseTechnique):
         self._end_step = int(state.get("end_step", self._last_update_step))
 
     # ------------------------------------------------------------------ internals
+    def _gradient_state(self) -> dict[str, Any]:
+        if self.criterion not in GRADIENT_CRITERIA:
+            return {}
+        return {
+            "scores": {n: t.cpu() for n, t in (self._scores or {}).items()},
+            "group_scores": [t.cpu() for t in self._group_grad_scores],
+            "scored_steps": self._scored_steps,
+        }
+
+    def _restore_gradient_state(self, state: dict[str, Any]) -> None:
+        if self.criterion not in GRADIENT_CRITERIA or "scored_steps" not in state:
+            return
+        if self._scores is not None:
+            self._scores = {n: t.to(self._weights[n].device) for n, t in state["scores"].items()}
+        device = next(iter(self._weights.values())).device
+        self._group_grad_scores = [t.to(device) for t in state.get("group_scores", [])]
+        self._scored_steps = int(state["scored_steps"])
+
+    def _ranking_scores(self) -> dict[str, Tensor] | None:
+        """The scores of this update (``None``: ranked by magnitude, as before any optimizer step with a gradient
+        criterion)."""
+        if self.criterion in GRADIENT_CRITERIA and self._scored_steps == 0:
+            return None
+        return self._scores
+
+    def _scores_used(self) -> None:
+        """After a mask update: Taylor scores start again (they are sums between updates); movement keeps summing."""
+        if self.criterion != "taylor" or self._scored_steps == 0:
+            return
+        for score in [*(self._scores or {}).values(), *self._group_grad_scores]:
+            score.zero_()
+        self._scored_steps = 0
+
     def _restore(self, state: dict[str, Any]) -> None:
         masks = state.get("masks", {})
         if masks and set(masks) != set(self._weights):
@@ -374,6 +468,7 @@ class MagnitudePruning(StepwiseTechnique):
             self._group_index = group_index(self._groups, self._group_keep)
         self._last_update_step = int(state.get("last_update_step", -1))
         self._target = float(state.get("target", 0.0))
+        self._restore_gradient_state(state)
         self._apply()
         self._sparsity = self.channel_sparsity() if self._groups else self.sparsity()
 
@@ -398,16 +493,18 @@ class MagnitudePruning(StepwiseTechnique):
         weights = self._weights
         own = {n: v for n in weights if (v := match_overrides(n, self.layer_sparsity, self._selected)) is not None}
         self._target = self.scheduled_sparsity(step)
+        scores = self._ranking_scores()
+        criterion = "magnitude" if self.criterion in GRADIENT_CRITERIA and scores is None else self.criterion
         try:
             masks = compute_masks(
                 weights,
                 self._target,
                 granularity=self.granularity,
                 scope=self.scope,
-                criterion=self.criterion,
+                criterion=criterion,
                 layer_sparsity={n: self.scheduled_sparsity(step, final) for n, final in own.items()},
                 previous=self._masks or None,
-                scores=self._scores,
+                scores=scores,
                 threshold=self.threshold,
             )
         except ValueError as err:
@@ -419,6 +516,7 @@ class MagnitudePruning(StepwiseTechnique):
             masks = {n: m.to(weights[n].device) for n, m in masks.items()}
         self._masks = masks
         self._last_update_step = step
+        self._scores_used()
         self._apply()
         self._sparsity = self.sparsity()
         if self.criterion == "threshold":
@@ -436,7 +534,11 @@ class MagnitudePruning(StepwiseTechnique):
             for i, g in enumerate(self._groups)
             if (final := match_overrides(g.root, self.layer_sparsity, self._selected)) is not None
         }
-        keep = group_keep(self._groups, group_scores(self._groups), self._target, self.scope, own, self.round_to)
+        if self.criterion in GRADIENT_CRITERIA and self._scored_steps > 0:
+            scores = [t.cpu() for t in self._group_grad_scores]
+        else:
+            scores = group_scores(self._groups)
+        keep = group_keep(self._groups, scores, self._target, self.scope, own, self.round_to)
         if trainer.world_size > 1:
             keep = [k.to(next(iter(self._weights.values())).device) for k in keep]
             keep = trainer.strategy.broadcast(keep, src=0)
@@ -444,6 +546,7 @@ class MagnitudePruning(StepwiseTechnique):
         self._group_index = group_index(self._groups, self._group_keep)
         self._masks = self._weight_masks()
         self._last_update_step = step
+        self._scores_used()
         self._apply()
         self._sparsity = self.channel_sparsity()
         if self.verbose:
@@ -472,6 +575,8 @@ class MagnitudePruning(StepwiseTechnique):
                 "set `example_input_array` on your LightningModule (a tensor batch)."
             )
         self._groups = channel_groups(pl_module, example.to(pl_module.device), self.include, self.exclude)
+        if self.criterion in GRADIENT_CRITERIA:
+            self._plan = gradient_plan(self._groups)
         if not self._groups:
             raise ValueError(
                 "MagnitudePruning(granularity='channel'): no channel group can be pruned (the last layer keeps its "

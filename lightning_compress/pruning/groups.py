@@ -181,6 +181,54 @@ def group_scores(groups: Sequence[ChannelGroup]) -> list[Tensor]:
     return scores
 
 
+#: Per group, every parameter slice coupled to its channels: (parameter, dimension, indices along it, channel of each).
+GradientPlan = list[list[tuple[Tensor, int, Tensor, Tensor]]]
+
+
+def gradient_plan(groups: Sequence[ChannelGroup]) -> GradientPlan:
+    """Where each group's channels sit in its coupled parameters, as index tensors, so that
+    :func:`channel_products` gathers a step's per-channel ``Σ w·∂L/∂w`` without Python loops over channels."""
+    plan: GradientPlan = []
+    for group in groups:
+        entries = []
+        for member in group.members:
+            for param, dim in slices(member):
+                src = [i for idx in member.indices for i in idx]
+                dst = [c for c, idx in enumerate(member.indices) for _ in idx]
+                device = param.device
+                entries.append((param, dim, torch.tensor(src, device=device), torch.tensor(dst, device=device)))
+        plan.append(entries)
+    return plan
+
+
+def channel_products(plan: GradientPlan, channels: Sequence[int]) -> list[Tensor] | None:
+    """Per group, each channel's ``Σ w·∂L/∂w`` over all its coupled parameters (current gradients), or ``None`` when a
+    gradient is not finite (a step the AMP scaler skips)."""
+    per_param: dict[tuple[int, int], Tensor | None] = {}
+    out = []
+    for entries, count in zip(plan, channels, strict=True):
+        total = None
+        for param, dim, src, dst in entries:
+            key = (id(param), dim)
+            if key not in per_param:
+                grad = param.grad
+                per_param[key] = (
+                    None
+                    if grad is None
+                    else (param.detach() * grad).float().transpose(0, dim).reshape(param.shape[dim], -1).sum(1)
+                )
+            product = per_param[key]
+            if product is None:
+                continue
+            if total is None:
+                total = torch.zeros(count, device=product.device)
+            total.index_add_(0, dst, product[src])
+        out.append(torch.zeros(count) if total is None else total)
+    if not all(bool(torch.isfinite(t).all()) for t in out):
+        return None
+    return out
+
+
 def group_keep(
     groups: Sequence[ChannelGroup],
     scores: Sequence[Tensor],

@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightning_compress.core.checks import check_number, comparable, parse_epoch, show_epoch
 from lightning_compress.core.protocol import ChangesStructure
 from lightning_compress.core.quantizers import fake_quantize
+from lightning_compress.core.selection import load_layer_values
 from lightning_compress.quantization.prepare import (
     QATConfig,
     folded_batchnorms,
@@ -80,6 +81,8 @@ class QuantizationAwareTraining(Callback):
         layer_bits: ``{pattern: bits}`` (weight bits) or ``{pattern: {"weight_bits": b, "activation_bits": b}}``
             per-layer overrides, e.g. ``{"@first": 8, "@last": 8}`` to keep the first and last layer at 8 bits while
             the rest use 4 (patterns: regular expressions or the selectors of :mod:`lightning_compress.core.selection`).
+            A path reads that mapping from a YAML file, e.g. the ``layer_bits.yaml`` of a quantization sensitivity
+            scan (``lightning-compress-sensitivity sensitivity.kind=quantization``, chosen under a bit budget).
         include: Regular expression(s) or selectors of the layers to quantize, as in MagnitudePruning.
         exclude: Regular expression(s) or selectors of layers to leave in float.
         averaging_constant: Weight of a new batch in the activation observers' moving average.
@@ -116,7 +119,7 @@ class QuantizationAwareTraining(Callback):
         freeze_observers_epoch: float | str | None = None,
         freeze_bn_epoch: float | str | None = None,
         fold_bn: bool = True,
-        layer_bits: Mapping[str, int | Mapping[str, int]] | None = None,
+        layer_bits: Mapping[str, int | Mapping[str, int]] | str | os.PathLike | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         averaging_constant: float = 0.01,
@@ -125,6 +128,8 @@ class QuantizationAwareTraining(Callback):
         quantize_outputs: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(layer_bits, (str, os.PathLike)):
+            layer_bits = load_layer_values(layer_bits, "layer_bits")
         #: What prepare_qat puts on the layers (checked there); the callback adds only *when*.
         self.config = QATConfig(
             weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
