@@ -14,6 +14,7 @@ from lightning_compress import (
     KnowledgeDistillation,
     MagnitudePruning,
     QuantizationAwareTraining,
+    WeightClustering,
     available_recipes,
     load_recipe,
 )
@@ -22,6 +23,7 @@ from lightning_compress.tasks import DigitsDataModule
 FAST = {  # shorter teachers, so that every recipe runs in seconds here
     "digits_distill": ["compression.distillation.teacher.max_epochs=1"],
     "digits_deep_compression": ["compression.distillation.teacher.max_epochs=1"],
+    "digits_deep_compression_clustered": ["compression.distillation.teacher.max_epochs=1"],
     "digits_resnet20_channel_qat_kd": ["compression.distillation.teacher.max_epochs=1"],
     # no CIFAR-10 here: its teacher (a ResNet) learns digits for an epoch, as the user's module below does
     "cifar10_resnet20_deep_compression": [
@@ -81,6 +83,11 @@ def test_every_recipe_trains_in_a_users_own_trainer_and_reaches_its_target(name,
             assert cb.target_reached and measured == pytest.approx(cb.final_sparsity, abs=0.01)
         if isinstance(cb, QuantizationAwareTraining):
             assert cb.target_reached  # fake-quantizing by the end of the user's run
+        if isinstance(cb, WeightClustering):  # every layer shares its clusters (plus the pruned zeros)
+            assert cb.target_reached
+            for name, book in cb.codebooks.items():
+                weight = dict(module.named_parameters())[f"{name}.weight"].detach()
+                assert set(weight[weight != 0].unique().tolist()) <= set(book.tolist())
     if name in ("digits_qat_w4",):  # per-layer bits by selectors: first and last layer at 8 bits, the rest at 4
         (qat,) = callbacks
         assert {n: layer.weight_quantizer.spec.bits for n, layer in qat.layers.items()} == {

@@ -32,7 +32,6 @@ from lightning_compress.core.clustering import (
     nearest,
     project,
 )
-from lightning_compress.core.protocol import ChangesStructure
 from lightning_compress.core.selection import load_layer_values
 from lightning_compress.trainer.progress import (
     StepwiseTechnique,
@@ -41,6 +40,7 @@ from lightning_compress.trainer.progress import (
     check_strategy,
     optimizer_steps_per_epoch,
     resolve_epochs,
+    structure_ends,
     warn_if_spawned,
 )
 from lightning_compress.trainer.tables import log_table
@@ -136,11 +136,6 @@ class WeightClustering(StepwiseTechnique):
         self._last_refresh_step = -1
         self._start_step = self._freeze_step = self._every = 0
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(include=self.include, exclude=self.exclude)
-
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -165,11 +160,7 @@ class WeightClustering(StepwiseTechnique):
         """Epochs of the clustering and of the freeze; refuses a start before a structure-changing ramp ends."""
         epochs = resolve_epochs(trainer, "WeightClustering", {"start_epoch": self.start_epoch,
                                                                "freeze_epoch": self.freeze_epoch})  # fmt: skip
-        ends = {
-            type(cb).__name__: end
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if cb is not self and isinstance(cb, ChangesStructure) and (end := cb.structure_final_epoch) is not None
-        }
+        ends = structure_ends(trainer, self)
         last = max(ends.values(), default=0.0)
         start = last if epochs["start_epoch"] is None else epochs["start_epoch"]
         assert start is not None

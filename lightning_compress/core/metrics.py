@@ -6,7 +6,7 @@ so that one ``report.json`` never mixes two ways of counting.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -42,27 +42,42 @@ def evaluate_accuracy(
         >>> evaluate_accuracy(net, [(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))])
         0.5
     """
+    metric: MulticlassAccuracy | None = None
+    for logits, y in _labelled_logits(model, loader, what, "accuracy"):
+        if metric is None:
+            metric = top1(logits.shape[-1])
+        metric.update(logits, y)
+    assert metric is not None
+    return float(metric.compute())
+
+
+def _labelled_logits(
+    model: nn.Module | Callable[[Tensor], Tensor], loader: Iterable[Any], what: str, measure: str
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(float logits, labels)`` on the CPU for every batch of ``loader``, the model in eval mode (a module's mode is
+    restored afterwards).
+
+    Raises:
+        ValueError: A batch without labels, or no batch at all (``what`` names the loader, ``measure`` the figure).
+    """
     module = model if isinstance(model, nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
         module.eval()
     device = next(module.parameters()).device if module is not None and any(True for _ in module.parameters()) else None
-    metric: MulticlassAccuracy | None = None
+    seen = False
     try:
         for batch in loader:
             x, y = _split(batch)
             if y is None:
-                raise ValueError(f"{what} yields batches without labels; accuracy needs (input, label) batches.")
-            logits = model(x.to(device) if device is not None else x).float().cpu()
-            if metric is None:
-                metric = top1(logits.shape[-1])
-            metric.update(logits, y.cpu())
+                raise ValueError(f"{what} yields batches without labels; {measure} needs (input, label) batches.")
+            seen = True
+            yield model(x.to(device) if device is not None else x).float().cpu(), y.cpu()
     finally:
         if module is not None:
             module.train(was_training)
-    if metric is None:
-        raise ValueError(f"{what} yielded no batch: there is nothing to measure accuracy on.")
-    return float(metric.compute())
+    if not seen:
+        raise ValueError(f"{what} yielded no batch: there is nothing to measure {measure} on.")
 
 
 def agreement(a: Tensor, b: Tensor) -> Tensor:
@@ -95,21 +110,13 @@ def evaluate_loss_and_accuracy(model: nn.Module, loader: Iterable[Any], what: st
         >>> round(loss, 4), acc
         (0.8133, 0.5)
     """
-    was_training = model.training
-    model.eval()
-    device = next((p.device for p in model.parameters()), None)
-    total, correct, count = 0.0, 0, 0
-    try:
-        for batch in loader:
-            x, y = _split(batch)
-            if y is None:
-                raise ValueError(f"{what} yields batches without labels; the loss needs (input, label) batches.")
-            logits = model(x.to(device) if device is not None else x).float().cpu()
-            total += float(torch.nn.functional.cross_entropy(logits, y.cpu(), reduction="sum"))
-            correct += int((logits.argmax(-1) == y.cpu()).sum())
-            count += len(y)
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError(f"{what} yielded no batch: there is nothing to measure on.")
-    return total / count, correct / count
+    metric: MulticlassAccuracy | None = None
+    total, count = 0.0, 0
+    for logits, y in _labelled_logits(model, loader, what, "the loss"):
+        if metric is None:
+            metric = top1(logits.shape[-1])
+        metric.update(logits, y)
+        total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        count += len(y)
+    assert metric is not None
+    return total / count, float(metric.compute())

@@ -144,11 +144,6 @@ class LowRankFactorization(StepwiseTechnique):
         self._keep = 1.0
         self._start_step = self._end_step = self._every = 0
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(include=self.include, exclude=self.exclude)
-
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -25,7 +25,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.core.checks import check_number, comparable, parse_epoch, show_epoch
-from lightning_compress.core.protocol import ChangesStructure
 from lightning_compress.core.quantizers import fake_quantize
 from lightning_compress.core.selection import load_layer_values
 from lightning_compress.quantization.prepare import (
@@ -42,6 +41,7 @@ from lightning_compress.trainer.progress import (
     max_epochs,
     optimizer_steps_per_epoch,
     resolve_epochs,
+    structure_ends,
     warn_if_spawned,
 )
 
@@ -166,11 +166,7 @@ class QuantizationAwareTraining(Callback):
         """``start_epoch``, or by default the epoch at which every technique that changes the structure on the same
         Trainer (a MagnitudePruning ramp: see :class:`~lightning_compress.core.protocol.ChangesStructure`) is final,
         else 0."""
-        ends = {
-            type(cb).__name__: end
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if cb is not self and isinstance(cb, ChangesStructure) and (end := cb.structure_final_epoch) is not None
-        }
+        ends = structure_ends(trainer, self)
         last = max(ends.values(), default=0.0)
         owners = ", ".join(n for n, e in ends.items() if e == last)
         start = epochs["start_epoch"]

@@ -131,6 +131,18 @@ def callback_state(checkpoint: str | os.PathLike, state_key: str, owner: str) ->
     return dict(callbacks[state_key])
 
 
+def structure_ends(trainer: pl.Trainer, owner: Callback) -> dict[str, float]:
+    """Class name → epoch at which each other callback on the Trainer that changes the structure (a pruning ramp:
+    :class:`~lightning_compress.core.protocol.ChangesStructure`) has finished."""
+    from lightning_compress.core.protocol import ChangesStructure
+
+    return {
+        type(cb).__name__: end
+        for cb in trainer.callbacks  # type: ignore[attr-defined]
+        if cb is not owner and isinstance(cb, ChangesStructure) and (end := cb.structure_final_epoch) is not None
+    }
+
+
 def resolve_ramp(
     trainer: pl.Trainer, owner: str, start: float | str | None, end: float | str | None, goal: str
 ) -> tuple[float, float]:
@@ -231,6 +243,14 @@ class StepwiseTechnique(Callback):
     _last_seen_step: int
     _loaded: dict[str, Any] | None
     _bound: Any
+    include: Any
+    exclude: Any
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances on one Trainer (e.g. on different layers) keep their states apart.
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
         raise NotImplementedError
