@@ -208,6 +208,11 @@ def test_bad_setups_are_refused_before_the_first_step(tmp_path):
         ),  # fmt: skip
         (small_module(), [WeightClustering(start_epoch=2, freeze_epoch=1)], r"`freeze_epoch` \(1, epoch 1\) is before"),
         (small_module(), [WeightClustering(start_epoch=9)], r"past the Trainer's max_epochs \(3\)"),
+        (
+            small_module(),
+            [WeightClustering(start_epoch=1, update_every_n_steps=5)],
+            r"`update_every_n_steps`=5 refreshes the assignments before `freeze_epoch`, but they are frozen from",
+        ),
     ]
     for module, callbacks, message in cases:
         trainer = make_trainer(tmp_path, callbacks=callbacks, max_epochs=3)

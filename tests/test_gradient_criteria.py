@@ -160,3 +160,8 @@ def test_a_frozen_layer_with_a_gradient_criterion_is_refused_before_the_first_st
                                          r"selected layer\(s\) 'net.features.0' are frozen.*`exclude`"):  # fmt: skip
         trainer.fit(module, DigitsDataModule())
     assert trainer.global_step == 0
+
+
+def test_movement_on_channel_groups_with_a_global_ranking_is_refused():
+    with pytest.raises(ValueError, match=r"criterion='movement' with granularity='channel' ranks each group on"):
+        MagnitudePruning(criterion="movement", granularity="channel", scope="global")

@@ -61,18 +61,27 @@ def test_scan_quantizes_one_layer_at_a_time_and_restores_it(trained):
     assert abs(by[("net.features.0", 8)]["damage"]) < 0.01
 
 
+def _objective(scan, chosen):
+    """(predicted damage, −bits used) of a choice, with damages made monotone independently of the library: fewer
+    bits never predicted to lose less than more bits, nor less than nothing."""
+    rows = {(r["layer"], r["bits"]): r for r in scan["rows"]}
+    damage = cost = 0.0
+    for pattern, bits in chosen.items():
+        layer = pattern.strip("^$")
+        damage += max([0.0] + [r["damage"] for (n, b), r in rows.items() if n == layer and b >= bits])
+        cost += rows[layer, bits]["params"] * bits
+    return round(damage, 12), -cost
+
+
 def _brute_force(scan, budget_bits):
     layers = list(dict.fromkeys(r["layer"] for r in scan["rows"]))
-    options = {n: [r for r in scan["rows"] if r["layer"] == n] for n in layers}
-    best = None
+    options = {n: [r["bits"] for r in scan["rows"] if r["layer"] == n] for n in layers}
+    feasible = []
     for combo in itertools.product(*options.values()):
-        cost = sum(r["params"] * r["bits"] for r in combo)
-        if cost > budget_bits + 1e-9:
-            continue
-        key = (round(sum(max(0.0, r["damage"]) for r in combo), 12), -cost)
-        if best is None or key < best[0]:
-            best = (key, {f"^{n}$": r["bits"] for n, r in zip(layers, combo, strict=True)})
-    return best[1]
+        chosen = {f"^{n}$": b for n, b in zip(layers, combo, strict=True)}
+        if -_objective(scan, chosen)[1] <= budget_bits + 1e-9:
+            feasible.append(chosen)
+    return min(feasible, key=lambda c: _objective(scan, c))
 
 
 def test_the_choice_is_exact_against_brute_force():
@@ -81,13 +90,14 @@ def test_the_choice_is_exact_against_brute_force():
         rows = []
         for layer in "abcdef":
             params = rng.choice([100, 1000, 5000, 20000])
-            damages = sorted((rng.uniform(-0.01, 0.5) for _ in range(3)), reverse=True)
+            damages = [rng.uniform(-0.01, 0.5) for _ in range(3)]  # noisy: not always fewer bits, more loss
             rows += [{"layer": layer, "params": params, "bits": b, "damage": d}
                      for b, d in zip((2, 4, 8), damages, strict=True)]  # fmt: skip
         scan = {"rows": rows}
         for average in (2.5, 3, 4, 6):
             chosen = choose_layer_bits(scan, average_bits=average)
-            assert chosen == _brute_force(scan, bits_budget(scan, average_bits=average))
+            best = _brute_force(scan, bits_budget(scan, average_bits=average))
+            assert _objective(scan, chosen) == _objective(scan, best)  # as good (ties may differ in layout)
             assert average_bits_of(scan, chosen) <= average + 1e-9
 
 

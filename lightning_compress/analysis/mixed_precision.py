@@ -5,7 +5,8 @@ Layers differ in how many bits their weights need. :func:`quantization_scan` qua
 at each of a few bit-widths on a trained model, measures the validation loss and accuracy, and restores the layer.
 :func:`choose_layer_bits` then gives every layer one of the scanned bit-widths so that the weights meet a budget — an
 average number of bits per weight, or a size in bytes — with the least *predicted* loss: the sum of the layers' own
-loss increases (each measured alone; an exact search over the layers' choices, not a greedy one).
+loss increases (each measured alone, made monotone in the bits: :func:`layer_damage`; an exact search over the
+layers' choices, not a greedy one).
 :func:`write_layer_bits` writes the choice as ``layer_bits.yaml``, which ``QuantizationAwareTraining(layer_bits=...)``
 takes as a path, as ``MagnitudePruning`` takes the pruning scan's ``layer_sparsity.yaml``.
 
@@ -121,10 +122,9 @@ def choose_layer_bits(
     scan: dict[str, Any], average_bits: float | None = None, size_bytes: float | None = None
 ) -> dict[str, int]:
     """Per scanned layer one of its scanned bit-widths, such that the weights fit the budget (:func:`bits_budget`)
-    with the least predicted damage (the sum of each layer's loss increase alone, a measured decrease counted as 0:
-    fewer bits do not help, such a decrease is the scan's noise); among equal damage, the choice with more bits.
-    Exact: the Pareto front of (bits, damage) over the layers taken so far is extended one layer at a time. Keys are
-    ``layer_bits`` patterns.
+    with the least predicted damage: the sum of each layer's loss increase alone (:func:`layer_damage`); among equal
+    damage, the choice with more bits. Exact: the Pareto front of (bits, damage) over the layers taken so far is
+    extended one layer at a time. Keys are ``layer_bits`` patterns.
 
     Example:
         >>> rows = [{"layer": "a", "params": 100, "bits": b, "damage": d} for b, d in [(2, 0.5), (4, 0.1), (8, 0.0)]]
@@ -133,6 +133,7 @@ def choose_layer_bits(
         {'^a$': 4, '^b$': 2}
     """
     budget = bits_budget(scan, average_bits, size_bytes)
+    damage_of = layer_damage(scan)
     by_layer: dict[str, list[dict[str, Any]]] = {}
     for row in scan["rows"]:
         by_layer.setdefault(row["layer"], []).append(row)
@@ -143,7 +144,7 @@ def choose_layer_bits(
         grown = [
             (
                 used + r["params"] * r["bits"],
-                damage + max(0.0, r["damage"]) - tie * r["params"] * r["bits"],
+                damage + damage_of[r["layer"], r["bits"]] - tie * r["params"] * r["bits"],
                 (*choice, r["bits"]),
             )
             for used, damage, choice in front
@@ -159,6 +160,24 @@ def choose_layer_bits(
     return {layer_pattern(layer): bits for layer, bits in zip(by_layer, choice, strict=True)}
 
 
+def layer_damage(scan: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """The predicted loss increase of each (layer, bits): the measured one, made monotone — a layer at fewer bits is
+    predicted to lose at least what it loses at more bits, and never less than nothing. A measured decrease, or a
+    smaller loss at fewer bits than at more, is the scan's noise (one validation split), not a gain to chase.
+
+    Example:
+        >>> rows = [{"layer": "a", "bits": b, "damage": d} for b, d in [(2, -0.01), (4, 0.006), (8, 0.001)]]
+        >>> layer_damage({"rows": rows})
+        {('a', 8): 0.001, ('a', 4): 0.006, ('a', 2): 0.006}
+    """
+    out: dict[tuple[str, int], float] = {}
+    worst: dict[str, float] = {}
+    for row in sorted(scan["rows"], key=lambda r: -r["bits"]):
+        worst[row["layer"]] = max(worst.get(row["layer"], 0.0), float(row["damage"]))
+        out[row["layer"], row["bits"]] = worst[row["layer"]]
+    return out
+
+
 def average_bits_of(scan: dict[str, Any], layer_bits: dict[str, int]) -> float:
     """The average weight bits over the scanned layers that ``layer_bits`` gives."""
     params = {r["layer"]: r["params"] for r in scan["rows"]}
@@ -167,8 +186,10 @@ def average_bits_of(scan: dict[str, Any], layer_bits: dict[str, int]) -> float:
 
 
 def predicted_damage(scan: dict[str, Any], layer_bits: dict[str, int]) -> float:
-    """The sum of the chosen bit-widths' loss increases (each layer measured alone; a decrease counts as 0)."""
-    return sum(max(0.0, r["damage"]) for r in scan["rows"] if layer_bits[layer_pattern(r["layer"])] == r["bits"])
+    """The sum of the chosen bit-widths' predicted loss increases (:func:`layer_damage`; each layer measured alone)."""
+    damage = layer_damage(scan)
+    chosen = [r for r in scan["rows"] if layer_bits[layer_pattern(r["layer"])] == r["bits"]]
+    return sum(damage[r["layer"], r["bits"]] for r in chosen)
 
 
 def write_layer_bits(scan: dict[str, Any], layer_bits: dict[str, int], out: Path) -> dict[str, Path]:

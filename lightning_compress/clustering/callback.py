@@ -82,7 +82,8 @@ class WeightClustering(StepwiseTechnique):
     Raises:
         ValueError: Before the first step: ``clusters`` < 2 or above the number of distinct non-zero weights of a
             layer (named), a start before a pruning ramp ends (the zeros would still move), ``freeze_epoch`` before
-            ``start_epoch``, a pattern that matches nothing, a frozen layer selected.
+            ``start_epoch``, ``update_every_n_steps`` with the assignments frozen from the start, a pattern that
+            matches nothing, a frozen layer selected.
 
     Example::
 
@@ -176,6 +177,12 @@ class WeightClustering(StepwiseTechnique):
             raise ValueError(
                 f"WeightClustering: `freeze_epoch` ({show_epoch(self.freeze_epoch)}, epoch {freeze:g}) is before the "
                 f"weights are clustered (epoch {start:g})."
+            )
+        if self.update_every_n_steps is not None and freeze <= start + 1e-9:
+            raise ValueError(
+                f"WeightClustering: `update_every_n_steps`={self.update_every_n_steps} refreshes the assignments "
+                f"before `freeze_epoch`, but they are frozen from the start (epoch {start:g}). Set freeze_epoch after "
+                "start_epoch, or leave update_every_n_steps=None."
             )
         total = trainer.max_epochs
         if total is not None and total >= 0 and start > total + 1e-9:

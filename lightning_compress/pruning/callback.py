@@ -121,12 +121,14 @@ class MagnitudePruning(StepwiseTechnique):
         criterion: ``"magnitude"`` (default), ``"random"`` (fixed random scores from ``seed``),
             ``"threshold"`` (every ``|w| < threshold`` is pruned at each update; the schedule's target is
             then not used and the measured sparsity is what the threshold gives), or a gradient criterion, whose
-            scores accumulate ``w·∂L/∂w`` after every optimizer step (accumulated gradients, unscaled under AMP):
+            scores add up ``w·∂L/∂w`` before every optimizer step (the gradients it applies: accumulated over
+            ``accumulate_grad_batches``, unscaled under AMP):
             ``"taylor"`` (first-order Taylor, Molchanov et al. 2019: ``|w·g|`` summed between mask updates; for a
             channel group the square of its summed ``w·g``) or ``"movement"`` (Sanh et al. 2020: ``−w·g`` summed
             over all of training, which favours weights that training moves away from zero — meant for fine-tuning
-            a trained model). Both work with every granularity; a mask update before any optimizer step (an
-            ``initial_sparsity`` at step 0) ranks by magnitude. The scores are in the checkpoint.
+            a trained model). Both work with every granularity (movement on channel groups with ``scope="layer"``); a
+            mask update before any optimizer step (an ``initial_sparsity`` at step 0) ranks by magnitude. The scores
+            are in the checkpoint.
         threshold: The magnitude threshold for ``criterion="threshold"``.
         layer_sparsity: ``{pattern: final sparsity}`` overrides (regular expressions or selectors such as
             ``"@first"``, ``"@last"``, ``"@Linear"``: see :mod:`lightning_compress.core.selection`); a matching
@@ -198,6 +200,11 @@ class MagnitudePruning(StepwiseTechnique):
                 f"criterion={self.criterion!r} is not offered with granularity='channel': channel groups are ranked "
                 "by the L2 magnitude of all their coupled parameters (criterion='magnitude') or by gradients "
                 "('taylor', 'movement')."
+            )
+        if self.granularity.kind == "channel" and self.scope == Scope.GLOBAL and self.criterion == Criterion.MOVEMENT:
+            raise ValueError(
+                "criterion='movement' with granularity='channel' ranks each group on its own (scope='layer'): a global "
+                "ranking divides each group's scores by their mean, and movement scores may be negative."
             )
         if self.criterion == Criterion.THRESHOLD:
             if threshold is None or not is_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
