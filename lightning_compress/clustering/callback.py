@@ -37,7 +37,6 @@ from lightning_compress.trainer.progress import (
     StepwiseTechnique,
     callback_state,
     check_optimizers,
-    check_strategy,
     optimizer_steps_per_epoch,
     resolve_epochs,
     structure_ends,
@@ -140,10 +139,8 @@ class WeightClustering(StepwiseTechnique):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or (self._bound is not None and self._bound() is pl_module):
+        if not self._new_model(trainer, pl_module, stage):
             return
-        check_strategy(trainer, "WeightClustering")
-        self._reset()
         _, self._weights, self._counts = clustered_layers(
             pl_module, self.clusters, self.include, self.exclude, self.layer_clusters
         )

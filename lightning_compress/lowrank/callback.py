@@ -40,7 +40,6 @@ from lightning_compress.trainer.progress import (
     StepwiseTechnique,
     callback_state,
     check_optimizers,
-    check_strategy,
     first_input,
     ramp_progress,
     ramp_steps,
@@ -147,10 +146,8 @@ class LowRankFactorization(StepwiseTechnique):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or (self._bound is not None and self._bound() is pl_module):
+        if not self._new_model(trainer, pl_module, stage):
             return
-        check_strategy(trainer, "LowRankFactorization")
-        self._reset()
         example = first_input(trainer, pl_module) if self.budget == Budget.FLOPS else None
         if isinstance(example, Tensor):
             example = example.to(pl_module.device)

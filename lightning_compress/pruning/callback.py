@@ -67,7 +67,6 @@ from lightning_compress.trainer.progress import (
     StepwiseTechnique,
     callback_state,
     check_optimizers,
-    check_strategy,
     first_input,
     ramp_progress,
     ramp_steps,
@@ -278,10 +277,8 @@ class MagnitudePruning(StepwiseTechnique):
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or (self._bound is not None and self._bound() is pl_module):
-            return  # another fit of the same model goes on from the same masks
-        check_strategy(trainer, "MagnitudePruning")
-        self._reset()  # a new model (this instance may have pruned another one before): start from its weights
+        if not self._new_model(trainer, pl_module, stage):
+            return
         selected = self.filter_modules(pl_module)
         if (message := not_compressed(pl_module, "MagnitudePruning")) is not None:
             rank_zero_warn(message)

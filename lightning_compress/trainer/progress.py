@@ -255,6 +255,19 @@ class StepwiseTechnique(Callback):
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
         raise NotImplementedError
 
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _new_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
+        """For ``setup``: whether there is a new model to prepare — ``fit`` of a module this instance is not bound to
+        (another ``fit`` of the same model goes on from the same state; a new one starts from its own weights). Then
+        a strategy that shards parameters is refused and the per-model state is reset."""
+        if stage != "fit" or (self._bound is not None and self._bound() is pl_module):
+            return False
+        check_strategy(trainer, type(self).__name__)
+        self._reset()
+        return True
+
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
