@@ -37,6 +37,20 @@ def update_results(section: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
+def app_run(overrides: list[str], out: Path) -> dict:
+    """One job of the `lightning-compress` app (its own `train` on the composed config), quiet, no logger, writing to
+    ``out``: its report, plus the wall time in ``seconds``."""
+    from lightning_compress.apps.config import compose
+    from lightning_compress.apps.train import train
+
+    cfg = compose([*overrides, "logger=none", "distillation_baseline=false", "trainer.enable_progress_bar=false",
+                   f"paths.output_dir={out}"])  # fmt: skip
+    start = time.perf_counter()
+    report = train(cfg)
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"

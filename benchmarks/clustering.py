@@ -21,15 +21,11 @@ import argparse
 import re
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _common import machine, mean_std, update_results
+from _common import app_run, machine, mean_std, update_results
 from mnist1d_accuracy import verdict
-
-from lightning_compress.apps.config import compose
-from lightning_compress.apps.train import train
 
 CLUSTER = ["+compression@compression.clustering=weight_clustering", "compression.clustering.clusters=16"]
 MNIST1D_PRUNE90 = ["recipe=mnist1d_prune70", "compression.pruning.final_sparsity=0.9"]
@@ -56,15 +52,6 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
 }
 
 
-def run(overrides: list[str], seed: int, out: Path) -> dict:
-    cfg = compose([*overrides, f"seed={seed}", "logger=none", "distillation_baseline=false",
-                   "trainer.enable_progress_bar=false", f"paths.output_dir={out}"])  # fmt: skip
-    start = time.perf_counter()
-    report = train(cfg)
-    report["seconds"] = time.perf_counter() - start
-    return report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
@@ -75,7 +62,9 @@ def main() -> None:
     for seed in range(args.seeds):  # seeds outermost: an interrupted run still has every variant side by side
         for task, variants in VARIANTS.items():
             for name, overrides in variants.items():
-                report = run(overrides, seed, work / re.sub(r"[^A-Za-z0-9]+", "_", f"{task}-{name}-{seed}"))
+                report = app_run(
+                    [*overrides, f"seed={seed}"], work / re.sub(r"[^A-Za-z0-9]+", "_", f"{task}-{name}-{seed}")
+                )
                 results[task][name].append(report)
                 print(task, name, seed, round(100 * report["accuracy"], 2), round(report["compression_ratio"], 1),
                       flush=True)  # fmt: skip

@@ -33,10 +33,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine, mean_std, update_results
+from _common import app_run, machine, mean_std, update_results
 
 from lightning_compress.apps.config import compose
-from lightning_compress.apps.train import train
 
 HERE = Path(__file__).parent
 SWEEP = ["recipe=digits_deep_compression", "hparams_search=nsga2", "distillation_baseline=false"]
@@ -44,12 +43,9 @@ SMOKE = ["hparams_search=nsga2", "trainer.max_epochs=1", "compression.pruning.en
 
 
 def run(recipe: str, seed: int, out: Path) -> dict:
-    cfg = compose([f"recipe={recipe}", f"seed={seed}", "logger=none", "distillation_baseline=false",
-                   "trainer.enable_progress_bar=false", f"paths.output_dir={out}"])  # fmt: skip
-    start = time.perf_counter()
-    report = train(cfg)
-    report["seconds"] = time.perf_counter() - start
-    report["weight_bits"] = (cfg.compression.get("quantization") or {}).get("weight_bits", 32)
+    report = app_run([f"recipe={recipe}", f"seed={seed}"], out)
+    quantization = compose([f"recipe={recipe}", "paths.output_dir=/tmp/unused"]).compression.get("quantization")
+    report["weight_bits"] = (quantization or {}).get("weight_bits", 32)
     return report
 
 

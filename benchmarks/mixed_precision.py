@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import yaml
-from _common import machine, mean_std, update_results
+from _common import app_run, machine, mean_std, update_results
 from mnist1d_accuracy import verdict
 
 from lightning_compress.analysis.mixed_precision import (
@@ -34,7 +34,7 @@ from lightning_compress.analysis.mixed_precision import (
     write_layer_bits,
 )
 from lightning_compress.apps.config import compose, instantiate
-from lightning_compress.apps.train import build_task, train
+from lightning_compress.apps.train import build_task
 from lightning_compress.core.metrics import evaluate_loss_and_accuracy
 from lightning_compress.core.selection import select_modules
 
@@ -58,11 +58,10 @@ def dense_scan(recipe: str, seed: int) -> tuple[dict, list[str]]:
 
 
 def qat(recipe: str, seed: int, out: Path, weight_bits: int, layer_bits: Path | None) -> dict:
-    overrides = [f"recipe={recipe}", f"seed={seed}", "logger=none", "trainer.enable_progress_bar=false",
-                 f"paths.output_dir={out}", f"compression.quantization.weight_bits={weight_bits}"]  # fmt: skip
+    overrides = [f"recipe={recipe}", f"seed={seed}", f"compression.quantization.weight_bits={weight_bits}"]
     if layer_bits is not None:
         overrides.append(f"compression.quantization.layer_bits={layer_bits}")
-    return train(compose(overrides))
+    return app_run(overrides, out)
 
 
 def main() -> None:

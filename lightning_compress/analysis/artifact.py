@@ -126,15 +126,26 @@ def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]:
     return out
 
 
+def codebook_pays(distinct: int, count: int, itemsize: int = 4) -> bool:
+    """Whether ``count`` non-zero values sharing ``distinct`` values are stored as a codebook plus ``⌈log2 k⌉``-bit
+    indices: at most :data:`CODEBOOK_MAX` values, and smaller than the values themselves (``itemsize`` bytes each).
+
+    Example:
+        >>> codebook_pays(16, 1000), codebook_pays(200, 210), codebook_pays(300, 10_000)
+        (True, False, False)
+    """
+    return (
+        0 < distinct <= CODEBOOK_MAX
+        and distinct * itemsize + (count * index_bits(distinct) + 7) // 8 < count * itemsize
+    )
+
+
 def _codebook(kept: np.ndarray) -> tuple[int, bytes, bytes] | None:
-    """``(bits, codebook, packed indices)`` for non-zero values that share at most :data:`CODEBOOK_MAX` values, when
-    that is smaller than the values themselves; else ``None``."""
+    """``(bits, codebook, packed indices)`` for non-zero values when :func:`codebook_pays`; else ``None``."""
     book, indices = np.unique(kept, return_inverse=True)
-    if not 0 < len(book) <= CODEBOOK_MAX:
+    if not codebook_pays(len(book), len(kept), kept.itemsize):
         return None
     bits = index_bits(len(book))
-    if len(book) * kept.itemsize + (len(kept) * bits + 7) // 8 >= kept.nbytes:
-        return None
     # most significant bit first, one index after the other: 4-bit indices are nibbles, 2-bit ones quarter bytes
     planes = (indices.astype(np.uint16)[:, None] >> np.arange(bits - 1, -1, -1, dtype=np.uint16)) & 1
     return bits, book.tobytes(), np.packbits(planes.astype(np.uint8).ravel()).tobytes()

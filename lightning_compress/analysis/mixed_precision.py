@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.analysis.sensitivity import layer_pattern
+from lightning_compress.analysis.sensitivity import layer_pattern, rows_by_layer
 from lightning_compress.core.checks import check_number
 from lightning_compress.core.quantizers import QuantSpec, check_bits, fake_quantize, qparams_from_range
 from lightning_compress.core.selection import select_modules, weights_of
@@ -134,9 +134,7 @@ def choose_layer_bits(
     """
     budget = bits_budget(scan, average_bits, size_bytes)
     damage_of = layer_damage(scan)
-    by_layer: dict[str, list[dict[str, Any]]] = {}
-    for row in scan["rows"]:
-        by_layer.setdefault(row["layer"], []).append(row)
+    by_layer = rows_by_layer(scan, "bits")
     # a tie-break far below any measured loss difference: of two choices with the same damage, the one with more bits
     tie = 1e-9 / (8 * sum(r["params"] for r in scan["rows"]))
     front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]  # (bits used, damage, choice per layer)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lightning_compress.analysis.artifact import CODEBOOK_MAX, fp32_size_bytes, save_compressed
+from lightning_compress.analysis.artifact import codebook_pays, fp32_size_bytes, save_compressed
 from lightning_compress.core.clustering import distinct_nonzero, index_bits
 from lightning_compress.core.quantizers import FakeQuantizer
 from lightning_compress.quantization.prepare import float_state_dict
@@ -41,17 +41,17 @@ class LayerStats:
         return {**asdict(self), "sparsity": self.sparsity}
 
 
-def _weight_bits(module: nn.Module) -> tuple[int, int]:
-    """Bits per non-zero weight and the bytes of its codebook: the weight quantizer's bits under quantization-aware
-    training; ``⌈log2 k⌉`` bits plus ``k`` float32 values for a weight that shares ``k`` <= 256 non-zero values (weight
-    clustering; :data:`~lightning_compress.analysis.artifact.CODEBOOK_MAX`); else 32 and none."""
+def _weight_bits(module: nn.Module, nonzero: int) -> tuple[int, int]:
+    """Bits per non-zero weight (``nonzero`` of them) and the bytes of its codebook: the weight quantizer's bits under
+    quantization-aware training; ``⌈log2 k⌉`` bits plus ``k`` float32 values for a weight that the artifact stores as a
+    codebook (:func:`~lightning_compress.analysis.artifact.codebook_pays`: weight clustering); else 32 and none."""
     spec = getattr(getattr(module, "weight_quantizer", None), "spec", None)
     if spec is not None:
         return int(spec.bits), 0
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         distinct = distinct_nonzero(weight)
-        if 0 < distinct <= CODEBOOK_MAX and index_bits(distinct) < 32 and distinct < int(torch.count_nonzero(weight)):
+        if codebook_pays(distinct, nonzero):
             return index_bits(distinct), 4 * distinct
     return 32, 0
 
@@ -78,9 +78,9 @@ def compression_summary(model: nn.Module) -> list[LayerStats]:
         own = list(module.parameters(recurse=False))
         if not own or isinstance(module, FakeQuantizer):  # a learned scale is part of its layer's encoding
             continue
-        bits, codebook = _weight_bits(module)
         weight = getattr(module, "weight", None)
         nonzero = {id(p): int(torch.count_nonzero(p.detach())) for p in own}
+        bits, codebook = _weight_bits(module, nonzero.get(id(weight), 0))
         packed = codebook + sum(
             math.ceil(p.numel() / 8) + math.ceil(nonzero[id(p)] * (bits if p is weight else 32) / 8) for p in own
         )

@@ -101,10 +101,11 @@ def check_drop(max_accuracy_drop: float) -> float:
     return float(check_number("max_accuracy_drop", max_accuracy_drop, 0, 1, high_open=True, what="a number in [0, 1)"))
 
 
-def rows_by_layer(scan: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """The scan's rows per layer (in scan order), each layer's by ascending sparsity."""
+def rows_by_layer(scan: dict[str, Any], level: str = "sparsity") -> dict[str, list[dict[str, Any]]]:
+    """The scan's rows per layer (in scan order), each layer's by ascending ``level`` (``"sparsity"``, or ``"bits"``
+    for a quantization scan)."""
     by_layer: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted(scan["rows"], key=lambda r: r["sparsity"]):
+    for row in sorted(scan["rows"], key=lambda r: r[level]):
         by_layer.setdefault(row["layer"], []).append(row)
     return by_layer
 

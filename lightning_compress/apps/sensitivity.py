@@ -154,11 +154,8 @@ def report_bits(scan: dict[str, Any], budget: dict[str, Any], out: Path, logger:
     for level in levels:
         table.add_column(f"{level} bits", justify="right")
     table.add_column("chosen", justify="right")
-    by_layer: dict[str, list[dict[str, Any]]] = {}
-    for row in scan["rows"]:
-        by_layer.setdefault(row["layer"], []).append(row)
-    for layer, rows in by_layer.items():
-        cells = [f"{r['loss']:.4f}" for r in sorted(rows, key=lambda r: r["bits"])]
+    for layer, rows in rows_by_layer(scan, "bits").items():
+        cells = [f"{r['loss']:.4f}" for r in rows]
         table.add_row(layer, f"{rows[0]['params']:,}", *cells, str(layer_bits[layer_pattern(layer)]))
     Console().print(table)
     print(f"Bits per layer (average {average:.3f} bits per weight, predicted loss increase {damage:.4f}): "

@@ -223,8 +223,8 @@ def channel_products(plan: GradientPlan, channels: Sequence[int]) -> list[Tensor
             if total is None:
                 total = torch.zeros(count, device=product.device)
             total.index_add_(0, dst, product[src])
-        out.append(torch.zeros(count) if total is None else total)
-    if not all(bool(torch.isfinite(t).all()) for t in out):
+        out.append(torch.zeros(count, device=entries[0][0].device if entries else None) if total is None else total)
+    if out and not bool(torch.isfinite(torch.stack([t.sum() for t in out])).all()):  # one check (one sync) per step
         return None
     return out
 
