@@ -30,9 +30,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from _common import interleaved_ort_medians, machine, mean_std, update_results
 from mnist1d_accuracy import verdict
+from torch.utils.data import TensorDataset
 
 from lightning_compress import MagnitudePruning, export_compact
 from lightning_compress.analysis.latency import ort_session
@@ -40,18 +42,18 @@ from lightning_compress.analysis.report import flops_per_sample
 from lightning_compress.apps.config import compose, instantiate
 from lightning_compress.export.onnx import export_float_onnx
 from lightning_compress.pruning import prune_channel_groups_
-from lightning_compress.tasks import CNN1D, ResNet20
+from lightning_compress.tasks import CNN1D, DigitsDataModule, ResNet20
 
 GOALS = (2, 3)
 
 
-def share_for(make, x: torch.Tensor, goal: float) -> tuple[float, float]:
+def share_for(make, x: torch.Tensor, goal: float, round_to: int | None = None) -> tuple[float, float]:
     """The smallest channel share (0.01 steps) whose compact network has at most 1/goal of the dense FLOPs, and the
     FLOPs ratio it gives."""
     dense = flops_per_sample(make(), x)
     for share in np.arange(0.05, 0.95, 0.01):
         model = make().eval()
-        prune_channel_groups_(model, x, float(share), scope="layer")
+        prune_channel_groups_(model, x, float(share), scope="layer", round_to=round_to)
         ratio = dense / flops_per_sample(export_compact(model, x), x)
         if ratio >= goal:
             return round(float(share), 2), ratio
@@ -82,8 +84,23 @@ def peer_share_for(make, x: torch.Tensor, ratio: float) -> float:
     return best
 
 
+class Digits32(DigitsDataModule):
+    """The digits upscaled to 32×32 (bilinear), as the ResNet-20's CIFAR-sized input."""
+
+    input_shape = (1, 32, 32)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        super().setup(stage)
+        for name in ("train_set", "val_set", "test_set"):
+            x, y = getattr(self, name).tensors
+            setattr(self, name, TensorDataset(F.interpolate(x, size=32, mode="bilinear", align_corners=False), y))
+
+
 #: The accuracy tasks: (recipe, model override, the name in the table).
-TASKS = {"mnist1d": ("mnist1d_dense", None, "MNIST-1D CNN"), "resnet20": ("dense", "resnet20", "ResNet-20 w16, digits")}
+TASKS = {"mnist1d": ("mnist1d_dense", None, "MNIST-1D CNN"), "resnet20": ("dense", "resnet20", "ResNet-20 w16, digits"),
+         "resnet20_32": ("dense", "resnet20", "ResNet-20 w16, digits at 32×32")}  # fmt: skip
 
 
 def task(seed: int, name: str = "mnist1d"):
@@ -92,6 +109,9 @@ def task(seed: int, name: str = "mnist1d"):
     cfg = compose(overrides + ([f"model={model}"] if model else []))
     pl.seed_everything(seed)
     dm = instantiate(cfg.data)
+    if name == "resnet20_32":
+        dm = Digits32(batch_size=dm.batch_size, val_fraction=dm.val_fraction, test_fraction=dm.test_fraction,
+                      seed=dm.seed)  # fmt: skip
     net = instantiate(cfg.model, input_shape=dm.input_shape, num_classes=dm.num_classes)
     return cfg, dm, instantiate(cfg.module, net=net, num_classes=dm.num_classes)
 
@@ -101,15 +121,19 @@ def trainer(cfg, epochs: int, callbacks=()):
                        enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
 
 
-def run(seed: int, method: str, share: float | None, x: torch.Tensor, name: str = "mnist1d") -> tuple[float, int]:
-    """Test accuracy (%) and FLOPs per sample of the final (compact) network."""
+def run(
+    seed: int, method: str, share: float | None, x: torch.Tensor, name: str = "mnist1d", round_to: int | None = None
+) -> tuple[float, int]:
+    """Test accuracy (%) and FLOPs per sample of the final (compact) network (ours: channels kept in multiples of
+    ``round_to`` when given)."""
     cfg, dm, module = task(seed, name)
     if method == "dense":
         t = trainer(cfg, 30)
         t.fit(module, datamodule=dm)
         return 100 * t.test(module, datamodule=dm, verbose=False)[0]["test/acc"], flops_per_sample(module.net, x)
     if method == "ours":
-        cb = MagnitudePruning(final_sparsity=share, granularity="channel", scope="layer", end_epoch=20)
+        cb = MagnitudePruning(final_sparsity=share, granularity="channel", scope="layer", end_epoch=20,
+                              round_to=round_to)  # fmt: skip
         t = trainer(cfg, 30, [cb])
         t.fit(module, datamodule=dm)
         accuracy = 100 * t.test(module, datamodule=dm, verbose=False)[0]["test/acc"]
@@ -122,6 +146,24 @@ def run(seed: int, method: str, share: float | None, x: torch.Tensor, name: str 
     t = trainer(cfg, 10)
     t.fit(module, datamodule=dm)
     return 100 * t.test(module, datamodule=dm, verbose=False)[0]["test/acc"], flops_per_sample(module.net, x)
+
+
+def table_rows(name: str, x: torch.Tensor, seeds: int, variants: dict[str, tuple]) -> list[str]:
+    """Train every variant (label → the arguments of :func:`run` after the seed: method, share[, round_to]) for each
+    seed; the table's rows (accuracy, the verdict against ``"dense"``, the FLOPs reduction)."""
+    results: dict[str, list[tuple[float, int]]] = {}
+    for seed in range(seeds):
+        for label, (method, *arguments) in variants.items():
+            results.setdefault(label, []).append(run(seed, method, arguments[0], x, name, *arguments[1:]))
+        print(name, seed, {k: v[-1] for k, v in results.items()}, flush=True)
+    dense = [a for a, _ in results["dense"]]
+    rows = []
+    for kind, runs in results.items():
+        accuracy = [a for a, _ in runs]
+        versus = "—" if kind == "dense" else verdict(accuracy, dense)
+        rows.append(f"| {TASKS[name][2]} | {kind} | {mean_std(accuracy)} | {versus} | "
+                    f"{results['dense'][0][1] / runs[0][1]:.2f}× |")  # fmt: skip
+    return rows
 
 
 def last_layer(net: torch.nn.Module) -> torch.nn.Module:
@@ -179,21 +221,11 @@ def main() -> None:
     for name, (make, x) in inputs.items():
         shares = all_shares[name] = {goal: share_for(make, x, goal) for goal in GOALS}
         peer = all_peer_shares[name] = {goal: peer_share_for(make, x, ratio) for goal, (_, ratio) in shares.items()}
-        results: dict[str, list[tuple[float, int]]] = {"dense": []}
-        for seed in range(args.seeds):
-            results["dense"].append(run(seed, "dense", None, x, name))
-            for goal, (share, _) in shares.items():
-                results.setdefault(f"ours, {goal}x", []).append(run(seed, "ours", share, x, name))
-                results.setdefault(f"Torch-Pruning MetaPruner, {goal}x", []).append(
-                    run(seed, "Torch-Pruning MetaPruner", peer[goal], x, name)
-                )
-            print(name, seed, {k: v[-1] for k, v in results.items()}, flush=True)
-        dense = [a for a, _ in results["dense"]]
-        for kind, runs in results.items():
-            accuracy = [a for a, _ in runs]
-            versus = "—" if kind == "dense" else verdict(accuracy, dense)
-            rows.append(f"| {TASKS[name][2]} | {kind} | {mean_std(accuracy)} | {versus} | "
-                        f"{results['dense'][0][1] / runs[0][1]:.2f}× |")  # fmt: skip
+        variants: dict[str, tuple] = {"dense": ("dense", None)}
+        for goal, (share, _) in shares.items():
+            variants[f"ours, {goal}x"] = ("ours", share)
+            variants[f"Torch-Pruning MetaPruner, {goal}x"] = ("Torch-Pruning MetaPruner", peer[goal])
+        rows += table_rows(name, x, args.seeds, variants)
     with tempfile.TemporaryDirectory() as tmp:
         resnet_shares = {goal: share_for(lambda: ResNet20((3, 32, 32), 10, width=16), torch.randn(8, 3, 32, 32),
                                          goal)[0] for goal in GOALS}  # fmt: skip

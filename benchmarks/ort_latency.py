@@ -34,7 +34,7 @@ from step_time import digits_32
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export_compact, export_onnx
 from lightning_compress.analysis.latency import ort_session
 from lightning_compress.export.onnx import export_float_onnx
-from lightning_compress.quantization.prepare import detach, quantized_layers, unprepare
+from lightning_compress.quantization.prepare import unprepare
 from lightning_compress.tasks import ClassificationModule, ResNet20
 
 
@@ -103,8 +103,7 @@ def models(width: int, loader, tmp: Path) -> dict[str, Path]:
         module = qat_module(width, loader, outputs)
         paths[kind] = export_onnx(module, tmp / f"w{width}-int8-{i}.onnx", x)
     float_net = copy.deepcopy(module.net).eval()
-    for layer in quantized_layers(float_net).values():
-        detach(layer)
+    unprepare(float_net)
     paths["fp32"] = tmp / f"w{width}-fp32.onnx"
     torch.onnx.export(float_net, (torch.zeros(1, 3, 32, 32),), paths["fp32"], dynamo=True,
                       dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))  # fmt: skip

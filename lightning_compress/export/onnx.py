@@ -7,7 +7,12 @@ every quantized layer holding exactly the dequantized grid values it trained wit
 * the float weight initializer becomes an **int8 initializer** → ``DequantizeLinear`` (per channel, axis 0),
 * the bias becomes an int32 initializer on the grid ``input_scale × weight_scale`` → ``DequantizeLinear``,
 * the data input passes ``QuantizeLinear`` → ``DequantizeLinear`` with the layer's activation scale and
-  zero-point (uint8 for unsigned activations; a ``Clip`` first when fewer than 8 bits are used).
+  zero-point (uint8 for unsigned activations; a ``Clip`` first when fewer than 8 bits are used) — unless it shares
+  the quantizer of the tensor it reads, which already comes out of one,
+* with an output quantizer, the layer's output passes its own pair;
+
+and after the output of every module that hosts a tensor quantizer (a residual addition's inputs and output), found
+by the exporter's module scopes. Each such tensor gets one pair, read by all its readers.
 
 That is the standard QDQ form ONNX Runtime recognises. :func:`onnx_parity` runs the file in ONNX Runtime next to
 the fake-quantized PyTorch model and reports how often their top-1 predictions agree.
@@ -27,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.metrics import top1
 from lightning_compress.core.quantizers import quantize
-from lightning_compress.quantization.prepare import detach, folded_weight_and_bias, quantized_layers
+from lightning_compress.quantization.prepare import detach, folded_weight_and_bias, quantized_layers, tensor_quantizers
 
 PARITY_GOAL = 0.995
 
@@ -43,15 +48,18 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
     """A float copy of ``model`` that computes what the integer model computes, and each layer's integers.
 
     Returns the copy (BatchNorms that were folded replaced by ``nn.Identity``, quantizers removed, each quantized
-    layer's weight set to its dequantized grid values and its bias to the folded bias) and, per layer name, the
-    int weights, their scales, the folded bias and the activation quantization parameters.
+    layer's weight set to its dequantized grid values and its bias to the folded bias; a tensor quantizer replaced by
+    its parameters, :class:`TensorQParams`, which the ONNX rewrite turns into Q/DQ) and, per layer name, the int
+    weights, their scales, the folded bias and the activation quantization parameters.
     """
     layers = quantized_layers(model)
     if not layers:
         raise ValueError(
             "export_onnx: the model has no quantized layers. Train it with QuantizationAwareTraining first."
         )
+    hosts = tensor_quantizers(model)
     not_ready = [n for n, m in layers.items() if not (m.input_quantizer.initialized and m.weight_quantizer.initialized)]
+    not_ready += [n for n, q in hosts.items() if not q.initialized]
     if not_ready:
         raise ValueError(
             f"export_onnx: no quantized training step has run yet (layers {not_ready[:3]} have observed no range). "
@@ -80,6 +88,7 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
             "input_zero_point": int(a_zp.reshape(-1)[0]),
             "input_spec": layer.input_quantizer.spec,
             "input_range": layer.input_quantizer.fixed_range,
+            "input_shared": bool(getattr(layer, "_qat_input_shared", False)),  # already quantized by its producer
             "output": _output_qparams(layer),
             "weight_spec": wq.spec,
         }
@@ -100,7 +109,28 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
         if name in bn_names:
             parent_name, _, child = bn_names[name].rpartition(".")
             setattr(modules[parent_name] if parent_name else form, child, nn.Identity())
+    for name, quantizer in hosts.items():  # tensor quantizers: their parameters; the ONNX rewrite inserts them
+        scale, zero_point = quantizer.qparams()
+        params = TensorQParams(float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]), quantizer.spec)
+        modules[name].output_quantizer = params
     return form, info
+
+
+class TensorQParams(nn.Module):
+    """A tensor quantizer's scale and zero-point in the export form (buffers, so the compact artifact stores them).
+    Its forward passes the tensor on: :func:`export_onnx` writes ``QuantizeLinear`` → ``DequantizeLinear`` after the
+    host module's output in the ONNX graph. (``torch.fake_quantize_per_tensor_affine`` would export as Q/DQ itself,
+    but not with a dynamic batch dimension in torch 2.13: its kernel has no meta implementation.)"""
+
+    def __init__(self, scale: float, zero_point: int, spec: Any) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
+        self.qparams = (float(scale), int(zero_point))
+        self.spec = spec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
 
 
 def _output_qparams(layer: Any) -> tuple[float, int, Any] | None:
@@ -163,6 +193,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     )
     assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
+    _insert_tensor_qdq(proto, tensor_quantizers(form))  # first: it reads the exporter's module scopes of every node
     _insert_qdq(proto, info)
     for node in proto.graph.node:  # exporter provenance (stack traces, FX names): not needed to run the model
         del node.metadata_props[:]
@@ -392,10 +423,11 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
             graph.initializer.extend(added_inits)
             before[id(node)] = added
             continue
-        # activation: [Clip] -> QuantizeLinear -> DequantizeLinear
-        inits, nodes, node.input[0] = _quantize_dequantize(node.input[0], f"{prefix}.input", a_scale, a_zp, a_spec)
-        added_inits += inits
-        added += nodes
+        # activation: [Clip] -> QuantizeLinear -> DequantizeLinear (a shared input already comes out of one)
+        if not data["input_shared"]:
+            inits, nodes, node.input[0] = _quantize_dequantize(node.input[0], f"{prefix}.input", a_scale, a_zp, a_spec)
+            added_inits += inits
+            added += nodes
         # bias: int32 on the grid input_scale x weight_scale -> DequantizeLinear
         if place["bias"] is not None and data["bias"] is not None:
             bias_node, slot = place["bias"]
@@ -427,6 +459,49 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
+
+
+def _scopes(node: Any) -> list[str]:
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            return list(ast.literal_eval(prop.value))
+    return []
+
+
+def _insert_tensor_qdq(proto: Any, tensors: Mapping[str, TensorQParams]) -> None:
+    """``QuantizeLinear`` → ``DequantizeLinear`` on the output of each module named in ``tensors`` (its quantizer's
+    parameters), found by the exporter's module scopes: the one tensor that nodes inside the module make and nodes
+    outside it read. Every reader then reads the dequantized tensor."""
+    if not tensors:
+        return
+    graph = proto.graph
+    nodes = list(graph.node)  # held, so that id() names each node for the whole rewrite
+    scopes = {id(n): set(_scopes(n)) for n in nodes}
+    outputs = {o.name for o in graph.output}
+    after: dict[int, list[Any]] = {}
+    for module, quantizer in tensors.items():
+        inside = [n for n in nodes if module in scopes[id(n)]]
+        read_outside = {name for n in nodes if module not in scopes[id(n)] for name in n.input} | outputs
+        leaving = [(n, slot) for n in inside for slot, out in enumerate(n.output) if out in read_outside]
+        if len(leaving) != 1:
+            raise ValueError(
+                f"export_onnx: could not find the output of module {module!r} in the exported graph (found "
+                f"{len(leaving)} tensors leaving it), so its quantizer cannot be written. Please report the model."
+            )
+        producer, slot = leaving[0]
+        produced = producer.output[slot]
+        producer.output[slot] = f"{module}.output_float"
+        scale, zero_point = quantizer.qparams
+        inits, qdq, _ = _quantize_dequantize(producer.output[slot], f"{module}.output", scale, zero_point,
+                                             quantizer.spec)  # fmt: skip
+        qdq[-1].output[0] = produced
+        graph.initializer.extend(inits)
+        after.setdefault(id(producer), []).extend(qdq)
+    new_nodes = [m for n in nodes for m in (n, *after.get(id(n), []))]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
 
 
 def onnx_parity(

@@ -29,10 +29,10 @@ from lightning_compress.core.quantizers import fake_quantize
 from lightning_compress.core.selection import load_layer_values
 from lightning_compress.quantization.prepare import (
     QATConfig,
+    all_quantizers,
     folded_batchnorms,
     folded_weight_and_bias,
     prepare_qat,
-    set_phase,
 )
 from lightning_compress.trainer.progress import (
     callback_state,
@@ -87,11 +87,14 @@ class QuantizationAwareTraining(Callback):
         exclude: Regular expression(s) or selectors of layers to leave in float.
         averaging_constant: Weight of a new batch in the activation observers' moving average.
         log_every_n_steps: Optimizer steps between logs of the per-layer scales and clipping fractions.
-        quantize_outputs: Also quantize each layer's output (per tensor, like its input) once the layer computes the
-            folded integer model (BatchNorm frozen or absent). The export then puts QuantizeLinear/DequantizeLinear
-            after the layer too — the pattern ONNX Runtime turns into integer kernels (QLinearConv) everywhere,
-            including convolutions that feed residual additions. On by default: in ``benchmarks/ort_latency.py``
-            (ResNet-20, width 64, batch 256) the int8 file ran at 0.82× of fp32 without it, 2.84× with it.
+        quantize_outputs: Quantize, in the trained model itself, every tensor an integer kernel of ONNX Runtime reads
+            or writes, once (:func:`~lightning_compress.quantization.prepare.quantization_plan`): each layer's output
+            once it computes the folded integer model (unless only the next layers' input quantizers read it, through
+            a ReLU at most), and the inputs and output of each residual addition of a layer's output, by a forward hook
+            on the module that makes the tensor, shared as the input quantizer of the layers that read it. The export
+            then runs as ``QLinearConv`` / ``QGemm`` / ``QLinearAdd`` — as ONNX Runtime's own ``quantize_static`` of
+            the same network (``benchmarks/ort_latency.py``). Off: layer inputs only (the int8 file then ran slower
+            than fp32 on a ResNet-20).
         activation_range: ``(low, high)`` of bounded input activations (the outputs of tanh: ``(-1, 1)``, of
             sigmoid: ``(0, 1)``): the grid spans it and nothing is observed. With it, ``activation_bits=1`` is the
             binary quantizer (the sign for ``(-1, 1)``). Per layer: ``layer_bits={regex: {"activation_bits": 2,
@@ -148,6 +151,7 @@ class QuantizationAwareTraining(Callback):
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, 1, integer=True)
 
         self._layers: dict[str, Any] = {}  # quantized Conv/Linear layers (their class is swapped at run time)
+        self._quantizers: list[Any] = []  # every quantizer: the layers' and the tensor quantizers (residual additions)
         self._bns: list[nn.Module] = []
         self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._steps: dict[str, int | None] = {}
@@ -214,6 +218,7 @@ class QuantizationAwareTraining(Callback):
         if self._layers:  # this instance quantized another model before: start over on the new one
             self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._layers = prepare_qat(pl_module, self.config)
+        self._quantizers = all_quantizers(pl_module)
         self._bound = weakref.ref(pl_module)
         warn_if_spawned(trainer, "QuantizationAwareTraining", "quantizers")
         self._bns = folded_batchnorms(self._layers)
@@ -325,18 +330,14 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ internals
     def _set_phase(self, observing: bool, quantizing: bool, bn_frozen: bool) -> None:
         self._phase = {"observing": observing, "quantizing": quantizing, "bn_frozen": bn_frozen}
-        set_phase(self._layers, observing, quantizing)
+        for q in self._quantizers:
+            q.observing, q.quantizing = observing, quantizing
 
     @torch.no_grad()
     def _sync_activation_ranges(self, trainer: pl.Trainer) -> None:
         # Every rank observes its own batches; averaging the ranges after each step keeps the quantization
         # parameters identical on every rank (weights' ranges already are: DDP keeps the weights identical).
-        quantizers = [
-            q
-            for layer in self._layers.values()
-            for q in (layer.input_quantizer, getattr(layer, "output_quantizer", None))
-            if q is not None and q.initialized and q.fixed_range is None
-        ]
+        quantizers = [q for q in self._quantizers if not q.is_weight and q.initialized and q.fixed_range is None]
         if not quantizers:
             return
         flat = torch.cat([torch.cat([q.min_val, q.max_val]) for q in quantizers])

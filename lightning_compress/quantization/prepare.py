@@ -10,8 +10,11 @@ that loads strictly into the unmodified model class.
 
 A selected layer keeps its identity, its parameters and its place in the model: its class is swapped for a
 subclass whose forward fake-quantizes the input activation and the weight, and two quantizer submodules are
-added (``input_quantizer``, ``weight_quantizer``). The model's own ``state_dict`` keys are unchanged; the
-quantizers add theirs beside them (scales, zero-points, observed ranges), so a checkpoint carries them.
+added (``input_quantizer``, ``weight_quantizer``; ``output_quantizer`` where the layer's output is quantized). A
+tensor that a residual addition reads or makes is quantized once by the module that makes it (a forward hook and an
+``output_quantizer`` child), and a layer reading it shares that quantizer as its ``input_quantizer``
+(:func:`quantization_plan`). The model's own ``state_dict`` keys are unchanged; the quantizers add theirs beside them
+(scales, zero-points, observed ranges), so a checkpoint carries them.
 
 **Conv + BatchNorm folding.** When a Conv feeds a BatchNorm directly, the weight that is quantized is the folded
 one, ``w · γ/√(σ²+ε)`` (running statistics). While the BatchNorm trains with batch statistics, the conv output is
@@ -23,8 +26,10 @@ the BatchNorm passes its input on: PyTorch then computes what the exported integ
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
+import operator
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -112,7 +117,8 @@ class _QATMixin(_Swapped):
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.input_quantizer(x)
+        if not getattr(self, "_qat_input_shared", False):  # a shared input arrives quantized by its producer's hook
+            x = self.input_quantizer(x)
         weight: Tensor = self.weight  # type: ignore[attr-defined]
         bias: Tensor | None = self.bias  # type: ignore[attr-defined]
         bn = self._qat_bn
@@ -212,6 +218,34 @@ def detach(layer: nn.Module) -> None:
     if hasattr(layer, "output_quantizer"):
         del layer.output_quantizer
     object.__delattr__(layer, "_qat_bn")
+    layer.__dict__.pop("_qat_input_shared", None)
+
+
+def _quantize_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook of a tensor quantizer's host: its output, fake-quantized for every module that reads it."""
+    quantizer: Any = module.output_quantizer
+    return quantizer(output) if isinstance(output, Tensor) else output
+
+
+def attach_tensor_quantizer(module: nn.Module, quantizer: nn.Module) -> None:
+    """Quantize ``module``'s output with ``quantizer`` (a child ``output_quantizer`` and a forward hook): the tensor is
+    quantized once, where it is made, for all its readers (a residual addition's inputs and output)."""
+    module.add_module("output_quantizer", quantizer)
+    module.register_forward_hook(_quantize_output)
+
+
+def tensor_quantizers(model: nn.Module) -> dict[str, Any]:
+    """Module name → the quantizer of its output, for every module that hosts a tensor quantizer (the inputs and
+    outputs of residual additions, see :func:`quantization_plan`)."""
+    return {n: m.output_quantizer for n, m in model.named_modules() if _quantize_output in m._forward_hooks.values()}
+
+
+def detach_tensor_quantizer(module: nn.Module) -> None:
+    """Undo :func:`attach_tensor_quantizer`."""
+    for key in [k for k, hook in module._forward_hooks.items() if hook is _quantize_output]:
+        del module._forward_hooks[key]
+    if hasattr(module, "output_quantizer"):
+        del module.output_quantizer
 
 
 def find_conv_bn_pairs(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -221,29 +255,169 @@ def find_conv_bn_pairs(model: nn.Module, names: list[str]) -> dict[str, str]:
     ``nn.Sequential`` are paired. A Conv whose output is also used elsewhere is not paired (folding would change
     what the other consumer sees).
     """
-    modules = dict(model.named_modules())
-    wanted = {n for n in names if isinstance(modules[n], (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
-    try:
-        return _pairs_by_tracing(model, modules, wanted)
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to the structural rule below
-        return _pairs_in_sequentials(modules, wanted)
+    return quantization_plan(model, names).pairs
 
 
-def _pairs_by_tracing(model: nn.Module, modules: dict[str, nn.Module], wanted: set[str]) -> dict[str, str]:
+@dataclass
+class QuantizationPlan:
+    """Where a model's activations are quantized, read from its ``torch.fx`` graph (:func:`quantization_plan`).
+
+    Attributes:
+        pairs: Conv name → the BatchNorm folded into it.
+        plain_outputs: Layers whose output needs no quantizer of its own: it reaches (through a ReLU at most) only
+            other quantizers — the next layers' inputs, or a tensor quantizer below.
+        tensor_hosts: Module name → why its output is quantized: the inputs and outputs of residual additions. Such
+            a tensor is quantized once, by a forward hook on the module that produces it, for every reader.
+        shared_inputs: Layer name → the module whose output quantizer is its input quantizer (already applied).
+        float_additions: Additions of a quantized layer's output that stay in float (a tensor no module produces
+            alone, e.g. a function's result at the model's top level), as ``"node (reason)"``.
+        traced: Whether the model could be traced (without a trace: every layer's output is quantized, additions
+            stay in float).
+    """
+
+    pairs: dict[str, str] = field(default_factory=dict)
+    plain_outputs: set[str] = field(default_factory=set)
+    tensor_hosts: dict[str, str] = field(default_factory=dict)
+    shared_inputs: dict[str, str] = field(default_factory=dict)
+    float_additions: list[str] = field(default_factory=list)
+    traced: bool = True
+
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ADDITIONS = {operator.add, operator.iadd, torch.add}
+_RELUS = {torch.relu, torch.relu_, F.relu}
+
+
+def _trace(model: nn.Module) -> Any:
     import torch.fx
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_BN_TYPES)) or super().is_leaf_module(m, qualname)
+            return isinstance(m, (*_CONV_TYPES, *_BN_TYPES)) or super().is_leaf_module(m, qualname)
 
-    graph = _Tracer().trace(model)
-    pairs = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in wanted and len(node.users) == 1:
+    return _Tracer().trace(model)
+
+
+def quantization_plan(
+    model: nn.Module, names: Sequence[str], fold_bn: bool = True, residuals: bool = False
+) -> QuantizationPlan:
+    """Read from ``model``'s ``torch.fx`` graph which BatchNorm folds into which conv and — with ``residuals`` — where
+    activations are quantized so that ONNX Runtime runs the whole network on integer kernels:
+
+    * a residual addition ``a + b`` of a quantized layer's output (a Conv after its folded BatchNorm, say) gets its
+      other input and its output (after the ReLU that reads it alone) quantized at the module that produces each —
+      exported as ``DequantizeLinear`` → ``Add`` → ``QuantizeLinear`` (ONNX Runtime's ``QLinearAdd``);
+    * a layer whose output reaches only quantizers (the next layers' inputs, through a ReLU at most) gets no output
+      quantizer of its own: quantizing twice would cost accuracy and a float round trip in ONNX Runtime;
+    * a layer whose input is such a quantized tensor shares that quantizer (:attr:`QuantizationPlan.shared_inputs`).
+
+    A model that cannot be traced gets the Sequential Conv→BatchNorm pairs and no residual plan (``traced=False``).
+    Without ``fold_bn`` nothing is paired (a layer's output is then the conv's own).
+    """
+    modules = dict(model.named_modules())
+    wanted = set(names)
+    try:
+        graph = _trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure falls back to the structural rule below
+        convs = {n for n in wanted if isinstance(modules[n], _CONV_TYPES)}
+        return QuantizationPlan(pairs=_pairs_in_sequentials(modules, convs) if fold_bn else {}, traced=False)
+    nodes = list(graph.nodes)
+    calls = collections.Counter(n.target for n in nodes if n.op == "call_module")
+    plan = QuantizationPlan()
+    ends: dict[Any, str] = {}  # node → the quantized layer whose (BatchNorm-folded) output it is
+    for node in nodes:
+        if node.op != "call_module" or node.target not in wanted:
+            continue
+        end = node
+        if fold_bn and isinstance(modules[node.target], _CONV_TYPES) and len(node.users) == 1:
             (user,) = node.users
             if user.op == "call_module" and isinstance(modules.get(user.target), _BN_TYPES):
-                pairs[node.target] = user.target
-    return pairs
+                plan.pairs[node.target] = user.target
+                end = user
+        if calls[node.target] == 1:
+            ends[end] = node.target
+    if not residuals:
+        return plan
+    hosts: dict[Any, str] = {}
+    feeds_addition: set[str] = set()
+    for node in nodes:
+        if not _is_addition(node) or not any(a in ends for a in node.args[:2]):
+            continue
+        tensors = [_through_identities(a, modules) for a in node.args[:2] if a not in ends]
+        tensors.append(_relu_after(node, modules) or node)
+        found = {t: _host(t, modules, calls, ends, nodes) for t in tensors}
+        missing = [str(t) for t, host in found.items() if host is None]
+        if missing:
+            plan.float_additions.append(f"{node} (no single module produces {', '.join(missing)})")
+            continue
+        hosts.update(found)  # type: ignore[arg-type]
+        plan.tensor_hosts.update({host: f"residual addition {node}" for host in found.values()})  # type: ignore[misc]
+        feeds_addition.update(ends[a] for a in node.args[:2] if a in ends)
+    layer_nodes = {n.target: n for n in nodes if n.op == "call_module" and n.target in ends.values()}
+    for name, node in layer_nodes.items():
+        if node.args and node.args[0] in hosts:
+            plan.shared_inputs[name] = hosts[node.args[0]]
+    for end, name in ends.items():
+        tensor = _relu_after(end, modules) or end
+        readers = list(tensor.users)
+        only_quantizers = tensor in hosts or all(
+            u.op == "call_module" and u.target in layer_nodes and u.args[0] is tensor for u in readers
+        )
+        if readers and only_quantizers and name not in feeds_addition:
+            plan.plain_outputs.add(name)
+    return plan
+
+
+def _is_addition(node: Any) -> bool:
+    import torch.fx
+
+    adds = (node.op == "call_function" and node.target in _ADDITIONS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+    return adds and len(node.args) >= 2 and all(isinstance(a, torch.fx.Node) for a in node.args[:2])
+
+
+def _relu_after(node: Any, modules: dict[str, nn.Module]) -> Any:
+    """The ReLU that is the only reader of ``node``, or ``None``."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    relu = (
+        (user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU))
+        or (user.op == "call_function" and user.target in _RELUS)
+        or (user.op == "call_method" and user.target in ("relu", "relu_"))
+    )
+    return user if relu else None
+
+
+def _through_identities(node: Any, modules: dict[str, nn.Module]) -> Any:
+    """The tensor an ``nn.Identity`` (an identity shortcut, say) passes on: quantized where it is made."""
+    while node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity) and node.args:
+        node = node.args[0]
+    return node
+
+
+def _scope_paths(node: Any) -> set[str]:
+    return {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
+
+
+def _host(node: Any, modules: dict[str, nn.Module], calls: Mapping[Any, int], ends: Mapping[Any, str],
+          nodes: list[Any]) -> str | None:  # fmt: skip
+    """The module, called once, whose output ``node`` is (its forward hook can quantize the tensor), or ``None``: the
+    module ``node`` calls, or else the innermost module scope it is the one output of (a residual block whose ReLU
+    module is called twice, as in torchvision's ResNet, hosts its own output)."""
+    if node in ends or node.op == "placeholder":
+        return None
+    if node.op == "call_module" and calls[node.target] == 1:
+        return str(node.target)
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    for path in reversed(stack):
+        if not path or any(path in _scope_paths(u) for u in node.users):
+            continue  # ``node`` does not leave this scope: not its output
+        leaving = [n for n in nodes if path in _scope_paths(n) and any(path not in _scope_paths(u) for u in n.users)]
+        if leaving == [node] and calls[path] == 0 and path in modules:  # a scope called once (a leaf: called twice)
+            return path
+    return None
 
 
 def _pairs_in_sequentials(modules: dict[str, nn.Module], wanted: set[str]) -> dict[str, str]:
@@ -303,8 +477,9 @@ class QATConfig:
         exclude: Regular expression(s) or selectors of layers to leave in float.
         averaging_constant: Weight of a new batch in the activation observers' moving average, in (0, 1].
         activation_range: ``(low, high)`` of bounded input activations (tanh: ``(-1, 1)``, sigmoid: ``(0, 1)``).
-        quantize_outputs: Also quantize each layer's output once it computes the folded integer model (the default:
-            ONNX Runtime then runs every layer with integer kernels; without it the int8 file ran slower than fp32).
+        quantize_outputs: Quantize every tensor an integer kernel reads or writes, once (the default; see
+            :func:`quantization_plan`): layer outputs, and the inputs and outputs of residual additions. ONNX Runtime
+            then runs the export on integer kernels only; without it the int8 file ran slower than fp32.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
@@ -395,8 +570,34 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> dict[str, 
     for name, layer in selected:
         if config.per_channel and layer.weight.dim() < 2:  # type: ignore[operator,union-attr]
             raise ValueError(f"per_channel=True needs a channel axis, but layer {name!r} has a 1-D weight.")
-    pairs = find_conv_bn_pairs(model, names) if config.fold_bn else {}
+    plan = quantization_plan(model, names, config.fold_bn, residuals=config.quantize_outputs)
+    if config.quantize_outputs and not plan.traced:
+        warnings.warn(
+            f"{type(model).__name__} could not be traced with torch.fx: every quantized layer's output is quantized "
+            "and residual additions stay in float (ONNX Runtime runs them with float round trips, more slowly).",
+            UserWarning,
+            stacklevel=2,
+        )
+    if plan.float_additions:
+        warnings.warn(
+            f"quantize_outputs: {len(plan.float_additions)} addition(s) of quantized layers' outputs stay in float in "
+            f"the int8 export: {'; '.join(plan.float_additions[:3])}. Compute such a sum inside a module (e.g. end a "
+            "residual block with an nn.ReLU module, or return the sum from the block's forward).",
+            UserWarning,
+            stacklevel=2,
+        )
+    pairs = plan.pairs
     modules = dict(model.named_modules())
+    out_bits = config.activation_bits if config.activation_range is None else 8
+    device = next(model.parameters()).device
+
+    def activation_quantizer(bits: int) -> FakeQuantizer:
+        spec = QuantSpec(bits, config.activation_symmetric)
+        return FakeQuantizer(spec, config.observer, averaging_constant=config.averaging_constant).to(device)
+
+    hosted = {name: activation_quantizer(out_bits) for name in plan.tensor_hosts}
+    for name, quantizer in hosted.items():
+        attach_tensor_quantizer(modules[name], quantizer)
     for name, layer in selected:
         weight: Any = layer.weight
         bits: dict[str, Any] = {
@@ -408,7 +609,10 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> dict[str, 
         w_spec = QuantSpec(bits["weight_bits"], config.weight_symmetric, config.per_channel, axis=0)
         fixed = bits["activation_range"]
         a_spec = QuantSpec(bits["activation_bits"], config.activation_symmetric and fixed is None, per_channel=False)
-        input_quantizer = FakeQuantizer(
+        shared = hosted.get(plan.shared_inputs.get(name, ""))
+        if shared is not None and (fixed is not None or shared.spec != a_spec):
+            shared = None  # the layer's own activation settings: it quantizes its input again, as configured
+        input_quantizer = shared or FakeQuantizer(
             a_spec,
             "minmax" if fixed is not None else config.observer,  # a fixed range is not learned
             averaging_constant=config.averaging_constant,
@@ -417,13 +621,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> dict[str, 
         output_quantizer = None
         # A layer with a binary input computes on no integer grid (exported with Where, its bias in float): ONNX Runtime
         # has no integer kernel for it, and quantizing its output there cost ONNX parity (99.2 % in a test): not done.
-        if config.quantize_outputs and bits["activation_bits"] > 1:
-            out_bits = config.activation_bits if config.activation_range is None else 8
-            output_quantizer = FakeQuantizer(
-                QuantSpec(out_bits, config.activation_symmetric),
-                config.observer,
-                averaging_constant=config.averaging_constant,
-            ).to(weight.device)
+        if config.quantize_outputs and bits["activation_bits"] > 1 and name not in plan.plain_outputs:
+            output_quantizer = activation_quantizer(out_bits)
         attach(
             layer,
             FakeQuantizer(w_spec, config.observer, channels=weight.shape[0], weight=True).to(weight.device),
@@ -431,6 +630,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> dict[str, 
             modules[pairs[name]] if name in pairs else None,
             output_quantizer,
         )
+        if shared is not None:
+            object.__setattr__(layer, "_qat_input_shared", True)
     for module in model.modules():
         # In evaluation a TransformerEncoderLayer may run torch's fused kernel, which reads its Linear weights
         # directly and so would skip their fake quantization; a forward pre-hook keeps it on the Python path.
@@ -448,19 +649,30 @@ def layer_quantizers(layer: Any) -> list[FakeQuantizer]:
     return [q for q in (layer.input_quantizer, layer.weight_quantizer, getattr(layer, "output_quantizer", None)) if q]
 
 
+def all_quantizers(model: nn.Module) -> list[FakeQuantizer]:
+    """Every quantizer of a prepared model, once each: its layers' and its tensor quantizers (a quantizer that a
+    layer shares as its input is listed once)."""
+    found = [q for layer in quantized_layers(model).values() for q in layer_quantizers(layer)]
+    found += list(tensor_quantizers(model).values())
+    return list({id(q): q for q in found}.values())
+
+
 def set_phase(layers: Mapping[str, nn.Module] | nn.Module, observing: bool, quantizing: bool) -> None:
-    """Switch range observation and fake quantization of prepared layers (a model, or name → layer)."""
-    found: dict[str, Any] = quantized_layers(layers) if isinstance(layers, nn.Module) else dict(layers)
-    for layer in found.values():
-        for q in layer_quantizers(layer):
-            q.observing, q.quantizing = observing, quantizing
+    """Switch range observation and fake quantization of a prepared model (all its quantizers), or of the prepared
+    layers of a name → layer mapping."""
+    if isinstance(layers, nn.Module):
+        quantizers = all_quantizers(layers)
+    else:
+        quantizers = [q for layer in layers.values() for q in layer_quantizers(layer)]
+    for q in quantizers:
+        q.observing, q.quantizing = observing, quantizing
 
 
 @contextlib.contextmanager
 def float_phase(*models: nn.Module) -> Iterator[None]:
     """Within the block the prepared layers of ``models`` neither observe nor quantize (the plain layers'
     computation); each quantizer's own phase is restored after."""
-    quantizers = [q for model in models for layer in quantized_layers(model).values() for q in layer_quantizers(layer)]
+    quantizers = [q for model in models for q in all_quantizers(model)]
     phases = [(q.observing, q.quantizing) for q in quantizers]
     for q in quantizers:
         q.observing = q.quantizing = False
@@ -480,6 +692,8 @@ def unprepare(model: nn.Module) -> None:
     """Take every quantizer off ``model``: its layers are plain Conv/Linear (and BatchNorm) modules again."""
     for layer in quantized_layers(model).values():
         detach(layer)
+    for name in tensor_quantizers(model):
+        detach_tensor_quantizer(model.get_submodule(name))
     for module in model.modules():
         for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _python_path]:
             del module._forward_pre_hooks[key]

@@ -1,0 +1,243 @@
+"""Residual additions on integer kernels: a tensor quantized once where it is made, for every reader; the int8 file
+runs the ResNet's additions as QLinearAdd in ONNX Runtime, like its own quantize_static, and computes what was
+trained."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_compress import QATConfig, export_onnx, prepare_qat
+from lightning_compress.quantization import set_phase, unprepare
+from lightning_compress.quantization.prepare import (
+    all_quantizers,
+    float_state_dict,
+    folded_batchnorms,
+    quantization_plan,
+    tensor_quantizers,
+)
+from lightning_compress.tasks import ResNet20
+
+
+def trained_resnet(config: QATConfig | None = None, steps: int = 6) -> tuple[nn.Module, Tensor]:
+    """A ResNet-20 of width 4 on 16×16 inputs after a few QAT steps, BatchNorm statistics then frozen (evaluation)."""
+    torch.manual_seed(0)
+    model = ResNet20((3, 16, 16), 10, width=4)
+    layers = prepare_qat(model, config or QATConfig())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    model.train()
+    for step in range(steps):
+        if step == steps // 2:  # BatchNorm statistics frozen: the convs compute the folded layer, outputs quantized
+            for bn in folded_batchnorms(layers):
+                bn.eval()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x
+
+
+def optimized_kernels(path, tmp_path) -> list[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_plan_of_a_resnet():
+    model = ResNet20((3, 16, 16), 10, width=4)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    plan = quantization_plan(model, names, residuals=True)
+    # each block's output (its final ReLU module) and the stem's ReLU: the tensors read by a conv and an addition
+    assert set(plan.tensor_hosts) == {"features.2", *(f"features.{b}.relu" for b in range(3, 12))}
+    # the first conv of every block reads that tensor (and so do the 1x1 shortcut convs of blocks 6 and 9)
+    assert plan.shared_inputs["features.3.body.0"] == "features.2"
+    assert plan.shared_inputs["features.4.body.0"] == "features.3.relu"
+    assert plan.shared_inputs["features.6.shortcut.0"] == "features.5.relu"
+    # conv -> BatchNorm -> ReLU -> conv: the next quantizer quantizes the output; the stem's ReLU is a host
+    assert plan.plain_outputs == {"features.0", *(f"features.{b}.body.0" for b in range(3, 12))}
+    assert not plan.float_additions and plan.traced
+    assert plan.pairs["features.3.body.3"] == "features.3.body.4"
+
+
+def test_resnet_int8_export_runs_additions_as_qlinearadd_and_matches(tmp_path):
+    model, x = trained_resnet()
+    assert set(tensor_quantizers(model)) == {"features.2", *(f"features.{b}.relu" for b in range(3, 12))}
+    # a shared input quantizer is the host's own module: one range, observed once
+    assert model.features[4].body[0].input_quantizer is model.features[3].relu.output_quantizer
+    path = export_onnx(model, tmp_path / "resnet.onnx", x)
+    kernels = optimized_kernels(path, tmp_path)
+    assert kernels.count("QLinearAdd") == 9 and kernels.count("QLinearConv") == 21 and kernels.count("QGemm") == 1
+    assert kernels.count("QuantizeLinear") == 2  # the model's input, and the pooled features before the classifier
+    assert not {"Conv", "FusedConv", "Add", "Relu", "Gemm"} & set(kernels)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = model(x)
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    logit_step = float(model.fc.output_quantizer.qparams()[0])
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.98
+    assert (out - ref).abs().max() <= 2.001 * logit_step  # rounding ties of integer requantization, at most 2 steps
+
+
+def test_block_outputs_are_quantized_in_the_trained_model():
+    model, x = trained_resnet()
+    captured = {}
+    model.features[5].relu.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
+    with torch.no_grad():
+        model(x[:8])
+    quantizer = model.features[5].relu.output_quantizer
+    scale, zero_point = (float(t.reshape(-1)[0]) for t in quantizer.qparams())
+    levels = captured["out"] / scale + zero_point
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and zero_point == 0  # on the uint8 grid, after the ReLU
+
+
+def test_state_dict_round_trip_and_unprepare():
+    model, x = trained_resnet()
+    set_phase(model, observing=False, quantizing=True)  # ranges as stored (a weight's would follow the last step)
+    state = model.state_dict()
+    assert "features.5.relu.output_quantizer.scale" in state
+    fresh = ResNet20((3, 16, 16), 10, width=4)
+    prepare_qat(fresh, QATConfig())
+    fresh.load_state_dict(state)  # strict: the same quantizers in the same places
+    set_phase(fresh, observing=False, quantizing=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    plain = ResNet20((3, 16, 16), 10, width=4)
+    plain.load_state_dict(float_state_dict(state))  # strict, into the unmodified class
+    unprepare(fresh)
+    assert not tensor_quantizers(fresh) and not all_quantizers(fresh)
+    assert fresh.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_set_phase_on_the_model_reaches_the_tensor_quantizers():
+    model, _ = trained_resnet()
+    set_phase(model, observing=False, quantizing=False)
+    assert not any(q.quantizing for q in all_quantizers(model))
+    assert not model.features[7].relu.output_quantizer.quantizing
+
+
+class TopLevelSum(nn.Module):
+    """A residual sum written at the model's top level with a function: no module produces the addition's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.b(self.a(x)) + x))
+
+
+def test_an_addition_no_module_produces_stays_float_with_a_warning(tmp_path):
+    model = TopLevelSum()
+    with pytest.warns(UserWarning, match=r"1 addition\(s\).*stay in float.*add"):
+        prepare_qat(model, QATConfig())
+    assert not tensor_quantizers(model)
+    x = torch.randn(16, 3, 8, 8)
+    model.train()
+    model(x)
+    model.eval()
+    path = export_onnx(model, tmp_path / "m.onnx", x)  # still exact, only slower
+    assert "Add" in optimized_kernels(path, tmp_path)
+
+
+def test_inputs_only_has_no_tensor_quantizers_and_no_warning():
+    model = TopLevelSum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_qat(model, QATConfig(quantize_outputs=False))
+    assert not tensor_quantizers(model)
+
+
+def test_a_layer_with_its_own_activation_bits_keeps_its_own_input_quantizer():
+    torch.manual_seed(0)
+    model = ResNet20((3, 16, 16), 10, width=4)
+    prepare_qat(model, QATConfig(layer_bits={r"features\.4\.body\.0$": {"activation_bits": 4}}))
+    layer = model.features[4].body[0]
+    assert layer.input_quantizer is not model.features[3].relu.output_quantizer
+    assert layer.input_quantizer.spec.bits == 4
+    assert model.features[5].body[0].input_quantizer is model.features[4].relu.output_quantizer
+
+
+def test_a_prepared_resnet_pickles_with_its_hooks(tmp_path):
+    model, x = trained_resnet()
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x)) and torch.equal(clone(x), model(x))
+    assert set(tensor_quantizers(loaded)) == set(tensor_quantizers(model))
+
+
+def test_compact_resnet_keeps_its_residual_quantizers_through_export(tmp_path):
+    from lightning_compress import export_compact
+    from lightning_compress.pruning import prune_channel_groups_
+
+    torch.manual_seed(0)
+    model = ResNet20((3, 16, 16), 10, width=8)
+    x = torch.randn(32, 3, 16, 16)
+    prune_channel_groups_(model, x, 0.25, scope="layer")
+    layers = prepare_qat(model, QATConfig())
+    model.train()
+    with torch.no_grad():
+        model(x)  # observe (no step: the pruned channels stay zero)
+        for bn in folded_batchnorms(layers):
+            bn.eval()
+        model(x)
+    model.eval()
+    compact = export_compact(model, x)
+    assert set(tensor_quantizers(compact)) == set(tensor_quantizers(model))
+    assert compact.features[4].body[0].input_quantizer is compact.features[3].relu.output_quantizer
+    path = export_onnx(compact, tmp_path / "compact.onnx", x)
+    kernels = optimized_kernels(path, tmp_path)
+    assert kernels.count("QLinearAdd") == 9 and not {"Conv", "FusedConv", "Add"} & set(kernels)
+
+
+class TorchvisionStyleBlock(nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU module called twice, ``out += identity``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def test_a_relu_module_called_twice_lets_the_block_host_its_output(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        TorchvisionStyleBlock(8), TorchvisionStyleBlock(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    plan = quantization_plan(model, names, residuals=True)
+    assert set(plan.tensor_hosts) == {"2", "3", "4"} and not plan.float_additions
+    assert plan.shared_inputs == {"3.conv1": "2", "4.conv1": "3"}
+    layers = prepare_qat(model, QATConfig())
+    x = torch.randn(32, 3, 8, 8)
+    model.train()
+    with torch.no_grad():
+        model(x)
+        for bn in folded_batchnorms(layers):
+            bn.eval()
+        model(x)
+    model.eval()
+    path = export_onnx(model, tmp_path / "m.onnx", x)
+    kernels = optimized_kernels(path, tmp_path)
+    assert kernels.count("QLinearAdd") == 2 and not {"Conv", "FusedConv", "Add"} & set(kernels)
