@@ -33,6 +33,18 @@ def assert_same_on_every_rank(trainer: pl.Trainer, tensors) -> None:
     assert all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
+def ort_optimized_kernels(path, tmp_path: Path) -> list[str]:
+    """The operators of ONNX Runtime's optimised graph of the ONNX file ``path`` (all optimisations, CPU): the
+    kernels it actually runs."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
 def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     """A quiet CPU Trainer writing under tmp_path."""
     defaults = dict(

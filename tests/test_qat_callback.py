@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import assert_same_on_every_rank, make_trainer, small_module
+from conftest import assert_same_on_every_rank, make_trainer, ort_optimized_kernels, small_module
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -450,18 +450,9 @@ def test_quantized_outputs_export_qdq_after_every_layer_with_parity(tmp_path):
         assert [n.op_type for n in consumers[f"{name}.output_float"]] == ["QuantizeLinear"], name
     assert onnx_parity(module, path, dm.test_dataloader())["top1_agreement"] >= PARITY_GOAL
     # ONNX Runtime runs every layer on an integer kernel
-    kernels = [n.op_type for n in ort_optimized_graph(path, tmp_path).node]
+    kernels = ort_optimized_kernels(path, tmp_path)
     assert kernels.count("QLinearConv") == 3 and kernels.count("QGemm") == 2
     assert not {"Conv", "FusedConv", "Gemm", "MatMul", "Relu"} & set(kernels)
-
-
-def ort_optimized_graph(path, tmp_path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return onnx.load(options.optimized_model_filepath).graph
 
 
 def test_shared_initializers_in_the_float_export_are_handled(tmp_path):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import copy
 import warnings
 
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import ort_optimized_kernels
 from torch import Tensor, nn
 
 from lightning_compress import QATConfig, export_onnx, prepare_qat
@@ -43,13 +43,6 @@ def trained_resnet(config: QATConfig | None = None, steps: int = 6) -> tuple[nn.
     return model.eval(), x
 
 
-def optimized_kernels(path, tmp_path) -> list[str]:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-
-
 def test_plan_of_a_resnet():
     model = ResNet20((3, 16, 16), 10, width=4)
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -72,7 +65,7 @@ def test_resnet_int8_export_runs_additions_as_qlinearadd_and_matches(tmp_path):
     # a shared input quantizer is the host's own module: one range, observed once
     assert model.features[4].body[0].input_quantizer is model.features[3].relu.output_quantizer
     path = export_onnx(model, tmp_path / "resnet.onnx", x)
-    kernels = optimized_kernels(path, tmp_path)
+    kernels = ort_optimized_kernels(path, tmp_path)
     assert kernels.count("QLinearAdd") == 9 and kernels.count("QLinearConv") == 21 and kernels.count("QGemm") == 1
     assert kernels.count("QuantizeLinear") == 2  # the model's input, and the pooled features before the classifier
     assert not {"Conv", "FusedConv", "Add", "Relu", "Gemm"} & set(kernels)
@@ -146,7 +139,7 @@ def test_an_addition_no_module_produces_stays_float_with_a_warning(tmp_path):
     model(x)
     model.eval()
     path = export_onnx(model, tmp_path / "m.onnx", x)  # still exact, only slower
-    assert "Add" in optimized_kernels(path, tmp_path)
+    assert "Add" in ort_optimized_kernels(path, tmp_path)
 
 
 def test_inputs_only_has_no_tensor_quantizers_and_no_warning():
@@ -197,7 +190,7 @@ def test_compact_resnet_keeps_its_residual_quantizers_through_export(tmp_path):
     assert set(tensor_quantizers(compact)) == set(tensor_quantizers(model))
     assert compact.features[4].body[0].input_quantizer is compact.features[3].relu.output_quantizer
     path = export_onnx(compact, tmp_path / "compact.onnx", x)
-    kernels = optimized_kernels(path, tmp_path)
+    kernels = ort_optimized_kernels(path, tmp_path)
     assert kernels.count("QLinearAdd") == 9 and not {"Conv", "FusedConv", "Add"} & set(kernels)
 
 
@@ -239,5 +232,5 @@ def test_a_relu_module_called_twice_lets_the_block_host_its_output(tmp_path):
         model(x)
     model.eval()
     path = export_onnx(model, tmp_path / "m.onnx", x)
-    kernels = optimized_kernels(path, tmp_path)
+    kernels = ort_optimized_kernels(path, tmp_path)
     assert kernels.count("QLinearAdd") == 2 and not {"Conv", "FusedConv", "Add"} & set(kernels)

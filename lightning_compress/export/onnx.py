@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -438,22 +439,11 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
             added.append(dq)
             bias_node.input[slot] = dq.output[0]
         if data.get("output") is not None:  # the layer's output on its own grid: Conv -> Q -> DQ -> consumers
-            out = place["out"]
-            o_scale, o_zp, o_spec = data["output"]
-            produced = out.output[0]
-            out.output[0] = f"{prefix}.output_float"
-            inits, nodes_after, _ = _quantize_dequantize(out.output[0], f"{prefix}.output", o_scale, o_zp, o_spec)
+            inits, after[id(place["out"])] = _quantize_output(place["out"], 0, f"{prefix}.output", *data["output"])
             added_inits += inits
-            nodes_after[-1].output[0] = produced
-            after[id(out)] = nodes_after
         graph.initializer.extend(added_inits)
         before[id(node)] = added
-    new_nodes = []
-    for node in graph.node:
-        if id(node) not in dropped:
-            new_nodes += [*before.get(id(node), []), node, *after.get(id(node), [])]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    _splice(graph, graph.node, before, after, dropped)
     # The float weights and biases are no longer read. (Removed only now: the exporter may share one initializer
     # between layers whose values are equal, e.g. two all-zero folded biases.)
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
@@ -491,17 +481,35 @@ def _insert_tensor_qdq(proto: Any, tensors: Mapping[str, TensorQParams]) -> None
                 f"{len(leaving)} tensors leaving it), so its quantizer cannot be written. Please report the model."
             )
         producer, slot = leaving[0]
-        produced = producer.output[slot]
-        producer.output[slot] = f"{module}.output_float"
-        scale, zero_point = quantizer.qparams
-        inits, qdq, _ = _quantize_dequantize(producer.output[slot], f"{module}.output", scale, zero_point,
-                                             quantizer.spec)  # fmt: skip
-        qdq[-1].output[0] = produced
+        inits, qdq = _quantize_output(producer, slot, f"{module}.output", *quantizer.qparams, quantizer.spec)
         graph.initializer.extend(inits)
         after.setdefault(id(producer), []).extend(qdq)
-    new_nodes = [m for n in nodes for m in (n, *after.get(id(n), []))]
+    _splice(graph, nodes, {}, after)
+
+
+def _quantize_output(node: Any, slot: int, name: str, scale: float, zero_point: int, spec: Any) -> tuple[list, list]:
+    """``QuantizeLinear`` → ``DequantizeLinear`` on output ``slot`` of ``node``: the node now writes ``<name>_float``
+    and the pair's dequantized tensor takes the original name, so every reader reads it. Returns the initializers and
+    the two nodes (to be placed right after ``node``)."""
+    produced = node.output[slot]
+    node.output[slot] = f"{name}_float"
+    inits, nodes, _ = _quantize_dequantize(node.output[slot], name, scale, zero_point, spec)
+    nodes[-1].output[0] = produced
+    return inits, nodes
+
+
+def _splice(
+    graph: Any,
+    nodes: Iterable[Any],
+    before: Mapping[int, list],
+    after: Mapping[int, list],
+    dropped: AbstractSet[int] = frozenset(),
+) -> None:
+    """Replace ``graph``'s nodes by ``nodes`` (by ``id``) with the nodes ``before`` / ``after`` each placed around it,
+    leaving out the ``dropped`` ones."""
+    spliced = [m for n in nodes if id(n) not in dropped for m in (*before.get(id(n), []), n, *after.get(id(n), []))]
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(spliced)
 
 
 def onnx_parity(

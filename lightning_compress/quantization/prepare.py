@@ -340,12 +340,13 @@ def quantization_plan(
         return plan
     hosts: dict[Any, str] = {}
     feeds_addition: set[str] = set()
+    scopes = {n: _scope_paths(n) for n in nodes}  # read once: the host search asks for them per node and reader
     for node in nodes:
         if not _is_addition(node) or not any(a in ends for a in node.args[:2]):
             continue
         tensors = [_through_identities(a, modules) for a in node.args[:2] if a not in ends]
         tensors.append(_relu_after(node, modules) or node)
-        found = {t: _host(t, modules, calls, ends, nodes) for t in tensors}
+        found = {t: _host(t, modules, calls, ends, scopes) for t in tensors}
         missing = [str(t) for t, host in found.items() if host is None]
         if missing:
             plan.float_additions.append(f"{node} (no single module produces {', '.join(missing)})")
@@ -402,19 +403,19 @@ def _scope_paths(node: Any) -> set[str]:
 
 
 def _host(node: Any, modules: dict[str, nn.Module], calls: Mapping[Any, int], ends: Mapping[Any, str],
-          nodes: list[Any]) -> str | None:  # fmt: skip
+          scopes: Mapping[Any, set[str]]) -> str | None:  # fmt: skip
     """The module, called once, whose output ``node`` is (its forward hook can quantize the tensor), or ``None``: the
     module ``node`` calls, or else the innermost module scope it is the one output of (a residual block whose ReLU
-    module is called twice, as in torchvision's ResNet, hosts its own output)."""
+    module is called twice, as in torchvision's ResNet, hosts its own output). ``scopes``: every node's module paths."""
     if node in ends or node.op == "placeholder":
         return None
     if node.op == "call_module" and calls[node.target] == 1:
         return str(node.target)
     stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
     for path in reversed(stack):
-        if not path or any(path in _scope_paths(u) for u in node.users):
+        if not path or any(path in scopes[u] for u in node.users):
             continue  # ``node`` does not leave this scope: not its output
-        leaving = [n for n in nodes if path in _scope_paths(n) and any(path not in _scope_paths(u) for u in n.users)]
+        leaving = [n for n, paths in scopes.items() if path in paths and any(path not in scopes[u] for u in n.users)]
         if leaving == [node] and calls[path] == 0 and path in modules:  # a scope called once (a leaf: called twice)
             return path
     return None
