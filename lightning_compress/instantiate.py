@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hydra.utils import instantiate as _hydra_instantiate
-
 
 def instantiate(cfg: Mapping[str, Any], **kwargs: Any) -> Any:
-    """Build the object a config describes (``_target_``), with ``kwargs`` added to its arguments."""
-    return _hydra_instantiate(cfg, **kwargs)
+    """Build the object a config describes (``_target_``), with ``kwargs`` added to its arguments. Hydra is imported
+    here, on first use, so that ``import lightning_compress`` does not load it."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    return hydra_instantiate(cfg, **kwargs)
 
 
 def plain(cfg: Any) -> Any:

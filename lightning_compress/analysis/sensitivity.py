@@ -25,9 +25,8 @@ from torch import nn
 
 from lightning_compress.analysis.plots import pyplot
 from lightning_compress.core.checks import check_number, is_number
-from lightning_compress.core.masks import parse_granularity
+from lightning_compress.core.masks import compute_masks, parse_granularity
 from lightning_compress.core.selection import select_modules, weights_of
-from lightning_compress.pruning.functional import prune_
 
 
 def check_sparsities(sparsities: Sequence[float], granularity: str) -> list[float]:
@@ -87,7 +86,8 @@ def sensitivity_scan(
         original = weight.detach().clone()
         for level in levels:
             try:
-                prune_(model, level, granularity, scope="layer", include=layer_pattern(name))
+                # This layer's weight alone (channel: its own filter rows), so that restoring it undoes the step.
+                weight.mul_(compute_masks({name: weight}, level, granularity=granularity, scope="layer")[name])
                 score = float(evaluate(model))
             finally:
                 weight.copy_(original)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -20,10 +20,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_compress.clustering.functional import check_cluster_count, clustered_layers
-from lightning_compress.core.checks import check_choice, check_flag, check_number, parse_epoch, show_epoch
+from lightning_compress.clustering.functional import clustered_layers
+from lightning_compress.core.checks import check_flag, check_number, parse_epoch, show_epoch
 from lightning_compress.core.clustering import (
-    ClusterInit,
     check_clusters,
     cluster,
     cluster_sums,
@@ -32,7 +31,7 @@ from lightning_compress.core.clustering import (
     nearest,
     project,
 )
-from lightning_compress.core.selection import load_layer_values
+from lightning_compress.core.configs import ClusteringConfig, ClusterInitName
 from lightning_compress.trainer.progress import (
     StepwiseTechnique,
     callback_state,
@@ -96,7 +95,7 @@ class WeightClustering(StepwiseTechnique):
     def __init__(
         self,
         clusters: int = 16,
-        init: str = "linear",
+        init: ClusterInitName = "linear",
         start_epoch: float | str | None = None,
         freeze_epoch: float | str | None = None,
         layer_clusters: dict[str, int] | str | os.PathLike | None = None,
@@ -107,19 +106,16 @@ class WeightClustering(StepwiseTechnique):
         verbose: bool = False,
     ) -> None:
         super().__init__()
-        self.clusters = check_cluster_count("clusters", clusters)
-        self.init = check_choice("init", init, ClusterInit).value
+        #: What is clustered (checked there, as cluster_weights_ checks it); the callback adds only *when*.
+        self.config = ClusteringConfig(clusters=clusters, init=init, layer_clusters=layer_clusters, include=include,
+                                       exclude=exclude, seed=seed)  # fmt: skip
+        self.clusters, self.init, self.seed = self.config.clusters, self.config.init, self.config.seed
+        self.layer_clusters: dict[str, int] = dict(cast(Mapping[str, int], self.config.layer_clusters))
         self.start_epoch = parse_epoch("start_epoch", start_epoch, optional=True)
         self.freeze_epoch = parse_epoch("freeze_epoch", freeze_epoch, optional=True)
-        if isinstance(layer_clusters, (str, os.PathLike)):
-            layer_clusters = load_layer_values(layer_clusters, "layer_clusters")
-        self.layer_clusters = {
-            str(p): check_cluster_count(f"layer_clusters[{p!r}]", k) for p, k in (layer_clusters or {}).items()
-        }
         self.include, self.exclude = include, exclude
         self.update_every_n_steps = check_number("update_every_n_steps", update_every_n_steps, 1, integer=True,
                                                  optional=True)  # fmt: skip
-        self.seed = int(check_number("seed", seed, integer=True))
         self.verbose = check_flag("verbose", verbose)
         self._epochs: dict[str, float] = {}
         self._bound: Any = None
@@ -141,9 +137,7 @@ class WeightClustering(StepwiseTechnique):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self._new_model(trainer, pl_module, stage):
             return
-        _, self._weights, self._counts = clustered_layers(
-            pl_module, self.clusters, self.include, self.exclude, self.layer_clusters
-        )
+        _, self._weights, self._counts = clustered_layers(pl_module, self.config)
         frozen = [n for n, w in self._weights.items() if not w.requires_grad]
         if frozen:
             raise ValueError(

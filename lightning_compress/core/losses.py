@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_compress.core.configs import DistillationConfig
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -43,3 +49,49 @@ def feature_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
             f"teacher {tuple(teacher_features.shape)}."
         )
     return F.mse_loss(student_features.float(), teacher_features.float())
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | Sequence[Tensor],
+    task_loss: Tensor | None = None,
+    config: DistillationConfig | Mapping[str, Any] | None = None,
+    teacher_weights: Sequence[float] | None = None,
+) -> Tensor:
+    """The distillation objective as :class:`~lightning_compress.KnowledgeDistillation` computes it, for any training
+    loop (Fabric, plain PyTorch): ``(1 − alpha) · task_loss + alpha · Σ_i w_i · kd_loss(student, teacher_i, T)`` with
+    ``T`` and ``alpha`` from ``config`` (a :class:`~lightning_compress.DistillationConfig` or a mapping of its
+    fields); without a ``task_loss``
+    (or with ``alpha=1``) the distillation term alone. Several teachers' terms are weighted by ``teacher_weights``
+    (equal by default, normalised to sum 1).
+
+    Example:
+        >>> from lightning_compress.core.configs import DistillationConfig
+        >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+        >>> float(distillation_loss(s, t, torch.tensor(1.0), DistillationConfig(alpha=0.25)))
+        0.75
+    """
+    from lightning_compress.core.configs import DistillationConfig, resolve_config
+
+    config = resolve_config(DistillationConfig, config, "temperature", {})
+    teachers = [teacher_logits] if isinstance(teacher_logits, Tensor) else list(teacher_logits)
+    weights = [1.0] * len(teachers) if teacher_weights is None else [float(w) for w in teacher_weights]
+    if not teachers or len(weights) != len(teachers) or sum(weights) <= 0 or min(weights) < 0:
+        raise ValueError(
+            f"`teacher_weights` must hold {len(teachers)} non-negative numbers with a positive sum, got "
+            f"{teacher_weights!r}."
+        )
+    total = sum(weights)
+    distill = sum(
+        w / total * kd_loss(student_logits, t, config.temperature) for w, t in zip(weights, teachers, strict=True)
+    )
+    assert isinstance(distill, Tensor)
+    return blend(distill, task_loss, config.alpha)
+
+
+def blend(distill: Tensor, task_loss: Tensor | None, alpha: float) -> Tensor:
+    """``(1 − alpha) · task_loss + alpha · distill``; the distillation term alone without a task loss or at
+    ``alpha=1`` (pure distillation: the labels play no part)."""
+    if task_loss is None or alpha == 1.0:
+        return distill
+    return (1.0 - alpha) * task_loss + alpha * distill

@@ -20,9 +20,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LowRankLayer", "check_budget", "choose_ranks", "layer_info", "normalized_spectrum", "project_rank_"]
+from lightning_compress.core.checks import Choice
+
+__all__ = [
+    "Budget",
+    "LowRankLayer",
+    "check_budget",
+    "choose_ranks",
+    "layer_info",
+    "normalized_spectrum",
+    "project_rank_",
+    "record_ranks",
+    "recorded_ranks",
+]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Budget(Choice):
+    """What a low-rank ``ratio`` divides."""
+
+    PARAMS = "params"
+    FLOPS = "flops"
 
 
 @dataclass(frozen=True)
@@ -171,3 +190,29 @@ def choose_ranks(
         else:
             low = middle + 1
     return {**ranks_at(thresholds[low]), **{layer.name: fixed[layer.name] for layer in layers if layer.name in fixed}}
+
+
+#: The attribute a low-rank layer carries its rank in (a plain int: it travels with ``torch.save(model)`` and copies).
+RANK_ATTRIBUTE = "_lc_low_rank"
+
+
+def record_ranks(layers: Mapping[str, nn.Module], ranks: Mapping[str, int]) -> None:
+    """Mark each of ``layers`` with the rank it is kept at (``ranks``; a layer not in it is unmarked), so that the
+    model itself says which layers the compact export factorizes (:func:`recorded_ranks`)."""
+    for name, layer in layers.items():
+        if name in ranks:
+            layer.__dict__[RANK_ATTRIBUTE] = int(ranks[name])
+        else:
+            layer.__dict__.pop(RANK_ATTRIBUTE, None)
+
+
+def recorded_ranks(model: nn.Module) -> dict[str, int]:
+    """Layer name → rank of every layer of ``model`` a low-rank technique marked (:func:`record_ranks`).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8))
+        >>> record_ranks({"0": net[0]}, {"0": 2})
+        >>> recorded_ranks(net)
+        {'0': 2}
+    """
+    return {n: int(m.__dict__[RANK_ATTRIBUTE]) for n, m in model.named_modules() if RANK_ATTRIBUTE in m.__dict__}

@@ -190,6 +190,19 @@ def nm_groups(shape: torch.Size | tuple[int, ...], m: int) -> int:
     return shape[0] * row // m
 
 
+def check_nm_shapes(weights: Mapping[str, Tensor], granularity: Granularity) -> None:
+    """Refuse an N:M granularity for a layer whose input size is no multiple of M (named, with the way out)."""
+    if granularity.kind != "nm":
+        return
+    for name, weight in weights.items():
+        try:
+            nm_groups(weight.shape, granularity.m)
+        except ValueError as err:
+            raise ValueError(
+                f"granularity='{granularity}' cannot prune layer {name!r}: {err}. Leave it out with `exclude`."
+            ) from None
+
+
 def nm_mask(scores: Tensor, n: int, m: int, fraction: float = 1.0, previous: Tensor | None = None) -> Tensor:
     """N:M mask: in each group of M consecutive input weights of an output row, the N smallest are zero.
 

@@ -129,7 +129,9 @@ class FakeQuantizer(nn.Module):
       the LSQ gradient scale 1/sqrt(numel·qmax)); the zero-point stays fixed.
 
     Two switches, both set by the callback: ``observing`` (ranges follow the data) and ``quantizing`` (the
-    output is fake-quantized; off, the quantizer is the identity — e.g. during observer calibration).
+    output is fake-quantized; off, the quantizer is the identity — e.g. during observer calibration). A third,
+    ``calibrating``, set by post-training quantization (:func:`~lightning_compress.quantize_`), makes an activation's
+    range the running minimum and maximum over all batches instead of a moving average.
     ``weight=True`` marks a weight quantizer: its min/max range is the current weight's, recomputed on every forward
     while observing (in evaluation too: it is a function of the weights, not of the data).
 
@@ -168,6 +170,7 @@ class FakeQuantizer(nn.Module):
         self.is_weight = weight
         self.quantizing = True
         self.observing = True
+        self.calibrating = False  # post-training calibration: the range is the running min/max over all batches
         self.measure_clipping = False  # set by the callback on logging steps
         self.last_clip_fraction: float | None = None
         self.fixed_range = None if fixed_range is None else (float(fixed_range[0]), float(fixed_range[1]))
@@ -196,7 +199,9 @@ class FakeQuantizer(nn.Module):
             lo, hi = lo.reshape(1), hi.reshape(1)
         lo, hi = lo.float(), hi.float()
         moving = not self.is_weight and self.initialized  # activations: moving average; weights: current range
-        if moving:
+        if moving and self.calibrating:
+            lo, hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        elif moving:
             c = self.averaging_constant
             lo, hi = self.min_val + c * (lo - self.min_val), self.max_val + c * (hi - self.max_val)
         first = not self.initialized
@@ -204,6 +209,13 @@ class FakeQuantizer(nn.Module):
         self.max_val.copy_(hi)
         if self.observer == "minmax" or first:  # a learned scale (and its zero-point) is only initialised here
             self.refresh_qparams()
+
+    @torch.no_grad()
+    def reset_range(self) -> None:
+        """Forget the observed range of an activation quantizer (a fixed range and a weight's range stay)."""
+        if self.fixed_range is None and not self.is_weight:
+            self.min_val.fill_(math.inf)
+            self.max_val.fill_(-math.inf)
 
     @torch.no_grad()
     def refresh_qparams(self) -> None:

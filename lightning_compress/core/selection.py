@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_compress.core.checks import ArgumentTypeError
+
 #: Module types whose ``weight`` the techniques compress by default.
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -50,7 +52,7 @@ NOT_COMPRESSED: dict[type[nn.Module], str] = {
 
 def _check_pattern(name: str, pattern: Any) -> str:
     if not isinstance(pattern, str):
-        raise TypeError(f"`{name}` must hold regular-expression strings or @selectors, got {pattern!r}.")
+        raise ArgumentTypeError(f"`{name}` must hold regular-expression strings or @selectors, got {pattern!r}.")
     if pattern.startswith("@"):
         if pattern not in SELECTORS and not pattern[1:].isidentifier():
             raise ValueError(
@@ -64,11 +66,11 @@ def _check_pattern(name: str, pattern: Any) -> str:
     return pattern
 
 
-def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str]:
+def as_patterns(name: str, value: str | Sequence[str] | None) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, str) and not isinstance(value, Sequence):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"`{name}` must be a regular expression, an @selector or a list of them, got {type(value).__name__} "
             f"{value!r}."
         )
@@ -135,8 +137,8 @@ def select_modules(
         >>> [name for name, _ in select_modules(net, exclude=r"^2$")]
         ['0']
     """
-    include_patterns = _as_patterns("include", include)
-    exclude_patterns = _as_patterns("exclude", exclude)
+    include_patterns = as_patterns("include", include)
+    exclude_patterns = as_patterns("exclude", exclude)
     candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, types) and name]
     names = [name for name, _ in candidates]
     type_names = "/".join(t.__name__ for t in types)
@@ -172,6 +174,15 @@ def weights_of(selected: Sequence[tuple[str, nn.Module]]) -> dict[str, Tensor]:
     return out
 
 
+def distinct_weights(selected: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The selected layers with a weight shared by several of them (tied weights) kept once, under its first name: one
+    parameter is ranked, counted and compressed once."""
+    unique: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in selected:
+        unique.setdefault(id(getattr(module, "weight", module)), (name, module))
+    return list(unique.values())
+
+
 def match_overrides(
     name: str, overrides: Mapping[str, Any] | None, selected: Sequence[tuple[str, nn.Module]] = ()
 ) -> Any | None:
@@ -188,7 +199,7 @@ def check_overrides_match(
 ) -> None:
     """Raise if a pattern of a per-layer override dict selects none of the ``selected`` layers."""
     names = [n for n, _ in selected]
-    for pattern in _as_patterns(argument, list((overrides or {}).keys())):
+    for pattern in as_patterns(argument, list((overrides or {}).keys())):
         if not any(matches(pattern, name, selected) for name in names):
             raise ValueError(
                 f"`{argument}` pattern {pattern!r} matches no selected layer. "

@@ -3,7 +3,7 @@
 The losses are pure functions in :mod:`lightning_compress.core.losses`.
 """
 
-from lightning_compress.core.losses import feature_loss, kd_loss
+from lightning_compress.core.losses import distillation_loss, feature_loss, kd_loss
 from lightning_compress.distillation.callback import KnowledgeDistillation
 
-__all__ = ["KnowledgeDistillation", "feature_loss", "kd_loss"]
+__all__ = ["KnowledgeDistillation", "distillation_loss", "feature_loss", "kd_loss"]

@@ -21,7 +21,8 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_compress.core.checks import check_flag, check_number
-from lightning_compress.core.losses import feature_loss, kd_loss
+from lightning_compress.core.configs import DistillationConfig
+from lightning_compress.core.losses import blend, distillation_loss, feature_loss
 from lightning_compress.core.metrics import agreement
 from lightning_compress.distillation.teachers import build_teacher, fingerprint, freeze, spec_name
 
@@ -117,8 +118,9 @@ class KnowledgeDistillation(Callback):
         feature_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.temperature = float(check_number("temperature", temperature, 0, low_open=True))
-        self.alpha = float(check_number("alpha", alpha, 0, 1))
+        #: How the student learns (checked there, as distillation_loss takes it); the callback adds the teachers.
+        self.config = DistillationConfig(temperature=temperature, alpha=alpha, feature_weight=feature_weight)
+        self.temperature, self.alpha = self.config.temperature, self.config.alpha
         specs = (
             list(teacher) if isinstance(teacher, Sequence) and not isinstance(teacher, (str, nn.Module)) else [teacher]
         )
@@ -153,7 +155,7 @@ class KnowledgeDistillation(Callback):
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.wrap_training_step = check_flag("wrap_training_step", wrap_training_step)
         self.feature_pairs = {str(s): str(t) for s, t in dict(feature_pairs or {}).items()}
-        self.feature_weight = float(check_number("feature_weight", feature_weight, 0))
+        self.feature_weight = self.config.feature_weight
         if self.feature_pairs and self.cache_teacher_outputs:
             raise ValueError(
                 "`cache_teacher_outputs` skips the teacher's forward, which feature distillation (`feature_pairs`) "
@@ -250,15 +252,8 @@ class KnowledgeDistillation(Callback):
                         f"first batch: student {tuple(student_logits.shape)}, teacher {tuple(t.shape)}."
                     )
             self._checked_shapes = True
-        distill = sum(
-            w * kd_loss(student_logits, t, self.temperature)
-            for w, t in zip(self.teacher_weights, teacher_outputs, strict=True)
-        )
-        assert isinstance(distill, Tensor)
-        if task_loss is None or self.alpha == 1.0:
-            total = distill  # pure distillation: the labels play no part
-        else:
-            total = (1.0 - self.alpha) * task_loss + self.alpha * distill
+        distill = distillation_loss(student_logits, teacher_outputs, None, self.config, self.teacher_weights)
+        total = blend(distill, task_loss, self.alpha)
         metrics = {"kd/loss_kd": distill.detach()}
         if task_loss is not None:
             metrics["kd/loss_task"] = task_loss.detach()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.lowrank import layer_info
+from lightning_compress.core.lowrank import layer_info, recorded_ranks
 from lightning_compress.export.onnx import PARITY_GOAL, ExportMismatchError
 from lightning_compress.pruning.groups import ChannelGroup, channel_groups, require_torch_pruning, slices
 from lightning_compress.quantization.prepare import float_phase, quantized_layers
@@ -103,8 +103,10 @@ def export_compact(
     """A physically smaller copy of ``model``, checked to compute what ``model`` computes.
 
     Every zeroed channel group is cut out (``channels``: needs ``torch-pruning``; ``None`` cuts them when it is
-    installed or when there are no ``ranks``) and every layer named in ``ranks`` (e.g.
-    ``LowRankFactorization.ranks``) is replaced by its two low-rank factors (:func:`factorize`). The check runs on
+    installed or when there are no ``ranks``) and every layer named in ``ranks`` is replaced by its two low-rank
+    factors (:func:`factorize`). ``ranks=None`` takes the ranks the layers carry
+    (:class:`~lightning_compress.LowRankFactorization` and :func:`~lightning_compress.low_rank_` mark them);
+    ``ranks={}`` factorizes nothing. The check runs on
     ``example_input`` and on every batch of ``check_inputs`` (e.g. a whole test split): the largest absolute output
     difference must be at most ``atol``; it is returned as ``compact.max_abs_difference``. A model prepared for
     quantization-aware training keeps its quantizers (per-channel weight ranges cut with the channels; export it with
@@ -119,6 +121,8 @@ def export_compact(
         ExportMismatchError: The compact network's outputs differ by more than ``atol`` (the difference named) — e.g.
             a layer in ``ranks`` whose weight is not of that rank.
     """
+    if ranks is None:  # the ranks a low-rank technique left on the layers (an argument overrides them)
+        ranks = recorded_ranks(model) or None
     compact = copy.deepcopy(model).eval()
     names = dict(compact.named_modules())
     unknown = sorted(set(ranks or {}) - set(names))

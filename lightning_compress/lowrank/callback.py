@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_compress.core.checks import (
-    Choice,
     Schedule,
     check_choice,
     check_flag,
@@ -29,12 +28,17 @@ from lightning_compress.core.checks import (
     parse_epoch,
     same_kind_order,
 )
-from lightning_compress.core.lowrank import LowRankLayer, check_budget, choose_ranks, normalized_spectrum, project_rank_
-from lightning_compress.core.schedules import sparsity_at
-from lightning_compress.core.selection import (
-    load_layer_values,
-    weights_of,
+from lightning_compress.core.configs import BudgetName, LowRankConfig, ScheduleName
+from lightning_compress.core.lowrank import (
+    Budget,
+    LowRankLayer,
+    choose_ranks,
+    normalized_spectrum,
+    project_rank_,
+    record_ranks,
 )
+from lightning_compress.core.schedules import sparsity_at
+from lightning_compress.core.selection import weights_of
 from lightning_compress.lowrank.functional import low_rank_layers
 from lightning_compress.trainer.progress import (
     StepwiseTechnique,
@@ -49,13 +53,6 @@ from lightning_compress.trainer.progress import (
     warn_if_spawned,
 )
 from lightning_compress.trainer.tables import log_table
-
-
-class Budget(Choice):
-    """What a low-rank ``ratio`` divides."""
-
-    PARAMS = "params"
-    FLOPS = "flops"
 
 
 class LowRankFactorization(StepwiseTechnique):
@@ -96,16 +93,16 @@ class LowRankFactorization(StepwiseTechnique):
         low_rank = LowRankFactorization(ratio=4, include="classifier", end_epoch=12)
         trainer = pl.Trainer(max_epochs=20, callbacks=[low_rank])
         trainer.fit(model, datamodule)
-        compact = export_compact(model, example, ranks=low_rank.ranks)  # two small Linears, proven equal
+        compact = export_compact(model, example)  # the layers carry their ranks: two small Linears, proven equal
     """
 
     def __init__(
         self,
         ratio: float = 4.0,
-        budget: str = "params",
+        budget: BudgetName = "params",
         start_epoch: float | str = 0.0,
         end_epoch: float | str = 10.0,
-        schedule: str = "cubic",
+        schedule: ScheduleName = "cubic",
         layer_rank: dict[str, int] | str | os.PathLike | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
@@ -113,17 +110,14 @@ class LowRankFactorization(StepwiseTechnique):
         verbose: bool = False,
     ) -> None:
         super().__init__()
-        self.ratio = float(check_number("ratio", ratio, 1.0, low_open=True))
-        self.budget = check_choice("budget", budget, Budget).value
+        #: What is factorized (checked there, as low_rank_ checks it); the callback adds only *when*.
+        self.config = LowRankConfig(ratio=ratio, budget=budget, layer_rank=layer_rank, include=include, exclude=exclude)
+        self.ratio, self.budget = self.config.ratio, self.config.budget
+        self.layer_rank: dict[str, int] = dict(cast(Mapping[str, int], self.config.layer_rank))
         self.start_epoch = parse_epoch("start_epoch", start_epoch)
         self.end_epoch = parse_epoch("end_epoch", end_epoch)
         same_kind_order(("start_epoch", self.start_epoch), ("end_epoch", self.end_epoch))
         self.schedule = check_choice("schedule", schedule, Schedule).value
-        if isinstance(layer_rank, (str, os.PathLike)):
-            layer_rank = load_layer_values(layer_rank, "layer_rank")
-        self.layer_rank = {
-            str(p): int(check_number(f"layer_rank[{p!r}]", r, 1, integer=True)) for p, r in (layer_rank or {}).items()
-        }
         self.include, self.exclude = include, exclude
         self.update_every_n_steps = check_number("update_every_n_steps", update_every_n_steps, 1, integer=True,
                                                  optional=True)  # fmt: skip
@@ -133,6 +127,7 @@ class LowRankFactorization(StepwiseTechnique):
         self._reset()
 
     def _reset(self) -> None:
+        self._modules: dict[str, nn.Module] = {}
         self._weights: dict[str, Tensor] = {}
         self._layers: list[LowRankLayer] = []
         self._fixed: dict[str, int] = {}
@@ -151,9 +146,8 @@ class LowRankFactorization(StepwiseTechnique):
         example = first_input(trainer, pl_module) if self.budget == Budget.FLOPS else None
         if isinstance(example, Tensor):
             example = example.to(pl_module.device)
-        selected, self._layers, self._fixed = low_rank_layers(
-            pl_module, self.include, self.exclude, self.layer_rank, self.budget, example
-        )
+        selected, self._layers, self._fixed = low_rank_layers(pl_module, self.config, example)
+        self._modules = dict(selected)
         self._weights = weights_of(selected)
         frozen = [n for n, w in self._weights.items() if not w.requires_grad]
         if frozen:
@@ -162,11 +156,6 @@ class LowRankFactorization(StepwiseTechnique):
                 "False); a projected frozen layer would lose its weights without training to recover. Leave them out "
                 "with `exclude`."
             )
-        # The budget is checked now, at the final ratio (rank 1 everywhere must meet it), not at the ramp's end.
-        try:
-            check_budget(self._layers, 1.0 / self.ratio, self.budget, self._fixed)
-        except ValueError as err:
-            raise ValueError(f"LowRankFactorization(ratio={self.ratio:g}): {err}") from None
         start, end = resolve_ramp(trainer, "LowRankFactorization", self.start_epoch, self.end_epoch,
                                   f"ratio={self.ratio:g}")  # fmt: skip
         self._epochs = {"start": start, "end": end}
@@ -224,6 +213,7 @@ class LowRankFactorization(StepwiseTechnique):
                 f"{sorted(self._weights)}). Use the include/exclude of the run that wrote it."
             )
         self._ranks = ranks
+        record_ranks(self._modules, self.ranks)
         self._last_update_step = int(state.get("last_update_step", -1))
         self._keep = float(state.get("keep", 1.0))
 
@@ -262,6 +252,7 @@ class LowRankFactorization(StepwiseTechnique):
             ranks = trainer.strategy.broadcast(ranks, src=0)
         full = {layer.name: layer.full_rank for layer in self._layers}
         self._ranks = {n: r for n, r in ranks.items() if r < full[n]}
+        record_ranks(self._modules, self.ranks)  # the model carries them: export_compact(model, x) needs no ranks=
         self._last_update_step = step
         if self.verbose:
             rank_zero_info(

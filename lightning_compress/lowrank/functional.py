@@ -8,7 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.lowrank import LowRankLayer, choose_ranks, layer_info, normalized_spectrum, project_rank_
+from lightning_compress.core.configs import LowRankConfig, resolve_config
+from lightning_compress.core.lowrank import (
+    LowRankLayer,
+    check_budget,
+    choose_ranks,
+    layer_info,
+    normalized_spectrum,
+    project_rank_,
+    record_ranks,
+)
 from lightning_compress.core.selection import check_overrides_match, match_overrides, select_modules, weights_of
 
 
@@ -38,24 +47,23 @@ def output_positions(model: nn.Module, example: Tensor, selected: Sequence[tuple
 
 
 def low_rank_layers(
-    model: nn.Module,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    layer_rank: Mapping[str, int] | None = None,
-    budget: str = "params",
-    example_input: Tensor | None = None,
+    model: nn.Module, config: LowRankConfig, example_input: Tensor | None = None
 ) -> tuple[list[tuple[str, nn.Module]], list[LowRankLayer], dict[str, int]]:
-    """The selected ``(name, module)`` pairs, their matrix views (with output positions for ``budget="flops"``, traced
-    on ``example_input``) and the fixed ranks ``layer_rank`` gives them.
+    """The layers ``config`` selects, their matrix views (with output positions for ``budget="flops"``, traced on
+    ``example_input``) and the fixed ranks ``layer_rank`` gives them; the budget is checked at its final ratio (rank 1
+    in every layer must meet it). :func:`low_rank_` and :class:`~lightning_compress.LowRankFactorization` both start
+    here, so they refuse the same models the same way.
 
     Raises:
         ValueError: A layer that cannot be factorized, a ``layer_rank`` pattern matching nothing or a rank above a
-            layer's break-even, a FLOPs budget without an example input.
+            layer's break-even, a FLOPs budget without an example input, a ratio that rank 1 everywhere cannot meet.
     """
-    selected = select_modules(model, include, exclude)
+    selected = select_modules(model, config.include, config.exclude)
+    layer_rank = config.layer_rank
+    assert isinstance(layer_rank, dict)
     check_overrides_match(selected, layer_rank, "layer_rank")
     positions: dict[str, int] = {}
-    if budget == "flops":
+    if config.budget == "flops":
         if not isinstance(example_input, Tensor):
             raise ValueError(
                 "a low-rank budget in FLOPs traces the model on one input to count multiply-adds: pass an example "
@@ -75,39 +83,47 @@ def low_rank_layers(
                 "factors hold as many weights as the layer."
             )
         fixed[layer.name] = int(rank)
+    try:
+        check_budget(layers, 1.0 / config.ratio, config.budget, fixed)
+    except ValueError as err:
+        raise ValueError(f"{config.technique}(ratio={config.ratio:g}): {err}") from None
     return selected, layers, fixed
 
 
 @torch.no_grad()
 def low_rank_(
     model: nn.Module,
-    ratio: float,
-    budget: str = "params",
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    layer_rank: Mapping[str, int] | None = None,
+    config: LowRankConfig | float | Mapping[str, Any] | None = None,
+    *,
     example_input: Tensor | None = None,
+    **fields: Any,
 ) -> dict[str, int]:
-    """One-shot low rank: project the selected layers' weights in place onto the ranks that cut their parameters (or
+    """One-shot low rank: project the layers ``config`` selects in place onto the ranks that cut their parameters (or
     multiply-adds) ``ratio``-fold, chosen globally (:func:`~lightning_compress.core.lowrank.choose_ranks`). Returns
-    the ranks of the layers to factorize, for :func:`~lightning_compress.export_compact` (``ranks=``).
+    the ranks of the layers to factorize; each such layer also carries its rank, so that
+    :func:`~lightning_compress.export_compact` factorizes it without being told.
+
+    Args:
+        model: Any module.
+        config: A :class:`~lightning_compress.LowRankConfig`, or the ``ratio`` alone; keyword ``fields`` of the config
+            are accepted too (and override it).
+        example_input: One input batch, for ``budget="flops"``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-        >>> ranks = low_rank_(net, ratio=2)
+        >>> ranks = low_rank_(net, LowRankConfig(ratio=2))
         >>> sum(r * (64 + (10 if n == "2" else 64)) for n, r in ranks.items()) <= (64 * 64 + 10 * 64) / 2
         True
     """
-    from lightning_compress.core.checks import check_number
-
-    check_number("ratio", ratio, 1.0, low_open=True)
-    selected, layers, fixed = low_rank_layers(model, include, exclude, layer_rank, budget, example_input)
+    cfg = resolve_config(LowRankConfig, config, "ratio", fields)
+    selected, layers, fixed = low_rank_layers(model, cfg, example_input)
     weights = weights_of(selected)
     spectra = {layer.name: normalized_spectrum(weights[layer.name]).cpu() for layer in layers}
-    ranks = choose_ranks(layers, spectra, 1.0 / float(ratio), budget, fixed)
+    ranks = choose_ranks(layers, spectra, 1.0 / cfg.ratio, cfg.budget, fixed)
     out = {}
     for layer in layers:
         if ranks[layer.name] <= layer.break_even:
             project_rank_(weights[layer.name], ranks[layer.name])
             out[layer.name] = ranks[layer.name]
+    record_ranks(dict(selected), out)  # the model carries them: export_compact(model, x) factorizes these layers
     return out

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -23,30 +23,26 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_compress.core.checks import (
-    ArgumentTypeError,
-    Criterion,
     Schedule,
-    Scope,
     check_choice,
     check_flag,
     check_number,
-    is_number,
     parse_epoch,
     same_kind_order,
 )
+from lightning_compress.core.configs import CriterionName, PruningConfig, ScheduleName, ScopeName, check_sparsity
 from lightning_compress.core.masks import (
     GRADIENT_CRITERIA,
     Granularity,
+    check_nm_shapes,
     compute_masks,
     gradient_term,
-    nm_groups,
-    parse_granularity,
     random_scores,
 )
 from lightning_compress.core.schedules import sparsity_at
 from lightning_compress.core.selection import (
     check_overrides_match,
-    load_layer_values,
+    distinct_weights,
     match_overrides,
     not_compressed,
     select_modules,
@@ -62,6 +58,7 @@ from lightning_compress.pruning.groups import (
     group_keep,
     group_scores,
     require_torch_pruning,
+    weight_masks,
 )
 from lightning_compress.trainer.progress import (
     StepwiseTechnique,
@@ -76,18 +73,6 @@ from lightning_compress.trainer.progress import (
     warn_if_spawned,
 )
 from lightning_compress.trainer.tables import log_table
-
-
-def _check_sparsity(name: str, value: Any, granularity: Granularity) -> float:
-    """A sparsity in [0, 1) — or in [0, N/M] for N:M, which reaches N/M exactly."""
-    nm = granularity.kind == "nm"
-    allowed = f"[0, {granularity.max_sparsity:g}] for granularity '{granularity}'" if nm else "[0, 1)"
-    if not is_number(value):
-        raise ArgumentTypeError(f"`{name}` must be a number in {allowed}, got {value!r}.")
-    number = float(value)
-    if math.isnan(number) or number < 0.0 or not (number <= granularity.max_sparsity if nm else number < 1.0):
-        raise ValueError(f"`{name}` must be in {allowed}, got {value!r}.")
-    return number
 
 
 class MagnitudePruning(StepwiseTechnique):
@@ -160,10 +145,10 @@ class MagnitudePruning(StepwiseTechnique):
         initial_sparsity: float = 0.0,
         start_epoch: float | str = 0.0,
         end_epoch: float | str = 10.0,
-        schedule: str = "cubic",
+        schedule: ScheduleName = "cubic",
         granularity: str = "unstructured",
-        scope: str | None = None,
-        criterion: str = "magnitude",
+        scope: ScopeName | None = None,
+        criterion: CriterionName = "magnitude",
         threshold: float | None = None,
         layer_sparsity: dict[str, float] | str | os.PathLike | None = None,
         include: str | Sequence[str] | None = None,
@@ -174,9 +159,18 @@ class MagnitudePruning(StepwiseTechnique):
         round_to: int | None = None,
     ) -> None:
         super().__init__()
-        self.granularity: Granularity = parse_granularity(granularity)
-        self.final_sparsity = _check_sparsity("final_sparsity", final_sparsity, self.granularity)
-        self.initial_sparsity = _check_sparsity("initial_sparsity", initial_sparsity, self.granularity)
+        #: What is pruned (checked there, as prune_ checks it); the callback adds only *when* (the ramp).
+        self.config = PruningConfig(
+            final_sparsity=final_sparsity, granularity=granularity, scope=scope, criterion=criterion,
+            threshold=threshold, layer_sparsity=layer_sparsity, include=include, exclude=exclude, seed=seed,
+            round_to=round_to,
+        )  # fmt: skip
+        config = self.config
+        self.granularity: Granularity = config.parsed_granularity
+        self.final_sparsity, self.scope, self.criterion = config.final_sparsity, config.scope, config.criterion
+        self.threshold, self.seed, self.round_to = config.threshold, config.seed, config.round_to
+        self.layer_sparsity: dict[str, float] = dict(cast(Mapping[str, float], config.layer_sparsity))
+        self.initial_sparsity = check_sparsity("initial_sparsity", initial_sparsity, self.granularity)
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"`initial_sparsity` ({initial_sparsity}) must not exceed `final_sparsity` ({final_sparsity})."
@@ -185,50 +179,10 @@ class MagnitudePruning(StepwiseTechnique):
         self.end_epoch = parse_epoch("end_epoch", end_epoch)
         same_kind_order(("start_epoch", self.start_epoch), ("end_epoch", self.end_epoch))
         self.schedule = check_choice("schedule", schedule, Schedule).value
-        if scope is None:
-            scope = Scope.GLOBAL if self.granularity.kind == "unstructured" else Scope.LAYER
-        self.scope = check_choice("scope", scope, Scope).value
-        if self.scope == Scope.GLOBAL and self.granularity.kind == "nm":
-            raise ValueError(
-                f"`scope='global'` ranks weights or channel groups across layers; N:M patterns are per layer "
-                f"(granularity={granularity!r}). Use scope='layer'."
-            )
-        self.criterion = check_choice("criterion", criterion, Criterion).value
-        if self.granularity.kind == "channel" and self.criterion not in (Criterion.MAGNITUDE, *GRADIENT_CRITERIA):
-            raise ValueError(
-                f"criterion={self.criterion!r} is not offered with granularity='channel': channel groups are ranked "
-                "by the L2 magnitude of all their coupled parameters (criterion='magnitude') or by gradients "
-                "('taylor', 'movement')."
-            )
-        if self.granularity.kind == "channel" and self.scope == Scope.GLOBAL and self.criterion == Criterion.MOVEMENT:
-            raise ValueError(
-                "criterion='movement' with granularity='channel' ranks each group on its own (scope='layer'): a global "
-                "ranking divides each group's scores by their mean, and movement scores may be negative."
-            )
-        if self.criterion == Criterion.THRESHOLD:
-            if threshold is None or not is_number(threshold) or not math.isfinite(threshold) or threshold <= 0:
-                raise ValueError(f"criterion='threshold' needs a finite `threshold` > 0, got {threshold!r}.")
-            if self.granularity.kind != "unstructured":
-                raise ValueError(f"criterion='threshold' needs granularity='unstructured', got {granularity!r}.")
-        elif threshold is not None:
-            raise ValueError(f"`threshold` ({threshold!r}) is only used with criterion='threshold'.")
-        self.threshold = None if threshold is None else float(threshold)
-        if isinstance(layer_sparsity, (str, os.PathLike)):
-            layer_sparsity = load_layer_values(layer_sparsity, "layer_sparsity")
-        self.layer_sparsity = {
-            str(pattern): _check_sparsity(f"layer_sparsity[{pattern!r}]", value, self.granularity)
-            for pattern, value in dict(layer_sparsity or {}).items()
-        }
         self.include, self.exclude = include, exclude
         self.update_every_n_steps = check_number("update_every_n_steps", update_every_n_steps, 1, integer=True,
                                                  optional=True)  # fmt: skip
-        self.seed = int(check_number("seed", seed, integer=True))
         self.verbose = check_flag("verbose", verbose)
-        self.round_to = check_number("round_to", round_to, 1, integer=True, optional=True)
-        if self.round_to is not None and (self.granularity.kind != "channel" or self.scope != Scope.LAYER):
-            raise ValueError(
-                "`round_to` rounds the channels each group keeps: it needs granularity='channel' and scope='layer'."
-            )
         self._epochs: dict[str, float | None] = {}  # start/end in epochs, once the Trainer's length is known
 
         self._bound: Any = None  # a weak reference to the module this callback prunes
@@ -297,24 +251,12 @@ class MagnitudePruning(StepwiseTechnique):
             selected = [(n, m) for n, m in selected if n not in frozen]
             if not selected:
                 raise ValueError("MagnitudePruning: every selected layer is frozen (requires_grad=False).")
-        # A weight shared by several layers (tied weights) is one parameter: it is ranked and counted once.
-        unique: dict[int, tuple[str, nn.Module]] = {}
-        for name, module in selected:
-            unique.setdefault(id(getattr(module, "weight", module)), (name, module))
-        selected = list(unique.values())
+        selected = distinct_weights(selected)
         weights = weights_of(selected)
         check_overrides_match(selected, self.layer_sparsity, "layer_sparsity")
         if self.granularity.kind == "channel":
             require_torch_pruning()  # refused at setup, not at the first batch
-        if self.granularity.kind == "nm":
-            for name, weight in weights.items():
-                try:
-                    nm_groups(weight.shape, self.granularity.m)
-                except ValueError as err:
-                    raise ValueError(
-                        f"granularity='{self.granularity}' cannot prune layer {name!r}: {err}. "
-                        f"Leave it out with `exclude`."
-                    ) from None
+        check_nm_shapes(weights, self.granularity)
         goal = f"final_sparsity={self.final_sparsity:g}"
         start, end = resolve_ramp(trainer, "MagnitudePruning", self.start_epoch, self.end_epoch, goal)
         self._epochs = {"start": start, "end": end}
@@ -504,7 +446,7 @@ class MagnitudePruning(StepwiseTechnique):
                 weights,
                 self._target,
                 granularity=self.granularity,
-                scope=self.scope,
+                scope=str(self.scope),
                 criterion=criterion,
                 layer_sparsity={n: self.scheduled_sparsity(step, final) for n, final in own.items()},
                 previous=self._masks or None,
@@ -542,13 +484,13 @@ class MagnitudePruning(StepwiseTechnique):
             scores = [t.cpu() for t in self._group_grad_scores]
         else:
             scores = group_scores(self._groups)
-        keep = group_keep(self._groups, scores, self._target, self.scope, own, self.round_to)
+        keep = group_keep(self._groups, scores, self._target, str(self.scope), own, self.round_to)
         if trainer.world_size > 1:
             keep = [k.to(next(iter(self._weights.values())).device) for k in keep]
             keep = trainer.strategy.broadcast(keep, src=0)
         self._group_keep = [k.cpu() for k in keep]
         self._group_index = group_index(self._groups, self._group_keep)
-        self._masks = self._weight_masks()
+        self._masks = weight_masks(self._weights, self._group_index)
         self._last_update_step = step
         self._scores_used()
         self._apply()
@@ -558,16 +500,6 @@ class MagnitudePruning(StepwiseTechnique):
                 f"MagnitudePruning: step {step}, target {self._target:.4f} of the channels, "
                 f"measured {self._sparsity:.4f}"
             )
-
-    def _weight_masks(self) -> dict[str, Tensor]:
-        """Each selected layer's weight mask implied by the removed channel groups (rows of removed outputs, columns
-        of removed inputs)."""
-        masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self._weights.items()}
-        for param, dim, indices in self._group_index:
-            for name, weight in self._weights.items():
-                if param is weight:
-                    masks[name].index_fill_(dim, indices.to(weight.device), False)
-        return masks
 
     def _build_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The channel groups of the selected layers, traced on one input batch (``example_input_array`` when the

@@ -304,6 +304,17 @@ def apply_group_masks_(groups: Sequence[ChannelGroup], keep: Sequence[Tensor]) -
         param.index_fill_(dim, indices, 0.0)
 
 
+def weight_masks(weights: Mapping[str, Tensor], index: Sequence[tuple[Tensor, int, Tensor]]) -> dict[str, Tensor]:
+    """Each layer's weight mask implied by removed channel groups (``index`` from :func:`group_index`): rows of removed
+    outputs, columns of removed inputs."""
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    for param, dim, indices in index:
+        for name, weight in weights.items():
+            if param is weight:
+                masks[name].index_fill_(dim, indices.to(weight.device), False)
+    return masks
+
+
 def prune_channel_groups_(
     model: nn.Module,
     example_input: Tensor,
@@ -316,14 +327,41 @@ def prune_channel_groups_(
     """Remove ``sparsity`` of the channels of ``model`` by group, once, in place (weights zeroed, shapes kept): the
     Trainer-free, one-shot form — prune, fine-tune with ``apply_group_masks_(groups, keep)`` after every optimizer
     step, then :func:`~lightning_compress.export_compact`. Returns the groups (their ``members`` name every coupled
-    layer) and their keep-masks. ``round_to``: see :func:`group_keep`.
+    layer) and their keep-masks. ``round_to``: see :func:`group_keep`. The arguments are checked as
+    :class:`~lightning_compress.PruningConfig` checks them (``granularity="channel"``); ``prune_`` with that config is
+    the same operation.
 
     Raises:
         ValueError: As :func:`channel_groups` and :func:`group_keep`; also when no group can be pruned.
     """
-    groups = channel_groups(model, example_input, include, exclude)
+    from lightning_compress.core.configs import PruningConfig
+
+    config = PruningConfig(final_sparsity=sparsity, granularity="channel", scope=scope, include=include,  # type: ignore[arg-type]
+                           exclude=exclude, round_to=round_to)  # fmt: skip
+    return prune_groups(model, config, example_input, "prune_channel_groups_")
+
+
+def prune_groups(
+    model: nn.Module, config: Any, example_input: Any, owner: str = "prune_"
+) -> tuple[list[ChannelGroup], list[Tensor]]:
+    """One-shot channel-group pruning as a :class:`~lightning_compress.PruningConfig` with ``granularity="channel"``
+    asks (its ``layer_sparsity`` patterns match a group's first layer)."""
+    from lightning_compress.core.selection import match_overrides
+
+    if not isinstance(example_input, Tensor):
+        raise ValueError(
+            f"{owner}: granularity='channel' traces the model on one input to find its channel groups: pass "
+            "`example_input` (a tensor batch)."
+        )
+    groups = channel_groups(model, example_input, config.include, config.exclude)
     if not groups:
-        raise ValueError("prune_channel_groups_: no channel group to prune (check include/exclude).")
-    keep = group_keep(groups, group_scores(groups), sparsity, scope, round_to=round_to)
+        raise ValueError(f"{owner}: no channel group to prune (check include/exclude).")
+    selected = select_modules(model, config.include, config.exclude)
+    own = {
+        i: final
+        for i, g in enumerate(groups)
+        if (final := match_overrides(g.root, config.layer_sparsity, selected)) is not None
+    }
+    keep = group_keep(groups, group_scores(groups), config.final_sparsity, config.scope, own, config.round_to)
     apply_group_masks_(groups, keep)
     return groups, keep

@@ -25,6 +25,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.core.checks import check_number, comparable, parse_epoch, show_epoch
+from lightning_compress.core.configs import ObserverName
 from lightning_compress.core.quantizers import fake_quantize
 from lightning_compress.core.selection import load_layer_values
 from lightning_compress.quantization.prepare import (
@@ -116,7 +117,7 @@ class QuantizationAwareTraining(Callback):
         per_channel: bool = True,
         weight_symmetric: bool = True,
         activation_symmetric: bool = False,
-        observer: str = "minmax",
+        observer: ObserverName = "minmax",
         start_epoch: float | str | None = None,
         calibration_steps: int = 20,
         freeze_observers_epoch: float | str | None = None,

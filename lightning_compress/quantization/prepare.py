@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import operator
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.core.checks import Observer, check_choice, check_flag, check_number
-from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, check_bits, fake_quantize
+from lightning_compress.core.configs import QATConfig, resolve_config
+from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize
 from lightning_compress.core.selection import (
     check_overrides_match,
     inside,
@@ -121,13 +120,20 @@ class _QATMixin(_Swapped):
             x = self.input_quantizer(x)
         weight: Tensor = self.weight  # type: ignore[attr-defined]
         bias: Tensor | None = self.bias  # type: ignore[attr-defined]
-        bn = self._qat_bn
+        bn: Any = self._qat_bn
         if not self.weight_quantizer.quantizing:
             # Float phases (before start_epoch, observer calibration): exactly the plain layer's computation;
             # the weight's range is still observed, BatchNorm folded in, so quantization starts calibrated.
             if self.weight_quantizer.observing:
                 self.weight_quantizer(weight if bn is None else folded_weight_and_bias(self)[0].detach())
-            return self._compute(x, weight, bias)
+            y = self._compute(x, weight, bias)
+            output_quantizer = getattr(self, "output_quantizer", None)
+            if output_quantizer is not None and output_quantizer.calibrating:
+                # Post-training calibration (quantize_, evaluation mode): the output quantizer records the tensor it
+                # will quantize, the layer's output with its BatchNorm applied (running statistics, never updated).
+                output_quantizer(y if bn is None else F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight,
+                                                                    bn.bias, False, 0.0, bn.eps))  # fmt: skip
+            return y
         if bn is None or not bn.training:
             # Exactly the integer model's computation: folded weight on its grid, bias on the int32 grid
             # input_scale x weight_scale. A folded BatchNorm (frozen, or in evaluation) then passes its input on.
@@ -438,110 +444,11 @@ def quantized_layers(model: nn.Module) -> dict[str, Any]:
     return {n: m for n, m in model.named_modules() if is_quantized(m)}
 
 
-def _check_range(name: str, value: Any) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a pair (low, high), e.g. (-1, 1) after tanh; got {value!r}.") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"`{name}` must be finite with low < high, got {value!r}.")
-    return lo, hi
-
-
-def _check_activation_bits(name: str, bits: Any, fixed_range: tuple[float, float] | None) -> int:
-    if bits == 1 and not isinstance(bits, bool) and fixed_range is None:
-        raise ValueError(
-            f"`{name}`=1 is the binary quantizer for bounded activations and needs `activation_range` "
-            "(e.g. (-1, 1) after tanh, (0, 1) after sigmoid); otherwise use 2 to 8 bits."
-        )
-    return check_bits(name, bits, low=1 if fixed_range is not None else 2)
-
-
-@dataclass
-class QATConfig:
-    """How :func:`prepare_qat` quantizes a model's Conv and Linear layers (checked when built).
-
-    Args:
-        weight_bits: Bits of the weights, 2–8.
-        activation_bits: Bits of the input activations, 2–8 (1: binary, with ``activation_range``).
-        per_channel: Weight scales per output channel (``True``) or per tensor.
-        weight_symmetric: Symmetric weights with zero-point 0 (``True``) or affine.
-        activation_symmetric: Signed symmetric activations, or unsigned affine (``False``, the default).
-        observer: ``"minmax"`` or ``"lsq"`` (learned step sizes).
-        fold_bn: Fold a Conv's BatchNorm into its quantized weight.
-        layer_bits: ``{pattern: bits}`` (weight bits) or ``{pattern: {"weight_bits": b, "activation_bits": b,
-            "activation_range": (lo, hi)}}`` per-layer overrides; patterns are regular expressions or selectors such as
-            ``"@first"`` / ``"@last"`` (see :mod:`lightning_compress.core.selection`).
-        include: Regular expression(s) or selectors of the layers to quantize.
-        exclude: Regular expression(s) or selectors of layers to leave in float.
-        averaging_constant: Weight of a new batch in the activation observers' moving average, in (0, 1].
-        activation_range: ``(low, high)`` of bounded input activations (tanh: ``(-1, 1)``, sigmoid: ``(0, 1)``).
-        quantize_outputs: Quantize every tensor an integer kernel reads or writes, once (the default; see
-            :func:`quantization_plan`): layer outputs, and the inputs and outputs of residual additions. ONNX Runtime
-            then runs the export on integer kernels only; without it the int8 file ran slower than fp32.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
-        >>> sorted(prepare_qat(net, QATConfig(weight_bits=4, layer_bits={"@last": 8})))
-        ['0', '4']
-        >>> net[4].weight_quantizer.spec.bits, net[0].weight_quantizer.spec.bits
-        (8, 4)
-    """
-
-    weight_bits: int = 8
-    activation_bits: int = 8
-    per_channel: bool = True
-    weight_symmetric: bool = True
-    activation_symmetric: bool = False
-    observer: str = "minmax"
-    fold_bn: bool = True
-    layer_bits: Mapping[str, Any] | None = None
-    include: str | Sequence[str] | None = None
-    exclude: str | Sequence[str] | None = None
-    averaging_constant: float = 0.01
-    activation_range: Sequence[float] | None = None
-    quantize_outputs: bool = True
-    overrides: dict[str, dict[str, Any]] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.weight_bits = check_bits("weight_bits", self.weight_bits)
-        self.activation_range = _check_range("activation_range", self.activation_range)
-        self.activation_bits = _check_activation_bits("activation_bits", self.activation_bits, self.activation_range)
-        self.observer = check_choice("observer", self.observer, Observer).value
-        for name in ("per_channel", "weight_symmetric", "activation_symmetric", "fold_bn", "quantize_outputs"):
-            check_flag(name, getattr(self, name))
-        self.averaging_constant = float(check_number("averaging_constant", self.averaging_constant, 0, 1,
-                                                     low_open=True))  # fmt: skip
-        if self.layer_bits is not None and not isinstance(self.layer_bits, Mapping):
-            raise ValueError(f"`layer_bits` must be a mapping {{layer pattern: bits}}, got {self.layer_bits!r}.")
-        self.overrides = {str(p): self._parse_override(str(p), v) for p, v in dict(self.layer_bits or {}).items()}
-
-    def _parse_override(self, pattern: str, value: Any) -> dict[str, Any]:
-        where = f"layer_bits[{pattern!r}]"
-        if not isinstance(value, Mapping):
-            return {"weight_bits": check_bits(where, value)}
-        unknown = set(value) - {"weight_bits", "activation_bits", "activation_range"}
-        if unknown:
-            raise ValueError(
-                f"`{where}` keys must be 'weight_bits' / 'activation_bits' / 'activation_range', got {sorted(unknown)}."
-            )
-        out: dict[str, Any] = {}
-        if "activation_range" in value:
-            out["activation_range"] = _check_range(f"{where}['activation_range']", value["activation_range"])
-        if "weight_bits" in value:
-            out["weight_bits"] = check_bits(f"{where}['weight_bits']", value["weight_bits"])
-        if "activation_bits" in value:
-            fixed = out.get("activation_range", self.activation_range)
-            out["activation_bits"] = _check_activation_bits(
-                f"{where}['activation_bits']", value["activation_bits"], fixed
-            )
-        return out
-
-
-def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> dict[str, nn.Module]:
-    """Put fake quantizers on the Conv/Linear layers of ``model`` that ``config`` selects, in place.
+def prepare_qat(
+    model: nn.Module, config: QATConfig | Mapping[str, Any] | None = None, **fields: Any
+) -> dict[str, nn.Module]:
+    """Put fake quantizers on the Conv/Linear layers of ``model`` that ``config`` selects, in place (a
+    :class:`QATConfig`, a mapping of its fields, or keyword ``fields``, which override it).
 
     The layers observe their ranges in training mode and fake-quantize from their first observed batch on (switch
     with :func:`set_phase`). Calling it again on a prepared model changes nothing and returns its prepared layers.
@@ -552,7 +459,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None) -> dict[str, 
     Raises:
         ValueError: A pattern selects nothing, ``per_channel`` meets a 1-D weight, or an argument is out of range.
     """
-    config = config or QATConfig()
+    config = resolve_config(QATConfig, config, "weight_bits", fields)
     already = quantized_layers(model)
     if already:
         return already

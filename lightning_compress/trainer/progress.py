@@ -132,15 +132,20 @@ def callback_state(checkpoint: str | os.PathLike, state_key: str, owner: str) ->
 
 
 def structure_ends(trainer: pl.Trainer, owner: Callback) -> dict[str, float]:
-    """Class name → epoch at which each other callback on the Trainer that changes the structure (a pruning ramp:
-    :class:`~lightning_compress.core.protocol.ChangesStructure`) has finished."""
+    """The epoch at which each other callback on the Trainer that changes the structure (a pruning ramp:
+    :class:`~lightning_compress.core.protocol.ChangesStructure`) has finished, one entry per instance: keyed by its
+    class name, or by its ``state_key`` where several instances of one class are on the Trainer (two pruning callbacks
+    on different layers end at different epochs, and both ends count)."""
     from lightning_compress.core.protocol import ChangesStructure
 
-    return {
-        type(cb).__name__: end
-        for cb in trainer.callbacks  # type: ignore[attr-defined]
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    found = [
+        (cb, end)
+        for cb in callbacks
         if cb is not owner and isinstance(cb, ChangesStructure) and (end := cb.structure_final_epoch) is not None
-    }
+    ]
+    names = [type(cb).__name__ for cb, _ in found]
+    return {(cb.state_key if names.count(type(cb).__name__) > 1 else type(cb).__name__): end for cb, end in found}
 
 
 def resolve_ramp(
