@@ -101,7 +101,8 @@ def main() -> None:
 ## Weight clustering: 16 clusters vs float, 90 % + 16 clusters vs 90 % + int8
 
 `python benchmarks/clustering.py` — {args.seeds} seeds (0…{args.seeds - 1}), each variant through the app's `train`
-(test split, compact artifact `model.lcz`; ratio = fp32 state dict / artifact). {machine()}.
+(test split; ratio = fp32 state dict / the artifact's deploy form `model.deploy.lcz`, the app's
+`compression_ratio`). {machine()}.
 
 | task | variant | test accuracy (%) | vs dense | artifact vs fp32 | ONNX parity |
 | --- | --- | --- | --- | --- | --- |
@@ -109,10 +110,10 @@ def main() -> None:
 
 {goal("digits")}
 {goal("MNIST-1D")}
-- The artifact stores a clustered layer as a bitmask of its non-zeros, 4-bit indices and a 16-value codebook; the
-  float model keeps its BatchNorm statistics (four vectors per layer), which the int8 export folds into the
-  convolutions — on the small CNN they are about a tenth of the clustered artifact, on the MNIST-1D CNN (5,360
-  weights) more than a third.
+- The artifact stores a clustered layer as a bitmask of its non-zeros, 4-bit indices and a 16-value codebook. Its
+  deploy form stores each BatchNorm after a clustered convolution as a per-channel scale and shift (two vectors instead
+  of four statistics and the convolution's bias; folding it into the weights would give every output channel its own
+  values and undo the codebook) and folds the others into their convolution; the int8 export folds them all.
 """
     update_results("clustering", body)
     print(body)

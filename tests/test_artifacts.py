@@ -57,13 +57,14 @@ def test_quantized_model_artifact_stores_the_export_integers(tmp_path):
         QuantizationAwareTraining(start_epoch=1, calibration_steps=2),
     ]
     make_trainer(tmp_path, callbacks=callbacks, max_epochs=2).fit(module, DigitsDataModule())
-    size = save_compressed(module, tmp_path / "q.lcz")
+    size = save_compressed(module, tmp_path / "q.lcz", deploy=True)  # the deploy form: the integer model
     loaded = load_compressed(tmp_path / "q.lcz")
     _, info = export_form(module)
     for name, data in info.items():
         assert loaded[f"{name}.weight"].dtype == torch.int8
-        assert torch.equal(loaded[f"{name}.weight"], data["weight_int"])
-        assert torch.equal(loaded[f"{name}.weight_scale"], data["weight_scale"])
+        assert torch.equal(loaded[f"{name}.weight"], data.weight_int)
+        assert torch.equal(loaded[f"{name}.weight_scale"], data.weight_scale)
+        assert torch.equal(loaded[f"{name}.weight_zero_point"], data.weight_zero_point)
     assert not any("_quantizer." in k for k in loaded)  # quantizer bookkeeping is not part of the artifact
     assert size * 20 < fp32_size_bytes({k: v for k, v in module.state_dict().items() if "_quantizer." not in k})
 

@@ -50,8 +50,16 @@ def test_default_job_prunes_to_90_percent_and_reports(tmp_path):
     assert set(report) >= REPORT_KEYS
     assert report["recipe"] == "digits_prune90"
     assert abs(report["sparsity"] - 0.9) < 1e-5 and report["accuracy"] >= 0.95
-    assert report["size_bytes_compressed"] == (run_dir / "model.lcz").stat().st_size
+    assert report["size_bytes_compressed"] == (run_dir / "model.deploy.lcz").stat().st_size  # the smallest file
+    assert report["size_bytes_artifact"] == (run_dir / "model.lcz").stat().st_size  # the one that loads back
     assert report["compression_ratio"] > 5
+    from lightning_compress import load_compressed
+    from lightning_compress.tasks import ClassificationModule, SmallCNN
+
+    back = load_compressed(run_dir / "model.lcz", ClassificationModule(SmallCNN((1, 8, 8), 10, width=32, hidden=128)))
+    weights = [p for p in back.parameters() if p.dim() > 1]  # the pruned Conv/Linear weights, back from the file
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert abs(zeros - report["sparsity"]) < 1e-6
     from lightning_compress.analysis.report import flops_per_sample
     from lightning_compress.tasks import SmallCNN
 

@@ -102,9 +102,9 @@ def test_export_refuses_to_write_a_file_that_disagrees(tmp_path, monkeypatch):
     real = onnx_export._insert_qdq
 
     def broken(proto, info):  # a wrong int8 model: every weight's scale doubled
-        for data in info.values():
-            data["weight_scale"] = data["weight_scale"] * 2
-        real(proto, info)
+        import dataclasses
+
+        real(proto, {n: dataclasses.replace(d, weight_scale=d.weight_scale * 2) for n, d in info.items()})
 
     monkeypatch.setattr(onnx_export, "_insert_qdq", broken)
     with pytest.raises(onnx_export.ExportMismatchError, match=r"would disagree with the model on \d+ of 64"):

@@ -3,7 +3,7 @@
 * :func:`compression_summary` — per-layer parameters, non-zeros, sparsity, bits and bytes, without a Trainer.
 * :func:`flops_per_sample` — the floating-point operations of one forward pass (``torch.utils.flop_counter``).
 * :func:`model_report` — the size figures of ``report.json`` (it writes the compact artifact of
-  :mod:`lightning_compress.analysis.artifact` and measures it).
+  :mod:`lightning_compress.analysis.artifact`, proves that it restores, and measures it).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -119,14 +121,32 @@ def flops_per_sample(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(counter.get_total_flops()) // max(1, len(example_input))
 
 
+class SizeReport(TypedDict):
+    """The size figures of ``report.json`` (:func:`model_report`)."""
+
+    sparsity: float  #: zeros among the selected weights (or every parameter)
+    params: int
+    nonzero_params: int
+    size_bytes_fp32: int  #: the user's model (quantizer bookkeeping not counted) as float32
+    size_bytes_compressed: int  #: the deploy form of the compact artifact: the smallest file
+    size_bytes_artifact: int  #: the model form (``model.lcz``), which loads back into the model
+    compression_ratio: float  #: size_bytes_fp32 / size_bytes_compressed
+
+
 def model_report(
-    model: nn.Module, artifact_path: str | os.PathLike, selected: list[str] | None = None
-) -> dict[str, float | int]:
-    """The size figures of ``report.json``; writes the compact artifact to ``artifact_path``.
+    model: nn.Module,
+    artifact_path: str | os.PathLike,
+    selected: list[str] | None = None,
+    example_input: torch.Tensor | None = None,
+) -> SizeReport:
+    """The size figures of ``report.json``; writes the compact artifact to ``artifact_path`` (the model form, which
+    :func:`~lightning_compress.load_compressed` restores into the model) and its deploy form beside it
+    (``<name>.deploy.lcz``, the smallest file, whose size the ratio counts).
 
     ``sparsity`` is measured over the weights of the ``selected`` module names (the layers a pruning
     callback acts on) when given, else over every parameter. ``params`` and ``nonzero_params`` count every
-    parameter of the model.
+    parameter of the model. With ``example_input`` the artifact is proven first: restored into a copy of the model,
+    it computes exactly what the model computes on it (else it is removed and ``ExportMismatchError`` raised).
     """
     rows = compression_summary(model)
     params = sum(r.params for r in rows)
@@ -140,12 +160,43 @@ def model_report(
         sparsity = 1.0 - nonzero / params if params else 0.0
     # The fp32 reference is the user's model: quantizer buffers (scales, observed ranges) are not part of it.
     fp32 = fp32_size_bytes(float_state_dict(model.state_dict()))
-    compressed = save_compressed(model, artifact_path)
+    path = Path(artifact_path)
+    artifact = save_compressed(model, path)
+    if example_input is not None:
+        check_restores(model, path, example_input)
+    compressed = save_compressed(model, path.with_suffix(".deploy.lcz"), deploy=True)
     return {
         "sparsity": sparsity,
         "params": params,
         "nonzero_params": nonzero,
         "size_bytes_fp32": fp32,
         "size_bytes_compressed": compressed,
+        "size_bytes_artifact": artifact,
         "compression_ratio": fp32 / compressed,
     }
+
+
+@torch.no_grad()
+def check_restores(model: nn.Module, path: Path, example_input: torch.Tensor) -> None:
+    """Restore the artifact at ``path`` into a copy of ``model`` and require identical outputs on ``example_input``
+    (both in evaluation mode); the file is removed when they differ.
+
+    Raises:
+        ExportMismatchError: The restored copy computes something else (the largest difference named).
+    """
+    from lightning_compress.analysis.artifact import load_compressed
+    from lightning_compress.export.onnx import ExportMismatchError, _copy_module
+
+    copy = load_compressed(path, _copy_module(model))
+    was_training = model.training
+    model.eval()
+    try:
+        expected, got = model(example_input), copy.eval()(example_input)
+    finally:
+        model.train(was_training)
+    if not torch.equal(expected, got):
+        path.unlink()
+        raise ExportMismatchError(
+            f"save_compressed: {path.name} restored into the model computes something else (largest difference "
+            f"{float((expected - got).abs().max()):.3g}); it was not kept."
+        )

@@ -7,7 +7,8 @@
 
 Every job writes into its Hydra run directory: ``report.json``, ``checkpoints/last.ckpt``,
 ``checkpoints/best-at-target.ckpt`` (the best epoch where the compression target holds), ``model.lcz`` (the
-compact artifact) and, with the default logger, the offline W&B run under ``wandb/``.
+compact artifact, proven to restore into the model: ``load_compressed(path, model)``), ``model.deploy.lcz`` (its
+smallest, deploy form, whose size the report counts) and, with the default logger, the offline W&B run under ``wandb/``.
 
 A job is a sequence of stages, each a function below: :func:`build` (everything that can be refused, before
 training) → ``fit`` and ``test`` → :func:`size_report` → :func:`quantization_report` (when a technique quantizes)
@@ -106,10 +107,11 @@ def pruning_masks(job: Job) -> dict[str, Any]:
 def size_report(job: Job) -> dict[str, Any]:
     """Stage 3: sizes (the compact artifact ``model.lcz`` is written and measured), floating-point operations per
     sample, per-layer rows, checkpoints."""
-    report: dict[str, Any] = dict(model_report(job.module, job.out / "model.lcz", list(pruning_masks(job)) or None))
     job.datamodule.setup("validate")
-    example = next(iter(job.datamodule.val_dataloader()))[0]
-    report["flops_per_sample"] = flops_per_sample(job.module, example.to(job.module.device))
+    example = next(iter(job.datamodule.val_dataloader()))[0].to(job.module.device)
+    selected = list(pruning_masks(job)) or None
+    report: dict[str, Any] = dict(model_report(job.module, job.out / "model.lcz", selected, example))
+    report["flops_per_sample"] = flops_per_sample(job.module, example)
     report["layers"] = [r.as_dict() for r in compression_summary(job.module)]
     report["checkpoint"] = checkpoint_path(job.trainer) or None
     report.update(_best_at_target(job.trainer))

@@ -24,6 +24,7 @@ import copy
 import os
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.metrics import top1
-from lightning_compress.core.quantizers import quantize
-from lightning_compress.quantization.prepare import detach, folded_weight_and_bias, quantized_layers, tensor_quantizers
+from lightning_compress.core.quantizers import QuantSpec
+from lightning_compress.quantization.prepare import (
+    detach,
+    folded_weight_and_bias,
+    quantized_layers,
+    tensor_quantizers,
+    weight_integers,
+)
 
 PARITY_GOAL = 0.995
 
@@ -44,8 +51,26 @@ def _copy_module(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+@dataclass(frozen=True)
+class QuantizedLayerExport:
+    """What the integer model holds for one quantized layer: the record :func:`export_form` gives, which the ONNX
+    rewrite and the compact artifact (:func:`~lightning_compress.save_compressed`) both read."""
+
+    weight_int: Tensor  #: int8 (symmetric) or uint8 (affine) integers of the (BatchNorm-folded) weight
+    weight_scale: Tensor  #: float32, one per output channel (or one)
+    weight_zero_point: Tensor  #: int8/uint8 like ``weight_int`` (zeros when symmetric)
+    weight_spec: QuantSpec
+    bias: Tensor | None  #: the folded bias in float (exported as int32 on the grid input_scale × weight_scale)
+    input_scale: float
+    input_zero_point: int
+    input_spec: QuantSpec
+    input_range: tuple[float, float] | None  #: a fixed (bounded) activation range, else ``None``
+    input_shared: bool  #: the input arrives quantized by its producer's tensor quantizer
+    output: tuple[float, int, QuantSpec] | None  #: the layer's output grid (scale, zero-point, spec), if quantized
+
+
 @torch.no_grad()
-def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, QuantizedLayerExport]]:
     """A float copy of ``model`` that computes what the integer model computes, and each layer's integers.
 
     Returns the copy (BatchNorms that were folded replaced by ``nn.Identity``, quantizers removed, each quantized
@@ -68,31 +93,27 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
         )
     was_training = model.training
     model.eval()
-    info: dict[str, dict[str, Any]] = {}
+    info: dict[str, QuantizedLayerExport] = {}
     bn_names = {}
     module_names = {id(m): n for n, m in model.named_modules()}
     for name, layer in layers.items():
-        weight, bias = folded_weight_and_bias(layer)
-        wq = layer.weight_quantizer
-        if wq.observing:
-            wq.observe(weight)  # weights' ranges are a function of the current weights
-        w_scale, w_zp = wq.qparams()
-        ints = quantize(weight, w_scale, w_zp, wq.spec)
+        _, bias = folded_weight_and_bias(layer)
+        ints, w_scale, w_zp = weight_integers(layer)
         a_scale, a_zp = layer.input_quantizer.qparams()
-        info[name] = {
+        info[name] = QuantizedLayerExport(
             # signed symmetric weights as int8; affine (weight_symmetric=False) as uint8 with their zero-points
-            "weight_int": ints.to(torch.int8 if wq.spec.symmetric else torch.uint8),
-            "weight_scale": w_scale.clone(),
-            "weight_zero_point": w_zp.to(torch.int8 if wq.spec.symmetric else torch.uint8).clone(),
-            "bias": None if bias is None else bias.detach().float().clone(),
-            "input_scale": float(a_scale.reshape(-1)[0]),
-            "input_zero_point": int(a_zp.reshape(-1)[0]),
-            "input_spec": layer.input_quantizer.spec,
-            "input_range": layer.input_quantizer.fixed_range,
-            "input_shared": bool(getattr(layer, "_qat_input_shared", False)),  # already quantized by its producer
-            "output": _output_qparams(layer),
-            "weight_spec": wq.spec,
-        }
+            weight_int=ints,
+            weight_scale=w_scale.clone(),
+            weight_zero_point=w_zp.clone(),
+            weight_spec=layer.weight_quantizer.spec,
+            bias=None if bias is None else bias.detach().float().clone(),
+            input_scale=float(a_scale.reshape(-1)[0]),
+            input_zero_point=int(a_zp.reshape(-1)[0]),
+            input_spec=layer.input_quantizer.spec,
+            input_range=layer.input_quantizer.fixed_range,
+            input_shared=bool(getattr(layer, "_qat_input_shared", False)),  # already quantized by its producer
+            output=_output_qparams(layer),
+        )
         if layer._qat_bn is not None:
             bn_names[name] = module_names[id(layer._qat_bn)]
     model.train(was_training)
@@ -103,10 +124,10 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]
         layer = modules[name]
         detach(layer)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        ints = data["weight_int"].float() - data["weight_zero_point"].float().reshape(shape)
-        layer.weight.data = (ints * data["weight_scale"].reshape(shape)).to(layer.weight.dtype)
-        if data["bias"] is not None:
-            layer.bias = nn.Parameter(data["bias"].to(layer.weight.dtype))
+        ints = data.weight_int.float() - data.weight_zero_point.float().reshape(shape)
+        layer.weight.data = (ints * data.weight_scale.reshape(shape)).to(layer.weight.dtype)
+        if data.bias is not None:
+            layer.bias = nn.Parameter(data.bias.to(layer.weight.dtype))
         if name in bn_names:
             parent_name, _, child = bn_names[name].rpartition(".")
             setattr(modules[parent_name] if parent_name else form, child, nn.Identity())
@@ -336,7 +357,7 @@ def _quantize_dequantize(source: str, name: str, scale: float, zero_point: int, 
     return inits, nodes, f"{name}_dequantized"
 
 
-def _find_layers(graph: Any, info: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _find_layers(graph: Any, info: Mapping[str, QuantizedLayerExport]) -> dict[str, dict[str, Any]]:
     """Where each quantized layer sits in the exported graph: the node that reads its weight, the node (and input
     slot) that adds its bias, the node whose output is the layer's output, and nodes that become unused.
 
@@ -376,7 +397,7 @@ def _find_layers(graph: Any, info: dict[str, dict[str, Any]]) -> dict[str, dict[
     return found
 
 
-def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
+def _insert_qdq(proto: Any, info: Mapping[str, QuantizedLayerExport]) -> None:
     from onnx import numpy_helper
 
     graph = proto.graph
@@ -394,19 +415,20 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
         data, prefix, node = info[layer], layer, place["node"]
         added: list[Any] = []
         # weight: int8 initializer -> DequantizeLinear (a MatMul reads it transposed: [in, out], channels on axis 1)
-        w_scale = data["weight_scale"].numpy().astype(np.float32)
-        ints = data["weight_int"].numpy()
+        w_scale = data.weight_scale.numpy().astype(np.float32)
+        ints = data.weight_int.numpy()
         if place["transposed"]:
             ints = np.ascontiguousarray(ints.T)
             dropped.update(id(n) for n in place["drop"])
         added_inits, dq = _dequantize(
-            f"{prefix}.weight", ints, w_scale, data["weight_zero_point"].numpy(), axis=1 if place["transposed"] else 0
+            f"{prefix}.weight", ints, w_scale, data.weight_zero_point.numpy(), axis=1 if place["transposed"] else 0
         )
         added.append(dq)
         node.input[1] = dq.output[0]
-        a_spec, a_scale, a_zp = data["input_spec"], data["input_scale"], data["input_zero_point"]
+        a_spec, a_scale, a_zp = data.input_spec, data.input_scale, data.input_zero_point
         if a_spec.bits == 1:  # binary activation: GreaterOrEqual -> Where (no integer grid; the bias stays float)
-            lo, hi = data["input_range"]
+            assert data.input_range is not None
+            lo, hi = data.input_range
             added_inits += [
                 numpy_helper.from_array(np.array((lo + hi) / 2, np.float32), f"{prefix}.input_threshold"),
                 numpy_helper.from_array(np.array(lo, np.float32), f"{prefix}.input_low"),
@@ -425,21 +447,21 @@ def _insert_qdq(proto: Any, info: dict[str, dict[str, Any]]) -> None:
             before[id(node)] = added
             continue
         # activation: [Clip] -> QuantizeLinear -> DequantizeLinear (a shared input already comes out of one)
-        if not data["input_shared"]:
+        if not data.input_shared:
             inits, nodes, node.input[0] = _quantize_dequantize(node.input[0], f"{prefix}.input", a_scale, a_zp, a_spec)
             added_inits += inits
             added += nodes
         # bias: int32 on the grid input_scale x weight_scale -> DequantizeLinear
-        if place["bias"] is not None and data["bias"] is not None:
+        if place["bias"] is not None and data.bias is not None:
             bias_node, slot = place["bias"]
             b_scale = (a_scale * w_scale).astype(np.float32)
-            b_int = np.round(data["bias"].numpy() / b_scale).astype(np.int32)
+            b_int = np.round(data.bias.numpy() / b_scale).astype(np.int32)
             bias_inits, dq = _dequantize(f"{prefix}.bias", b_int, b_scale, np.zeros(b_scale.shape, np.int32))
             added_inits += bias_inits
             added.append(dq)
             bias_node.input[slot] = dq.output[0]
-        if data.get("output") is not None:  # the layer's output on its own grid: Conv -> Q -> DQ -> consumers
-            inits, after[id(place["out"])] = _quantize_output(place["out"], 0, f"{prefix}.output", *data["output"])
+        if data.output is not None:  # the layer's output on its own grid: Conv -> Q -> DQ -> consumers
+            inits, after[id(place["out"])] = _quantize_output(place["out"], 0, f"{prefix}.output", *data.output)
             added_inits += inits
         graph.initializer.extend(added_inits)
         before[id(node)] = added

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.core.configs import QATConfig, resolve_config
-from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize
+from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize, quantize
 from lightning_compress.core.selection import (
     check_overrides_match,
     inside,
@@ -73,6 +73,20 @@ def folded_weight_and_bias(layer: Any) -> tuple[Tensor, Tensor | None]:
     bias0 = bias if bias is not None else torch.zeros_like(bn.running_mean)
     beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     return weight * factor.reshape(shape), beta + (bias0 - bn.running_mean) * factor
+
+
+@torch.no_grad()
+def weight_integers(layer: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """The integers (int8 when symmetric, uint8 when affine), scales and zero-points of a prepared layer's weight —
+    BatchNorm folded in — as its next forward quantizes it (a weight quantizer that observes reads the current weight
+    first: its range is a function of the weights)."""
+    weight, _ = folded_weight_and_bias(layer)
+    quantizer = layer.weight_quantizer
+    if quantizer.observing:
+        quantizer.observe(weight)
+    scale, zero_point = quantizer.qparams()
+    dtype = torch.int8 if quantizer.spec.symmetric else torch.uint8
+    return quantize(weight, scale, zero_point, quantizer.spec).to(dtype), scale, zero_point.to(dtype)
 
 
 def _rebuild(original: type, mixin_name: str) -> Any:
