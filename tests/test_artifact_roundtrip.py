@@ -103,6 +103,9 @@ def test_a_qat_model_restores_exactly(config, tmp_path):
     # what makes it small: the integers, not the floats, of every quantized weight
     stored = load_compressed(tmp_path / "m.lcz")
     assert stored["features.0.weight"].dtype == (torch.int8 if config.get("weight_symmetric", True) else torch.uint8)
+    save_compressed(model, tmp_path / "d.lcz", deploy=True)
+    deployed = load_compressed(tmp_path / "d.lcz")  # the integer model: affine weights keep their zero-points
+    assert ("features.0.weight_zero_point" in deployed) == (not config.get("weight_symmetric", True))
 
 
 def test_a_residual_qat_network_restores_with_its_tensor_quantizers(tmp_path):

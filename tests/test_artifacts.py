@@ -64,7 +64,7 @@ def test_quantized_model_artifact_stores_the_export_integers(tmp_path):
         assert loaded[f"{name}.weight"].dtype == torch.int8
         assert torch.equal(loaded[f"{name}.weight"], data.weight_int)
         assert torch.equal(loaded[f"{name}.weight_scale"], data.weight_scale)
-        assert torch.equal(loaded[f"{name}.weight_zero_point"], data.weight_zero_point)
+        assert f"{name}.weight_zero_point" not in loaded and not data.weight_zero_point.any()  # symmetric: all 0
     assert not any("_quantizer." in k for k in loaded)  # quantizer bookkeeping is not part of the artifact
     assert size * 20 < fp32_size_bytes({k: v for k, v in module.state_dict().items() if "_quantizer." not in k})
 

@@ -200,7 +200,7 @@ def test_bad_setups_are_refused_before_the_first_step(tmp_path):
             r"layer 'net.features.0' holds 72 distinct non-zero weights, fewer than clusters=100.*`layer_clusters`",
         ),
         (small_module(), [WeightClustering(layer_clusters={"decoder": 4})], r"`layer_clusters` pattern 'decoder'"),
-        (module, [WeightClustering()], r"'net.features.0' are frozen"),
+        (module, [WeightClustering(include="features.0")], r"every selected layer is frozen .*'net.features.0'"),
         (
             small_module(),
             [MagnitudePruning(end_epoch=2), WeightClustering(start_epoch=1)],
@@ -219,6 +219,20 @@ def test_bad_setups_are_refused_before_the_first_step(tmp_path):
         with pytest.raises(ValueError, match=message):
             trainer.fit(module, DigitsDataModule())
         assert trainer.global_step == 0
+
+
+def test_a_frozen_layer_is_left_as_it_is_and_named(tmp_path):
+    """The one frozen-layer policy of every technique that rewrites weights while training."""
+    module = small_module()
+    module.net.features[0].weight.requires_grad_(False)
+    before = module.net.features[0].weight.detach().clone()
+    clustering = WeightClustering(clusters=8, start_epoch=1)
+    with pytest.warns(
+        UserWarning, match=r"WeightClustering leaves 1 frozen layer\(s\) .* as they are: 'net.features.0'"
+    ):
+        make_trainer(tmp_path, callbacks=[clustering], max_epochs=2).fit(module, DigitsDataModule())
+    assert "net.features.0" not in clustering.codebooks and torch.equal(module.net.features[0].weight, before)
+    assert all(int(torch.unique(w).numel()) <= 9 for w in clustering.weights.values())  # 8 values (and 0)
 
 
 def test_clustering_then_int8_qat_exports_with_parity(tmp_path):

@@ -95,13 +95,13 @@ def test_movement_scores_are_the_summed_products_of_unscaled_accumulated_gradien
     trainer = make_trainer(tmp_path, callbacks=[probe, cb], max_epochs=2, accumulate_grad_batches=2,
                            plugins=plugins)  # fmt: skip
     trainer.fit(small_module(), DigitsDataModule())
-    assert cb._scored_steps == probe.steps  # once per optimizer step (not per batch), skipped steps not counted
+    assert cb.strategy.scored_steps == probe.steps  # once per optimizer step (not per batch), skipped steps not counted
     assert probe.steps + probe.skipped == trainer.global_step
     for name, total in probe.sums.items():
-        torch.testing.assert_close(cb._scores[name], total, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cb.strategy.scores[name], total, rtol=1e-5, atol=1e-6)
     if amp:
         assert min(probe.scales) >= 2**10  # the loss was scaled ...
-    assert max(float(s.abs().max()) for s in cb._scores.values()) < 100  # ... and the scores were not
+    assert max(float(s.abs().max()) for s in cb.strategy.scores.values()) < 100  # ... and the scores were not
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "movement"])
@@ -122,7 +122,9 @@ def test_channel_groups_by_gradient_reach_the_target_and_export_equal(tmp_path, 
     cb = MagnitudePruning(final_sparsity=0.5, granularity="channel", end_epoch=2, criterion=criterion)
     make_trainer(tmp_path, callbacks=[cb], max_epochs=3).fit(module, DigitsDataModule())
     assert cb.channel_sparsity() == pytest.approx(0.5, abs=0.05)
-    assert cb._scored_steps > 0 or criterion == "taylor"  # movement keeps its sums; Taylor restarts at each update
+    assert (
+        cb.strategy.scored_steps > 0 or criterion == "taylor"
+    )  # movement keeps its sums; Taylor restarts at each update
     x = torch.randn(16, 1, 8, 8)
     compact = export_compact(module.net.eval(), x)
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in module.net.parameters())
@@ -152,14 +154,18 @@ def test_resume_mid_ramp_keeps_the_scores(tmp_path, granularity):
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "movement"])
-def test_a_frozen_layer_with_a_gradient_criterion_is_refused_before_the_first_step(tmp_path, criterion):
+def test_a_frozen_layer_with_a_gradient_criterion_is_left_dense_and_named(tmp_path, criterion):
+    """The one frozen-layer policy of every technique: a layer that gets no gradient is left as it is, said once."""
     module = small_module()
     module.net.features[0].weight.requires_grad_(False)
-    trainer = make_trainer(tmp_path, callbacks=[MagnitudePruning(criterion=criterion, end_epoch=1)], max_epochs=2)
-    with pytest.raises(ValueError, match=rf"criterion='{criterion}'\) scores weights by their gradients, but the "
-                                         r"selected layer\(s\) 'net.features.0' are frozen.*`exclude`"):  # fmt: skip
+    cb = MagnitudePruning(criterion=criterion, final_sparsity=0.5, end_epoch=1)
+    trainer = make_trainer(tmp_path, callbacks=[cb], max_epochs=2)
+    frozen = r"MagnitudePruning leaves 1 frozen layer\(s\) \(weight.requires_grad=False\) as they are: 'net.features.0'"
+    with pytest.warns(UserWarning, match=frozen):
         trainer.fit(module, DigitsDataModule())
-    assert trainer.global_step == 0
+    assert "net.features.0" not in cb.selected_layers and int((module.net.features[0].weight == 0).sum()) == 0
+    assert cb.target_reached and cb.sparsity() == pytest.approx(0.5, abs=1e-3)
+    assert cb.strategy.scored_steps > 0 or criterion == "taylor"
 
 
 def test_movement_on_channel_groups_with_a_global_ranking_is_refused():

@@ -378,7 +378,9 @@ def test_frozen_layers_are_left_dense_with_a_message(tmp_path):
     module = small_module()
     module.net.features[0].weight.requires_grad_(False)
     pruning = MagnitudePruning(final_sparsity=0.5, end_epoch=1)
-    with pytest.warns(UserWarning, match=r"leaves 1 frozen layer\(s\) \(weight.requires_grad=False\) dense: 'net.f"):
+    with pytest.warns(
+        UserWarning, match=r"leaves 1 frozen layer\(s\) \(weight.requires_grad=False\) as they are: 'net.f"
+    ):
         make_trainer(tmp_path, max_epochs=1, callbacks=[pruning]).fit(module, DigitsDataModule())
     assert "net.features.0" not in pruning.selected_layers
     assert int((module.net.features[0].weight == 0).sum()) == 0

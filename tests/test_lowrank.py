@@ -248,7 +248,7 @@ def test_bad_input_is_refused_before_the_first_step(tmp_path, kwargs, error):
 def test_frozen_and_grouped_layers_are_refused_with_their_names(tmp_path):
     module = small_module(width=8, hidden=64)
     module.net.classifier[1].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"'net.classifier.1' are frozen .* `exclude`"):
+    with pytest.raises(ValueError, match=r"every selected layer is frozen .*: 'net.classifier.1'.* `exclude`"):
         _fit(tmp_path, LowRankFactorization(ratio=2, include=r"classifier\.1$", end_epoch=1), module, max_epochs=1)
     from lightning_compress.tasks import ClassificationModule
 

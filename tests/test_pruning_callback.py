@@ -141,11 +141,11 @@ def test_channel_groups_are_removed_whole_and_export_compact_is_exact(tmp_path, 
     channels = sum(g.channels for g in cb.groups)
     assert cb.channel_sparsity() == pytest.approx(int(0.5 * channels) / channels, abs=1 / channels)
     for group in cb.groups:
-        assert 1 <= int(cb._group_keep[cb.groups.index(group)].sum()) < group.channels
+        assert 1 <= int(cb.group_keep[cb.groups.index(group)].sum()) < group.channels
         if scope == "layer":
-            assert int((~cb._group_keep[cb.groups.index(group)]).sum()) == group.channels // 2
+            assert int((~cb.group_keep[cb.groups.index(group)]).sum()) == group.channels // 2
     net = module.net
-    removed = (~cb._group_keep[[g.root for g in cb.groups].index("net.features.0")]).nonzero().flatten()
+    removed = (~cb.group_keep[[g.root for g in cb.groups].index("net.features.0")]).nonzero().flatten()
     for param in (net.features[0].weight, net.features[1].weight, net.features[1].bias):
         assert param.detach()[removed].eq(0).all()  # the filter with its BatchNorm scale and shift
     dm.setup("test")
@@ -170,7 +170,7 @@ def test_channel_groups_resume_mid_schedule_equals_uninterrupted_run(tmp_path):
     module, cb = small_module(), callback()
     trainer = make_trainer(tmp_path / "resumed", callbacks=[cb], max_epochs=4)
     trainer.fit(module, DigitsDataModule(seed=0), ckpt_path=tmp_path / "full" / "epoch=1.ckpt")
-    assert [torch.equal(a, b) for a, b in zip(full_cb._group_keep, cb._group_keep, strict=True)] == [True] * 4
+    assert [torch.equal(a, b) for a, b in zip(full_cb.group_keep, cb.group_keep, strict=True)] == [True] * 4
     for (k, a), (_, b) in zip(full_module.state_dict().items(), module.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
 
@@ -504,7 +504,7 @@ class _SameGroupsOnEveryRank(Callback):
     def on_train_end(self, trainer, pl_module):
         pruning = next(c for c in trainer.callbacks if isinstance(c, MagnitudePruning))
         assert pruning.channel_sparsity() == pytest.approx(0.5, abs=0.01)
-        assert_same_on_every_rank(trainer, [k.float() for k in pruning._group_keep])
+        assert_same_on_every_rank(trainer, [k.float() for k in pruning.group_keep])
         assert_same_on_every_rank(trainer, list(pl_module.parameters()))
 
 

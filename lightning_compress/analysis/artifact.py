@@ -9,7 +9,8 @@ Two forms:
   BatchNorm-folded weight, when a BatchNorm is folded) with their scales and zero-points (affine weights included),
   and turned back into the float weight on loading (the folding undone with the loaded BatchNorm).
 * **deploy** (``deploy=True``): the smallest file, for serving; tensors only. A quantized model is stored as its
-  integer model (``export_form``: BatchNorms folded, weights as integers with ``weight_scale`` / ``weight_zero_point``,
+  integer model (``export_form``: BatchNorms folded, weights as integers with ``weight_scale`` and, for affine weights,
+  ``weight_zero_point`` (symmetric ones have zero-points 0),
   ``input_scale`` / ``input_zero_point`` and ``output_scale`` / ``output_zero_point`` per layer, and the residual
   additions' ``output_quantizer.scale`` / ``.zero_point``). In a float model every Conv → BatchNorm pair is folded:
   into the convolution's weight and bias (``w·f``, ``β + (b − μ)·f`` with ``f = γ/√(σ² + ε)``) — or, where the
@@ -107,7 +108,8 @@ def deploy_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         for name, data in info.items():
             state[f"{name}.weight"] = data.weight_int
             state[f"{name}.weight_scale"] = data.weight_scale
-            state[f"{name}.weight_zero_point"] = data.weight_zero_point
+            if not data.weight_spec.symmetric:  # symmetric weights' zero-points are 0
+                state[f"{name}.weight_zero_point"] = data.weight_zero_point
             state[f"{name}.input_scale"] = torch.tensor(data.input_scale)
             state[f"{name}.input_zero_point"] = torch.tensor(data.input_zero_point, dtype=torch.int32)
             if data.output is not None:

@@ -42,7 +42,14 @@ from lightning_compress.apps.terminal import LAYER_COLUMNS, print_report
 from lightning_compress.apps.tracking import finish_wandb_run, sweep_group
 from lightning_compress.core.cache import StageCache
 from lightning_compress.core.metrics import evaluate_accuracy
-from lightning_compress.core.protocol import Factorizes, HasFloatMode, HasMasks, HasTeachers, RemovesChannels
+from lightning_compress.core.protocol import (
+    Factorizes,
+    HasFloatMode,
+    HasMasks,
+    HasTeachers,
+    RemovesChannels,
+    Restorable,
+)
 from lightning_compress.export.onnx import export_float_onnx, export_onnx, onnx_parity, pruned_zeros_kept
 from lightning_compress.trainer.checkpoint_selection import CompressionTarget
 from lightning_compress.trainer.progress import spawned
@@ -268,7 +275,7 @@ def recover_after_spawn(job: Job) -> None:
     process: every compression callback rebuilds its state here (masks, quantizers, phase) from the checkpoint the
     run wrote, so that testing, the export and the report see the compressed model, as on one process."""
     path = checkpoint_path(job.trainer)  # after a spawn only best_model_path comes back: the `last` checkpoint here
-    restorable = [cb for cb in job.compression if hasattr(cb, "restore")]
+    restorable = [cb for cb in job.compression if isinstance(cb, Restorable)]
     if restorable and not path:
         raise RuntimeError(
             f"strategy {type(job.trainer.strategy).__name__} ran the training in other processes and no checkpoint "

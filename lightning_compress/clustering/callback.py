@@ -9,9 +9,8 @@ taken from the codebook) and int8 when quantization-aware training follows.
 from __future__ import annotations
 
 import os
-import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +20,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_compress.clustering.functional import clustered_layers
-from lightning_compress.core.checks import check_flag, check_number, parse_epoch, show_epoch
+from lightning_compress.core.checks import check_number, parse_epoch, show_epoch
 from lightning_compress.core.clustering import (
     check_clusters,
     cluster,
@@ -33,8 +32,6 @@ from lightning_compress.core.clustering import (
 )
 from lightning_compress.core.configs import ClusteringConfig, ClusterInitName
 from lightning_compress.trainer.progress import (
-    StepwiseTechnique,
-    callback_state,
     check_optimizers,
     optimizer_steps_per_epoch,
     resolve_epochs,
@@ -42,6 +39,7 @@ from lightning_compress.trainer.progress import (
     warn_if_spawned,
 )
 from lightning_compress.trainer.tables import log_table
+from lightning_compress.trainer.technique import StepwiseTechnique
 
 
 class WeightClustering(StepwiseTechnique):
@@ -81,7 +79,7 @@ class WeightClustering(StepwiseTechnique):
         ValueError: Before the first step: ``clusters`` < 2 or above the number of distinct non-zero weights of a
             layer (named), a start before a pruning ramp ends (the zeros would still move), ``freeze_epoch`` before
             ``start_epoch``, ``update_every_n_steps`` with the assignments frozen from the start, a pattern that
-            matches nothing, a frozen layer selected.
+            matches nothing, every selected layer frozen (a frozen one alone is left as it is, named).
 
     Example::
 
@@ -91,6 +89,8 @@ class WeightClustering(StepwiseTechnique):
         trainer.fit(model, datamodule)
         save_compressed(model, "model.lcz")  # 4-bit indices + a 16-value codebook per layer
     """
+
+    holds = "codebooks"
 
     def __init__(
         self,
@@ -105,30 +105,27 @@ class WeightClustering(StepwiseTechnique):
         seed: int = 0,
         verbose: bool = False,
     ) -> None:
-        super().__init__()
-        #: What is clustered (checked there, as cluster_weights_ checks it); the callback adds only *when*.
-        self.config = ClusteringConfig(clusters=clusters, init=init, layer_clusters=layer_clusters, include=include,
-                                       exclude=exclude, seed=seed)  # fmt: skip
-        self.clusters, self.init, self.seed = self.config.clusters, self.config.init, self.config.seed
-        self.layer_clusters: dict[str, int] = dict(cast(Mapping[str, int], self.config.layer_clusters))
+        config = ClusteringConfig(clusters=clusters, init=init, layer_clusters=layer_clusters, include=include,
+                                  exclude=exclude, seed=seed)  # fmt: skip
+        super().__init__(config, verbose)
+        self.config: ClusteringConfig = config
+        self.clusters, self.init, self.seed = config.clusters, config.init, config.seed
+        self.layer_clusters: dict[str, int] = config.per_layer
         self.start_epoch = parse_epoch("start_epoch", start_epoch, optional=True)
         self.freeze_epoch = parse_epoch("freeze_epoch", freeze_epoch, optional=True)
-        self.include, self.exclude = include, exclude
         self.update_every_n_steps = check_number("update_every_n_steps", update_every_n_steps, 1, integer=True,
                                                  optional=True)  # fmt: skip
-        self.verbose = check_flag("verbose", verbose)
         self._epochs: dict[str, float] = {}
-        self._bound: Any = None
         self._reset()
 
+    @override
     def _reset(self) -> None:
+        super()._reset()
         self._weights: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
         self._centroids: dict[str, Tensor] = {}
         self._assignment: dict[str, Tensor] = {}
         self._latent: dict[str, Tensor] = {}
-        self._loaded: dict[str, Any] | None = None
-        self._last_seen_step = -1
         self._last_refresh_step = -1
         self._start_step = self._freeze_step = self._every = 0
 
@@ -137,16 +134,10 @@ class WeightClustering(StepwiseTechnique):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self._new_model(trainer, pl_module, stage):
             return
-        _, self._weights, self._counts = clustered_layers(pl_module, self.config)
-        frozen = [n for n, w in self._weights.items() if not w.requires_grad]
-        if frozen:
-            raise ValueError(
-                f"WeightClustering: layer(s) {', '.join(map(repr, frozen))} are frozen (weight.requires_grad=False); "
-                "their centroids could not train. Leave them out with `exclude`."
-            )
+        _, self._weights, self._counts = clustered_layers(pl_module, self.config, self.select(pl_module))
         self._epochs = self._resolve(trainer)
-        self._bound = weakref.ref(pl_module)
-        warn_if_spawned(trainer, "WeightClustering", "codebooks")
+        self._bind(pl_module)
+        warn_if_spawned(trainer, self.name, self.holds)
 
     def _resolve(self, trainer: pl.Trainer) -> dict[str, float]:
         """Epochs of the clustering and of the freeze; refuses a start before a structure-changing ramp ends."""
@@ -224,15 +215,8 @@ class WeightClustering(StepwiseTechnique):
             "last_refresh_step": self._last_refresh_step,
         }
 
-    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
-        """Read the codebooks of a checkpoint a run with this callback wrote, in a process that did not train (after
-        ``ddp_spawn``, or in a notebook). The weights are left as they are (they hold centroid values)."""
-        state = callback_state(checkpoint, self.state_key, "WeightClustering")
-        self._bound = None
-        self.setup(trainer, pl_module, "fit")
-        self._restore(state)
-
     # ------------------------------------------------------------------ internals
+    @override
     def _restore(self, state: dict[str, Any]) -> None:
         centroids = state.get("centroids", {})
         if centroids and set(centroids) != set(self._weights):
@@ -265,6 +249,7 @@ class WeightClustering(StepwiseTechnique):
         if self.verbose:
             rank_zero_info(f"WeightClustering: step {trainer.global_step}, clustered {self._counts}")
 
+    @override
     @torch.no_grad()
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
         if not self._centroids:
@@ -319,6 +304,11 @@ class WeightClustering(StepwiseTechnique):
         """Whether the weights are clustered and the assignments frozen (see
         :class:`~lightning_compress.CompressionTarget`)."""
         return bool(self._centroids) and not self._latent
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        """The clustered weight tensors, layer name → parameter (known after ``setup``)."""
+        return dict(self._weights)
 
     @property
     def selected_layers(self) -> list[str]:

@@ -3,7 +3,7 @@ nn.Module."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,18 +15,18 @@ from lightning_compress.core.selection import check_overrides_match, match_overr
 
 
 def clustered_layers(
-    model: nn.Module, config: ClusteringConfig
+    model: nn.Module, config: ClusteringConfig, selected: Sequence[tuple[str, nn.Module]] | None = None
 ) -> tuple[list[tuple[str, nn.Module]], dict[str, Tensor], dict[str, int]]:
     """The layers ``config`` selects, their weights and each one's number of clusters (``layer_clusters`` overrides
-    ``clusters``). :func:`cluster_weights_` and :class:`~lightning_compress.WeightClustering` both start here.
+    ``clusters``). :func:`cluster_weights_` and :class:`~lightning_compress.WeightClustering` (with the layers it
+    ``selected``: frozen ones left out) both start here.
 
     Raises:
         ValueError: A ``layer_clusters`` pattern that matches no selected layer, or a layer with fewer distinct
             non-zero weights than its clusters (named).
     """
-    selected = select_modules(model, config.include, config.exclude)
-    overrides = config.layer_clusters
-    assert isinstance(overrides, dict)
+    selected = list(select_modules(model, config.include, config.exclude) if selected is None else selected)
+    overrides = config.per_layer
     check_overrides_match(selected, overrides, "layer_clusters")
     weights = weights_of(selected)
     counts = {}

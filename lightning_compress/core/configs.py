@@ -107,6 +107,13 @@ class TechniqueConfig:
                 raise _unknown_field(cls, str(key))
         return cls(**values)
 
+    @property
+    def per_layer(self) -> dict[str, Any]:
+        """The per-layer overrides (``layer_sparsity``, ``layer_rank``, ``layer_clusters``, ``layer_bits``), read and
+        checked: ``{pattern: value}`` (empty for a config without them)."""
+        field_name = next((n for n in fields_of(type(self)) if n.startswith("layer_")), None)
+        return dict(getattr(self, field_name) or {}) if field_name else {}
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values (what ``from_dict`` reads back into an equal config)."""
         return {name: getattr(self, name) for name in fields_of(type(self))}

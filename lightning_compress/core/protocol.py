@@ -10,12 +10,15 @@
 * :class:`HasTeachers` — a technique that distils frozen teachers (``teachers``).
 * :class:`RemovesChannels` — a technique whose zeroed channel groups the compact export can cut out (``groups``).
 * :class:`Factorizes` — a technique whose low-rank layers the compact export replaces by two factors (``ranks``).
+* :class:`Restorable` — a technique that rebuilds its state from a checkpoint in a process that did not train
+  (``restore``): every base of :mod:`lightning_compress.trainer.technique` is one.
 
 A new technique joins the coordination by having the attribute; nothing imports it by name.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -91,4 +94,14 @@ class Factorizes(Protocol):
     @property
     def ranks(self) -> dict[str, int]:
         """Layer name → rank of the layers to replace by two factors."""
+        ...
+
+
+@runtime_checkable
+class Restorable(Protocol):
+    """Rebuilds its state (masks, ranks, codebooks, quantizers) on a model from a checkpoint a run with it wrote, in a
+    process that did not train (after ``ddp_spawn``, or in a notebook)."""
+
+    def restore(self, trainer: Any, pl_module: nn.Module, checkpoint: str | os.PathLike) -> None:
+        """Take the checkpoint's state for this technique onto ``pl_module``."""
         ...

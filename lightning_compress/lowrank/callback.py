@@ -10,9 +10,8 @@ equal.
 from __future__ import annotations
 
 import os
-import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,14 +19,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_compress.core.checks import (
-    Schedule,
-    check_choice,
-    check_flag,
-    check_number,
-    parse_epoch,
-    same_kind_order,
-)
 from lightning_compress.core.configs import BudgetName, LowRankConfig, ScheduleName
 from lightning_compress.core.lowrank import (
     Budget,
@@ -40,22 +31,12 @@ from lightning_compress.core.lowrank import (
 from lightning_compress.core.schedules import sparsity_at
 from lightning_compress.core.selection import weights_of
 from lightning_compress.lowrank.functional import low_rank_layers
-from lightning_compress.trainer.progress import (
-    StepwiseTechnique,
-    callback_state,
-    check_optimizers,
-    first_input,
-    ramp_progress,
-    ramp_steps,
-    resolve_ramp,
-    update_due,
-    update_every,
-    warn_if_spawned,
-)
+from lightning_compress.trainer.progress import first_input
 from lightning_compress.trainer.tables import log_table
+from lightning_compress.trainer.technique import RampedTechnique
 
 
-class LowRankFactorization(StepwiseTechnique):
+class LowRankFactorization(RampedTechnique):
     r"""Low-rank factorization of a LightningModule's Linear and (ungrouped) convolution layers, reached gradually.
 
     Along the schedule (cubic by default, as :class:`~lightning_compress.MagnitudePruning`'s) the selected layers'
@@ -86,7 +67,7 @@ class LowRankFactorization(StepwiseTechnique):
     Raises:
         ValueError: Before the first step: ``ratio`` ≤ 1, a budget that rank 1 in every layer cannot meet, a layer that
             cannot be factorized (grouped convolution, too thin), a ``layer_rank`` ≤ 0 or at/above the break-even, a
-            pattern that matches nothing, a frozen layer selected.
+            pattern that matches nothing, every selected layer frozen (a frozen one alone is left dense, named).
 
     Example::
 
@@ -95,6 +76,8 @@ class LowRankFactorization(StepwiseTechnique):
         trainer.fit(model, datamodule)
         compact = export_compact(model, example)  # the layers carry their ranks: two small Linears, proven equal
     """
+
+    holds = "ranks"
 
     def __init__(
         self,
@@ -109,73 +92,35 @@ class LowRankFactorization(StepwiseTechnique):
         update_every_n_steps: int | None = None,
         verbose: bool = False,
     ) -> None:
-        super().__init__()
-        #: What is factorized (checked there, as low_rank_ checks it); the callback adds only *when*.
-        self.config = LowRankConfig(ratio=ratio, budget=budget, layer_rank=layer_rank, include=include, exclude=exclude)
-        self.ratio, self.budget = self.config.ratio, self.config.budget
-        self.layer_rank: dict[str, int] = dict(cast(Mapping[str, int], self.config.layer_rank))
-        self.start_epoch = parse_epoch("start_epoch", start_epoch)
-        self.end_epoch = parse_epoch("end_epoch", end_epoch)
-        same_kind_order(("start_epoch", self.start_epoch), ("end_epoch", self.end_epoch))
-        self.schedule = check_choice("schedule", schedule, Schedule).value
-        self.include, self.exclude = include, exclude
-        self.update_every_n_steps = check_number("update_every_n_steps", update_every_n_steps, 1, integer=True,
-                                                 optional=True)  # fmt: skip
-        self.verbose = check_flag("verbose", verbose)
-        self._epochs: dict[str, float] = {}
-        self._bound: Any = None
-        self._reset()
+        config = LowRankConfig(ratio=ratio, budget=budget, layer_rank=layer_rank, include=include, exclude=exclude)
+        super().__init__(config, start_epoch, end_epoch, schedule, update_every_n_steps, verbose)
+        self.config: LowRankConfig = config
+        self.ratio, self.budget = config.ratio, config.budget
+        self.layer_rank: dict[str, int] = config.per_layer
 
+    @override
     def _reset(self) -> None:
+        super()._reset()
         self._modules: dict[str, nn.Module] = {}
         self._weights: dict[str, Tensor] = {}
         self._layers: list[LowRankLayer] = []
         self._fixed: dict[str, int] = {}
         self._ranks: dict[str, int] = {}
-        self._loaded: dict[str, Any] | None = None
-        self._last_update_step = -1
-        self._last_seen_step = -1
         self._keep = 1.0
-        self._start_step = self._end_step = self._every = 0
 
-    # ------------------------------------------------------------------ hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._new_model(trainer, pl_module, stage):
-            return
+    def _goal(self) -> str:
+        return f"ratio={self.ratio:g}"
+
+    # ------------------------------------------------------------------ the ramp's steps
+    @override
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         example = first_input(trainer, pl_module) if self.budget == Budget.FLOPS else None
         if isinstance(example, Tensor):
             example = example.to(pl_module.device)
-        selected, self._layers, self._fixed = low_rank_layers(pl_module, self.config, example)
+        selected, self._layers, self._fixed = low_rank_layers(pl_module, self.config, example, self.select(pl_module))
         self._modules = dict(selected)
         self._weights = weights_of(selected)
-        frozen = [n for n, w in self._weights.items() if not w.requires_grad]
-        if frozen:
-            raise ValueError(
-                f"LowRankFactorization: layer(s) {', '.join(map(repr, frozen))} are frozen (weight.requires_grad="
-                "False); a projected frozen layer would lose its weights without training to recover. Leave them out "
-                "with `exclude`."
-            )
-        start, end = resolve_ramp(trainer, "LowRankFactorization", self.start_epoch, self.end_epoch,
-                                  f"ratio={self.ratio:g}")  # fmt: skip
-        self._epochs = {"start": start, "end": end}
-        self._bound = weakref.ref(pl_module)
-        warn_if_spawned(trainer, "LowRankFactorization", "ranks")
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_optimizers(trainer, pl_module, "LowRankFactorization")
-        goal = f"ratio={self.ratio:g}"
-        self._start_step, self._end_step = ramp_steps(
-            trainer, "LowRankFactorization", self._epochs["start"], self._epochs["end"], goal
-        )
-        self._every = update_every(self._start_step, self._end_step, self.update_every_n_steps)
-        self._last_seen_step = trainer.global_step
-        if self._loaded is not None:
-            self._restore(self._loaded)  # the checkpoint's weights are projected already: not again
-            self._loaded = None
-            return
-        self._step(trainer, pl_module, trainer.global_step, log=False)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -194,16 +139,7 @@ class LowRankFactorization(StepwiseTechnique):
         return {"ranks": dict(self._ranks), "last_update_step": self._last_update_step, "keep": self._keep,
                 "end_step": self._end_step}  # fmt: skip
 
-    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
-        """Read the ranks of a checkpoint a run with this callback wrote, in a process that did not train (after
-        ``ddp_spawn``, or in a notebook). The weights are left as they are (they were projected when saved)."""
-        state = callback_state(checkpoint, self.state_key, "LowRankFactorization")
-        self._bound = None
-        self.setup(trainer, pl_module, "fit")
-        self._restore(state)
-        self._end_step = int(state.get("end_step", self._last_update_step))
-
-    # ------------------------------------------------------------------ internals
+    @override
     def _restore(self, state: dict[str, Any]) -> None:
         ranks = {str(n): int(r) for n, r in state.get("ranks", {}).items()}
         unknown = set(ranks) - set(self._weights)
@@ -219,18 +155,13 @@ class LowRankFactorization(StepwiseTechnique):
 
     def scheduled_keep(self, step: int) -> float:
         """The share of the layers' dense cost the schedule allows after optimizer step ``step``."""
-        progress = ramp_progress(step, self._start_step, self._end_step)
-        return 1.0 - sparsity_at(progress, 0.0, 1.0 - 1.0 / self.ratio, self.schedule)
+        return 1.0 - sparsity_at(self.ramp_progress(step), 0.0, 1.0 - 1.0 / self.ratio, self.schedule)
 
-    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
-        updated = update_due(step, self._start_step, self._end_step, self._every, self._last_update_step)
-        if updated:
-            self._update(trainer, step)
-        self._apply()
-        logging_step = step % max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) == 0
-        if log and self._last_update_step >= 0 and (updated or logging_step):
-            pl_module.log("compress/rank_ratio", self.ratio_reached(), on_step=True, on_epoch=False)
+    @override
+    def _log(self, pl_module: pl.LightningModule) -> None:
+        pl_module.log("compress/rank_ratio", self.ratio_reached(), on_step=True, on_epoch=False)
 
+    @override
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
         self._keep = self.scheduled_keep(step)
@@ -253,13 +184,13 @@ class LowRankFactorization(StepwiseTechnique):
         full = {layer.name: layer.full_rank for layer in self._layers}
         self._ranks = {n: r for n, r in ranks.items() if r < full[n]}
         record_ranks(self._modules, self.ranks)  # the model carries them: export_compact(model, x) needs no ranks=
-        self._last_update_step = step
         if self.verbose:
             rank_zero_info(
                 f"LowRankFactorization: step {step}, budget {self._keep:.4f} of dense, ranks {self._ranks}, "
                 f"{self.ratio_reached():.2f}x fewer {self.budget}"
             )
 
+    @override
     @torch.no_grad()
     def _apply(self) -> None:
         for name, rank in self._ranks.items():
@@ -277,16 +208,6 @@ class LowRankFactorization(StepwiseTechnique):
         dense = sum(layer.cost(layer.full_rank, self.budget) for layer in self._layers)
         now = sum(layer.cost(self._ranks.get(layer.name, layer.full_rank), self.budget) for layer in self._layers)
         return dense / now if now else 1.0
-
-    @property
-    def target_reached(self) -> bool:
-        """Whether the ramp has ended (the ranks are final); see :class:`~lightning_compress.CompressionTarget`."""
-        return self._last_update_step >= self._end_step and self._last_update_step >= 0
-
-    @property
-    def structure_final_epoch(self) -> float | None:
-        """The epoch from which the ranks no longer change (known after ``setup``)."""
-        return self._epochs.get("end")
 
     @property
     def selected_layers(self) -> list[str]:

@@ -47,20 +47,23 @@ def output_positions(model: nn.Module, example: Tensor, selected: Sequence[tuple
 
 
 def low_rank_layers(
-    model: nn.Module, config: LowRankConfig, example_input: Tensor | None = None
+    model: nn.Module,
+    config: LowRankConfig,
+    example_input: Tensor | None = None,
+    selected: Sequence[tuple[str, nn.Module]] | None = None,
 ) -> tuple[list[tuple[str, nn.Module]], list[LowRankLayer], dict[str, int]]:
     """The layers ``config`` selects, their matrix views (with output positions for ``budget="flops"``, traced on
     ``example_input``) and the fixed ranks ``layer_rank`` gives them; the budget is checked at its final ratio (rank 1
     in every layer must meet it). :func:`low_rank_` and :class:`~lightning_compress.LowRankFactorization` both start
-    here, so they refuse the same models the same way.
+    here, so they refuse the same models the same way (the callback passes the layers it ``selected``: frozen ones
+    left out).
 
     Raises:
         ValueError: A layer that cannot be factorized, a ``layer_rank`` pattern matching nothing or a rank above a
             layer's break-even, a FLOPs budget without an example input, a ratio that rank 1 everywhere cannot meet.
     """
-    selected = select_modules(model, config.include, config.exclude)
-    layer_rank = config.layer_rank
-    assert isinstance(layer_rank, dict)
+    selected = list(select_modules(model, config.include, config.exclude) if selected is None else selected)
+    layer_rank = config.per_layer
     check_overrides_match(selected, layer_rank, "layer_rank")
     positions: dict[str, int] = {}
     if config.budget == "flops":

@@ -61,8 +61,7 @@ def prune_(
             f"steps. Use MagnitudePruning(criterion={cfg.criterion!r}) while training, or criterion='magnitude' here."
         )
     selected = distinct_weights(select_modules(model, cfg.include, cfg.exclude))
-    overrides = cfg.layer_sparsity
-    assert isinstance(overrides, dict)
+    overrides = cfg.per_layer
     check_overrides_match(selected, overrides, "layer_sparsity")
     weights = weights_of(selected)
     gran = cfg.parsed_granularity

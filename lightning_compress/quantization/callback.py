@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -27,7 +25,6 @@ from typing_extensions import override
 from lightning_compress.core.checks import check_number, comparable, parse_epoch, show_epoch
 from lightning_compress.core.configs import ObserverName
 from lightning_compress.core.quantizers import fake_quantize
-from lightning_compress.core.selection import load_layer_values
 from lightning_compress.quantization.prepare import (
     QATConfig,
     all_quantizers,
@@ -36,7 +33,6 @@ from lightning_compress.quantization.prepare import (
     prepare_qat,
 )
 from lightning_compress.trainer.progress import (
-    callback_state,
     check_optimizers,
     check_strategy,
     max_epochs,
@@ -45,9 +41,10 @@ from lightning_compress.trainer.progress import (
     structure_ends,
     warn_if_spawned,
 )
+from lightning_compress.trainer.technique import Technique
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(Technique):
     r"""Quantization-aware training (fake quantization) of a LightningModule's Conv and Linear layers.
 
     Weights are quantized per output channel (or per tensor), symmetric with zero-point 0 by default — so pruned
@@ -110,6 +107,8 @@ class QuantizationAwareTraining(Callback):
         export_onnx(model, "model.int8.onnx", example_input)   # QDQ ONNX with int8 weights
     """
 
+    holds = "quantizers"
+
     def __init__(
         self,
         weight_bits: int = 8,
@@ -131,17 +130,14 @@ class QuantizationAwareTraining(Callback):
         activation_range: Sequence[float] | None = None,
         quantize_outputs: bool = True,
     ) -> None:
-        super().__init__()
-        if isinstance(layer_bits, (str, os.PathLike)):
-            layer_bits = load_layer_values(layer_bits, "layer_bits")
-        #: What prepare_qat puts on the layers (checked there); the callback adds only *when*.
-        self.config = QATConfig(
+        config = QATConfig(
             weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
             weight_symmetric=weight_symmetric, activation_symmetric=activation_symmetric, observer=observer,
             fold_bn=fold_bn, layer_bits=layer_bits, include=include, exclude=exclude,
             averaging_constant=averaging_constant, activation_range=activation_range, quantize_outputs=quantize_outputs,
         )  # fmt: skip
-        self.include, self.exclude = include, exclude
+        super().__init__(config)  # what prepare_qat puts on the layers (checked there); the callback adds only *when*
+        self.config: QATConfig = config
         self.start_epoch = parse_epoch("start_epoch", start_epoch, optional=True)
         self.freeze_observers_epoch = parse_epoch("freeze_observers_epoch", freeze_observers_epoch, optional=True)
         self.freeze_bn_epoch = parse_epoch("freeze_bn_epoch", freeze_bn_epoch, optional=True)
@@ -157,7 +153,6 @@ class QuantizationAwareTraining(Callback):
         self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._steps: dict[str, int | None] = {}
         self._epochs: dict[str, float | None] = {}
-        self._bound: Any = None  # a weak reference to the module this callback quantizes
 
     def _check_freeze_after_start(self, start: float, freeze: float | None, source: str, shown: str = "") -> None:
         if freeze is not None and freeze < start - 1e-9:
@@ -191,11 +186,6 @@ class QuantizationAwareTraining(Callback):
         self._check_freeze_after_start(start, epochs["freeze_observers_epoch"], "start_epoch")
         return start
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(include=self.include, exclude=self.exclude)
-
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -214,14 +204,14 @@ class QuantizationAwareTraining(Callback):
                     f"`start_epoch` ({show_epoch(self.start_epoch)}) is not before the Trainer's max_epochs ({total}): "
                     f"quantization would never start and the export would fail. Set start_epoch < {total}."
                 )
-        if self._layers and self._bound is not None and self._bound() is pl_module:
+        if self._layers and self._bound_to(pl_module):
             return  # the same model again (another fit, or test after fit): its quantizers are in place
         if self._layers:  # this instance quantized another model before: start over on the new one
             self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._layers = prepare_qat(pl_module, self.config)
         self._quantizers = all_quantizers(pl_module)
-        self._bound = weakref.ref(pl_module)
-        warn_if_spawned(trainer, "QuantizationAwareTraining", "quantizers")
+        self._bind(pl_module)
+        warn_if_spawned(trainer, self.name, self.holds)
         self._bns = folded_batchnorms(self._layers)
         # Outside fit (validate/test/predict on a restored checkpoint) the layers quantize as trained.
         self._set_phase(observing=False, quantizing=stage != "fit", bn_frozen=self._phase["bn_frozen"])
@@ -300,22 +290,13 @@ class QuantizationAwareTraining(Callback):
     def state_dict(self) -> dict[str, Any]:
         return dict(self._phase)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_bound"] = None  # a weak reference does not pickle (ddp_spawn pickles the Trainer's callbacks)
-        return state
-
-    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
-        """Put the quantizers back on ``pl_module`` and load a checkpoint a run with this callback wrote (strictly:
-        weights, scales, observed ranges, and the phase) — in a process that did not train: the user's process after
-        ``strategy="ddp_spawn"`` (Lightning copies only the weights back to it, dropping the quantizers), or a
-        notebook reading a cluster job's checkpoint.
-
-        Raises:
-            ValueError: The checkpoint holds no state of this callback (another ``state_key``).
-        """
-        state = callback_state(checkpoint, self.state_key, "QuantizationAwareTraining")
-        self._bound, self._layers = None, {}
+    @override
+    def _restore_from(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike, state: dict[str, Any]
+    ) -> None:
+        """Put the quantizers back on ``pl_module`` and load the checkpoint strictly: weights, scales, observed ranges,
+        and the phase (Lightning copies only the weights back from spawned processes, dropping the quantizers)."""
+        self._layers = {}
         self.setup(trainer, pl_module, "validate")
         pl_module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
         self.load_state_dict(state)

@@ -15,7 +15,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from typing_extensions import override
 
 from lightning_compress.core.checks import epoch_share, resolve_epoch, show_epoch
 
@@ -237,57 +236,3 @@ def update_due(step: int, start: int, end: int, every: int, last_update: int) ->
     if step <= end:
         return (step - start) % every == 0 or step == end
     return last_update < end
-
-
-class StepwiseTechnique(Callback):
-    """What the techniques that act after every optimizer step share (MagnitudePruning, LowRankFactorization):
-    ``_step(trainer, pl_module, step)`` is called once per optimizer step (not per batch under gradient accumulation);
-    ``load_state_dict`` keeps the checkpoint's state for ``on_train_start`` (``_loaded``); the weak reference to the
-    bound module (``_bound``) is dropped when pickled (``ddp_spawn`` pickles the Trainer's callbacks)."""
-
-    _last_seen_step: int
-    _loaded: dict[str, Any] | None
-    _bound: Any
-    include: Any
-    exclude: Any
-
-    @property
-    @override
-    def state_key(self) -> str:
-        # Two instances on one Trainer (e.g. on different layers) keep their states apart.
-        return self._generate_state_key(include=self.include, exclude=self.exclude)
-
-    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
-        raise NotImplementedError
-
-    def _reset(self) -> None:
-        raise NotImplementedError
-
-    def _new_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
-        """For ``setup``: whether there is a new model to prepare — ``fit`` of a module this instance is not bound to
-        (another ``fit`` of the same model goes on from the same state; a new one starts from its own weights). Then
-        a strategy that shards parameters is refused and the per-model state is reset."""
-        if stage != "fit" or (self._bound is not None and self._bound() is pl_module):
-            return False
-        check_strategy(trainer, type(self).__name__)
-        self._reset()
-        return True
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if step == self._last_seen_step:
-            return  # no optimizer step in this batch (gradient accumulation)
-        self._last_seen_step = step
-        self._step(trainer, pl_module, step)
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_bound"] = None  # a weak reference does not pickle
-        return state

@@ -1,0 +1,316 @@
+"""The base of every compression callback: what a technique needs from a Trainer, written once.
+
+A technique is a validated config (:mod:`lightning_compress.core.configs`), a verb that applies it to any module, and a
+callback built on one of these bases, which decides only *when*:
+
+* :class:`Technique` — the config, the identity on a Trainer (``state_key`` from ``include`` / ``exclude`` and
+  :meth:`Technique._identity`), the module it is bound to (a weak reference, dropped when pickled for ``ddp_spawn``),
+  the layer selection with the one frozen-layer policy (:meth:`Technique.select`), checkpoint state kept until training
+  starts, and :meth:`Technique.restore` in a process that did not train (:class:`~lightning_compress.core.protocol.
+  Restorable`).
+* :class:`StepwiseTechnique` — acts once per optimizer step (not per batch under gradient accumulation): ``_step``.
+* :class:`RampedTechnique` — a structure that tightens along a schedule from ``start_epoch`` to ``end_epoch`` and then
+  holds (pruning masks, low ranks): the ramp, its update steps, its end as ``structure_final_epoch``, the logging
+  cadence. A subclass implements :meth:`RampedTechnique._prepare` (select and check, before training),
+  :meth:`RampedTechnique._update` (a new structure at a point of the ramp), :meth:`RampedTechnique._apply` (re-impose
+  it after an optimizer step) and ``state_dict`` / :meth:`Technique._restore`.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_compress.core.checks import (
+    Schedule,
+    check_choice,
+    check_flag,
+    check_number,
+    parse_epoch,
+    same_kind_order,
+)
+from lightning_compress.core.configs import TechniqueConfig
+from lightning_compress.core.selection import distinct_weights, select_modules
+from lightning_compress.trainer.progress import (
+    callback_state,
+    check_optimizers,
+    check_strategy,
+    ramp_progress,
+    ramp_steps,
+    resolve_ramp,
+    update_due,
+    update_every,
+    warn_if_spawned,
+)
+
+
+class Technique(Callback):
+    """What every compression callback shares (see the module's docstring)."""
+
+    #: What the callback holds that Lightning does not copy back from spawned processes (in the warning about it).
+    holds = "state"
+
+    def __init__(self, config: TechniqueConfig) -> None:
+        super().__init__()
+        #: What the technique does (checked there, as its verb checks it); the callback adds only *when*.
+        self.config = config
+        self.include: Any = getattr(config, "include", None)
+        self.exclude: Any = getattr(config, "exclude", None)
+        self._bound: Any = None  # a weak reference to the module this callback compresses
+        self._loaded: dict[str, Any] | None = None  # a checkpoint's state, kept until training starts
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances on one Trainer (e.g. on different layers) keep their states apart.
+        return self._generate_state_key(include=self.include, exclude=self.exclude, **self._identity())
+
+    def _identity(self) -> dict[str, Any]:
+        """More settings that tell two instances apart in ``state_key`` (e.g. a pruning granularity)."""
+        return {}
+
+    def _bind(self, pl_module: pl.LightningModule) -> None:
+        self._bound = weakref.ref(pl_module)
+
+    def _bound_to(self, pl_module: pl.LightningModule) -> bool:
+        return self._bound is not None and self._bound() is pl_module
+
+    # ------------------------------------------------------------------ selection
+    def filter_modules(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs the technique acts on. Override for another selection."""
+        return select_modules(pl_module, self.include, self.exclude)
+
+    def select(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """:meth:`filter_modules`, a weight tied to several layers kept once, and the one frozen-layer policy of every
+        technique that rewrites weights while training: a layer whose weight does not train (``requires_grad=False``)
+        is left as it is, named in one warning.
+
+        Raises:
+            ValueError: Every selected layer is frozen (named).
+        """
+        selected = distinct_weights(self.filter_modules(pl_module))
+        frozen = [n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor) and not w.requires_grad]
+        if frozen and len(frozen) == len(selected):
+            raise ValueError(
+                f"{self.name}: every selected layer is frozen (weight.requires_grad=False): "
+                f"{', '.join(map(repr, frozen))}; a frozen layer is left as it is. Select trainable layers with "
+                "`include` / `exclude`, or unfreeze them."
+            )
+        if frozen:
+            rank_zero_warn(
+                f"{self.name} leaves {len(frozen)} frozen layer(s) (weight.requires_grad=False) as they are: "
+                f"{', '.join(map(repr, frozen))}. Unfreeze them to compress them."
+            )
+        return [(n, m) for n, m in selected if n not in frozen]
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike) -> None:
+        """Rebuild this callback's state on ``pl_module`` from a checkpoint a run with it wrote — in a process that did
+        not train: the user's process after ``strategy="ddp_spawn"`` (Lightning copies only the weights back to it),
+        or a notebook reading a cluster job's checkpoint.
+
+        Raises:
+            ValueError: The checkpoint holds no state of this callback (another ``state_key``).
+        """
+        state = callback_state(checkpoint, self.state_key, self.name)
+        self._bound = None
+        self._restore_from(trainer, pl_module, checkpoint, state)
+
+    def _restore_from(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike, state: dict[str, Any]
+    ) -> None:
+        """Prepare ``pl_module`` as for training and take the checkpoint's state (the weights are left as they are)."""
+        self.setup(trainer, pl_module, "fit")
+        self._restore(state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Take a checkpoint's state (``state_dict``'s form) on the prepared model."""
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_bound"] = None  # a weak reference does not pickle (ddp_spawn pickles the Trainer's callbacks)
+        return state
+
+
+class StepwiseTechnique(Technique):
+    """A technique that acts after every optimizer step: ``_step(trainer, pl_module, step)`` is called once per
+    optimizer step (not per batch under gradient accumulation)."""
+
+    def __init__(self, config: TechniqueConfig, verbose: bool = False) -> None:
+        super().__init__(config)
+        self.verbose = check_flag("verbose", verbose)
+        self._last_seen_step = -1
+
+    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """Forget every model-specific state (a new model is being compressed)."""
+        self._loaded = None
+        self._last_seen_step = -1
+
+    def _new_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
+        """For ``setup``: whether there is a new model to prepare — ``fit`` of a module this instance is not bound to
+        (another ``fit`` of the same model goes on from the same state; a new one starts from its own weights). Then
+        a strategy that shards parameters is refused and the per-model state is reset."""
+        if stage != "fit" or self._bound_to(pl_module):
+            return False
+        check_strategy(trainer, self.name)
+        self._reset()
+        return True
+
+    @staticmethod
+    def _logging_step(trainer: pl.Trainer, step: int) -> bool:
+        """Whether ``step`` is one of the Trainer's logging steps (``self.log`` costs about a millisecond per key: a
+        technique logs on those, the only ones its loggers write, and whenever its structure changes)."""
+        return step % max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) == 0
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_seen_step:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._last_seen_step = step
+        self._step(trainer, pl_module, step)
+
+
+class RampedTechnique(StepwiseTechnique):
+    """A structure that tightens along a schedule (see the module's docstring).
+
+    Args:
+        config: The technique's config.
+        start_epoch, end_epoch: Where the ramp starts and ends (epochs, fractions allowed, or shares like ``"50%"``).
+        schedule: ``"cubic"`` or ``"linear"``.
+        update_every_n_steps: Optimizer steps between structure updates along the ramp (``None``: 50 updates, at most
+            one every 4 steps); the structure is re-imposed after every step.
+        verbose: Print a line at every update (rank zero only).
+    """
+
+    def __init__(
+        self,
+        config: TechniqueConfig,
+        start_epoch: float | str,
+        end_epoch: float | str,
+        schedule: str,
+        update_every_n_steps: int | None,
+        verbose: bool,
+    ) -> None:
+        super().__init__(config, verbose)
+        self.start_epoch = parse_epoch("start_epoch", start_epoch)
+        self.end_epoch = parse_epoch("end_epoch", end_epoch)
+        same_kind_order(("start_epoch", self.start_epoch), ("end_epoch", self.end_epoch))
+        self.schedule = check_choice("schedule", schedule, Schedule).value
+        self.update_every_n_steps = check_number("update_every_n_steps", update_every_n_steps, 1, integer=True,
+                                                 optional=True)  # fmt: skip
+        self._epochs: dict[str, float] = {}  # start/end in epochs, once the Trainer's length is known
+        self._reset()
+
+    @override
+    def _reset(self) -> None:
+        super()._reset()
+        self._last_update_step = -1
+        self._start_step = self._end_step = self._every = 0
+
+    # ------------------------------------------------------------------ what a subclass implements
+    def _goal(self) -> str:
+        """The target, as messages name it (``"final_sparsity=0.9"``)."""
+        raise NotImplementedError
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Select and check the layers before training (everything that can be refused is refused here)."""
+        raise NotImplementedError
+
+    def _update(self, trainer: pl.Trainer, step: int) -> None:
+        """A new structure for the ramp's point after optimizer step ``step``."""
+        raise NotImplementedError
+
+    def _apply(self) -> None:
+        """Re-impose the current structure on the weights (after an optimizer step moved them)."""
+        raise NotImplementedError
+
+    def _log(self, pl_module: pl.LightningModule) -> None:
+        """Log the measured structure (on logging steps and after every update)."""
+
+    # ------------------------------------------------------------------ the ramp
+    def should_update(self, step: int) -> bool:
+        """Whether the structure is recomputed after optimizer step ``step``."""
+        return update_due(step, self._start_step, self._end_step, self._every, self._last_update_step)
+
+    def ramp_progress(self, step: int) -> float:
+        """0 at the ramp's start, 1 at its end (clamped by the schedules)."""
+        return ramp_progress(step, self._start_step, self._end_step)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._new_model(trainer, pl_module, stage):
+            return
+        self._prepare(trainer, pl_module)
+        start, end = resolve_ramp(trainer, self.name, self.start_epoch, self.end_epoch, self._goal())
+        self._epochs = {"start": start, "end": end}
+        self._bind(pl_module)
+        warn_if_spawned(trainer, self.name, self.holds)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_optimizers(trainer, pl_module, self.name)
+        goal = self._goal()
+        self._start_step, self._end_step = ramp_steps(trainer, self.name, self._epochs["start"], self._epochs["end"],
+                                                      goal)  # fmt: skip
+        self._every = update_every(self._start_step, self._end_step, self.update_every_n_steps)
+        self._last_seen_step = trainer.global_step
+        self._start(trainer, pl_module)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """When training starts: a resumed run takes its checkpoint's structure (the weights carry it already), a new
+        one its first (at the ramp's start)."""
+        if self._loaded is not None:
+            self._restore(self._loaded)
+            self._loaded = None
+            return
+        self._step(trainer, pl_module, trainer.global_step, log=False)
+
+    @override
+    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, log: bool = True) -> None:
+        updated = self.should_update(step)
+        if updated:
+            self._update(trainer, step)
+            self._last_update_step = step
+        self._apply()
+        if log and self._last_update_step >= 0 and (updated or self._logging_step(trainer, step)):
+            self._log(pl_module)
+
+    @override
+    def _restore_from(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike, state: dict[str, Any]
+    ) -> None:
+        super()._restore_from(trainer, pl_module, checkpoint, state)
+        self._end_step = int(state.get("end_step", self._last_update_step))
+
+    @property
+    def target_reached(self) -> bool:
+        """Whether the ramp has ended: the structure is final (see :class:`~lightning_compress.CompressionTarget`)."""
+        return self._last_update_step >= 0 and self._last_update_step >= self._end_step
+
+    @property
+    def structure_final_epoch(self) -> float | None:
+        """The epoch at which the ramp ends and the structure stops changing (known after ``setup``); see
+        :class:`~lightning_compress.core.protocol.ChangesStructure`."""
+        return self._epochs.get("end")
