@@ -10,16 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.configs import PruningConfig, resolve_config
-from lightning_compress.core.masks import GRADIENT_CRITERIA, check_nm_shapes, compute_masks, random_scores, sparsity
+from lightning_compress.core.masks import GRADIENT_CRITERIA, check_nm_shapes, compute_masks, sparsity
 from lightning_compress.core.schedules import sparsity_at
-from lightning_compress.core.selection import (
-    check_overrides_match,
-    distinct_weights,
-    match_overrides,
-    select_modules,
-    weights_of,
-)
-from lightning_compress.pruning.groups import group_index, prune_groups, weight_masks
+from lightning_compress.core.selection import check_overrides_match, distinct_weights, select_modules, weights_of
+from lightning_compress.pruning.strategies import PruningStrategy, strategy_for
 
 __all__ = ["compute_masks", "prune_", "sparsity", "sparsity_at"]
 
@@ -54,37 +48,26 @@ def prune_(
         >>> sum(int((~m).sum()) for m in masks.values()) == round(0.75 * (16 * 16 + 16 * 4))
         True
     """
-    cfg = resolve_config(PruningConfig, config, "final_sparsity", fields)
-    if cfg.criterion in GRADIENT_CRITERIA:
+    return pruned(model, resolve_config(PruningConfig, config, "final_sparsity", fields), example_input).masks
+
+
+def pruned(model: nn.Module, config: PruningConfig, example_input: Tensor | None = None) -> PruningStrategy:
+    """:func:`prune_`'s work: the callback's strategy for ``config``'s granularity, at the end of its ramp, applied
+    once — one code path for both forms. Returns the strategy (its masks; for channel groups, ``groups`` and
+    ``keep``)."""
+    if config.criterion in GRADIENT_CRITERIA:
         raise ValueError(
-            f"prune_ prunes once and sees no gradients, but criterion={cfg.criterion!r} sums w·∂L/∂w over training "
-            f"steps. Use MagnitudePruning(criterion={cfg.criterion!r}) while training, or criterion='magnitude' here."
+            f"prune_ prunes once and sees no gradients, but criterion={config.criterion!r} sums w·∂L/∂w over training "
+            f"steps. Use MagnitudePruning(criterion={config.criterion!r}) while training, or criterion='magnitude' "
+            "here."
         )
-    selected = distinct_weights(select_modules(model, cfg.include, cfg.exclude))
-    overrides = cfg.per_layer
-    check_overrides_match(selected, overrides, "layer_sparsity")
+    selected = distinct_weights(select_modules(model, config.include, config.exclude))
+    check_overrides_match(selected, config.per_layer, "layer_sparsity")
     weights = weights_of(selected)
-    gran = cfg.parsed_granularity
-    if gran.kind == "channel":
-        groups, keep = prune_groups(model, cfg, example_input)
-        return weight_masks(weights, group_index(groups, keep))
-    check_nm_shapes(weights, gran)
-    scores = None
-    if cfg.criterion == "random":
-        generator = torch.Generator().manual_seed(cfg.seed)
-        scores = {n: random_scores(w, generator) for n, w in weights.items()}
-    own = {n: v for n in weights if (v := match_overrides(n, overrides, selected)) is not None}
-    masks = compute_masks(
-        weights,
-        cfg.final_sparsity,
-        granularity=gran,
-        scope=str(cfg.scope),
-        criterion=cfg.criterion,
-        layer_sparsity=own,
-        scores=scores,
-        threshold=cfg.threshold,
-    )
+    check_nm_shapes(weights, config.parsed_granularity)
+    strategy = strategy_for(config, selected, weights)
+    strategy.build(example_input, model)
+    strategy.update(None, config.final_sparsity, lambda final: final)
     with torch.no_grad():
-        for name, mask in masks.items():
-            weights[name].mul_(mask)
-    return masks
+        strategy.apply()
+    return strategy

@@ -335,33 +335,11 @@ def prune_channel_groups_(
         ValueError: As :func:`channel_groups` and :func:`group_keep`; also when no group can be pruned.
     """
     from lightning_compress.core.configs import PruningConfig
+    from lightning_compress.pruning.functional import pruned
+    from lightning_compress.pruning.strategies import ChannelGroupMasks
 
     config = PruningConfig(final_sparsity=sparsity, granularity="channel", scope=scope, include=include,  # type: ignore[arg-type]
                            exclude=exclude, round_to=round_to)  # fmt: skip
-    return prune_groups(model, config, example_input, "prune_channel_groups_")
-
-
-def prune_groups(
-    model: nn.Module, config: Any, example_input: Any, owner: str = "prune_"
-) -> tuple[list[ChannelGroup], list[Tensor]]:
-    """One-shot channel-group pruning as a :class:`~lightning_compress.PruningConfig` with ``granularity="channel"``
-    asks (its ``layer_sparsity`` patterns match a group's first layer)."""
-    from lightning_compress.core.selection import match_overrides
-
-    if not isinstance(example_input, Tensor):
-        raise ValueError(
-            f"{owner}: granularity='channel' traces the model on one input to find its channel groups: pass "
-            "`example_input` (a tensor batch)."
-        )
-    groups = channel_groups(model, example_input, config.include, config.exclude)
-    if not groups:
-        raise ValueError(f"{owner}: no channel group to prune (check include/exclude).")
-    selected = select_modules(model, config.include, config.exclude)
-    own = {
-        i: final
-        for i, g in enumerate(groups)
-        if (final := match_overrides(g.root, config.layer_sparsity, selected)) is not None
-    }
-    keep = group_keep(groups, group_scores(groups), config.final_sparsity, config.scope, own, config.round_to)
-    apply_group_masks_(groups, keep)
-    return groups, keep
+    strategy = pruned(model, config, example_input)
+    assert isinstance(strategy, ChannelGroupMasks)
+    return strategy.groups, strategy.keep

@@ -60,8 +60,9 @@ class PruningStrategy:
         """Add this optimizer step's ``w·∂L/∂w`` terms to the scores (gradient criteria; a step with non-finite
         gradients, which the AMP scaler skips, is not counted)."""
 
-    def update(self, trainer: pl.Trainer, target: float, scheduled: Targets) -> None:
-        """New masks at ``target`` (a layer or group with its own final sparsity at ``scheduled(final)``)."""
+    def update(self, trainer: pl.Trainer | None, target: float, scheduled: Targets) -> None:
+        """New masks at ``target`` (a layer or group with its own final sparsity at ``scheduled(final)``); without a
+        Trainer, once (:func:`~lightning_compress.prune_`)."""
         raise NotImplementedError
 
     def apply(self) -> None:
@@ -97,10 +98,11 @@ class PruningStrategy:
         self.scored_steps = 0
 
     @staticmethod
-    def broadcast(trainer: pl.Trainer, value: Any) -> Any:
+    def broadcast(trainer: pl.Trainer | None, value: Any) -> Any:
         """Rank zero's ``value`` on every rank: every rank holds the same weights under DDP, so the structures agree
-        already; broadcasting makes that a guarantee rather than an assumption (ties broken differently)."""
-        return trainer.strategy.broadcast(value, src=0) if trainer.world_size > 1 else value
+        already; broadcasting makes that a guarantee rather than an assumption (ties broken differently). Without a
+        Trainer (:func:`~lightning_compress.prune_`), ``value`` itself."""
+        return trainer.strategy.broadcast(value, src=0) if trainer is not None and trainer.world_size > 1 else value
 
 
 class WeightMasks(PruningStrategy):
@@ -128,7 +130,7 @@ class WeightMasks(PruningStrategy):
             self.scores[name] += term
         self.scored_steps += 1
 
-    def update(self, trainer: pl.Trainer, target: float, scheduled: Targets) -> None:
+    def update(self, trainer: pl.Trainer | None, target: float, scheduled: Targets) -> None:
         config = self.config
         overrides = config.per_layer
         own = {n: scheduled(v) for n in self.weights if (v := match_overrides(n, overrides, self.selected)) is not None}
@@ -175,10 +177,12 @@ class ChannelGroupMasks(PruningStrategy):
         self.scores: list[Tensor] = []  # gradient criteria: per group, a score per channel
 
     def build(self, example: Any, pl_module: nn.Module) -> None:
+        if self.groups:
+            return  # traced already
         if not isinstance(example, Tensor):
             raise ValueError(
-                "MagnitudePruning(granularity='channel') traces the model on one input to find its channel groups: "
-                "set `example_input_array` on your LightningModule (a tensor batch)."
+                "granularity='channel' traces the model on one input to find its channel groups: set "
+                "`example_input_array` on your LightningModule (a tensor batch), or pass `example_input` to prune_."
             )
         self.groups = channel_groups(pl_module, example.to(next(pl_module.parameters()).device), self.config.include,
                                      self.config.exclude)  # fmt: skip
@@ -186,8 +190,8 @@ class ChannelGroupMasks(PruningStrategy):
             self.plan = gradient_plan(self.groups)
         if not self.groups:
             raise ValueError(
-                "MagnitudePruning(granularity='channel'): no channel group can be pruned (the last layer keeps its "
-                "outputs; groups coupled with excluded layers stay). Check include/exclude."
+                "granularity='channel': no channel group to prune (the last layer keeps its outputs; groups coupled "
+                "with excluded layers stay). Check include/exclude."
             )
         roots = {g.root for g in self.groups}
         for pattern in self.config.per_layer:
@@ -208,7 +212,7 @@ class ChannelGroupMasks(PruningStrategy):
             score += term
         self.scored_steps += 1
 
-    def update(self, trainer: pl.Trainer, target: float, scheduled: Targets) -> None:
+    def update(self, trainer: pl.Trainer | None, target: float, scheduled: Targets) -> None:
         config = self.config
         own = {
             i: scheduled(final)
@@ -220,7 +224,7 @@ class ChannelGroupMasks(PruningStrategy):
         else:
             scores = group_scores(self.groups)
         keep = group_keep(self.groups, scores, target, str(config.scope), own, config.round_to)
-        if trainer.world_size > 1:
+        if trainer is not None and trainer.world_size > 1:
             keep = self.broadcast(trainer, [k.to(next(iter(self.weights.values())).device) for k in keep])
         self._set_keep([k.cpu() for k in keep])
         self.scores_used(self.scores)
