@@ -18,7 +18,7 @@ same seed (recipes ``*_qat_int8`` and ``*_qat_w4``). Every accuracy is that of t
 test split.
 
     python benchmarks/ptq.py          # writes the `ptq` section of benchmarks/RESULTS.md (about 8 minutes)
-    python benchmarks/ptq.py --tasks resnet18   # torchvision's resnet18 (needs torchvision): section `ptq_resnet18`
+    python benchmarks/ptq.py --tasks resnet18 --no-qat   # torchvision's resnet18 (needs torchvision): `ptq_resnet18`
 """
 
 from __future__ import annotations
@@ -140,13 +140,13 @@ def nncf_quantize(float_path: Path, out: Path, batches: list[torch.Tensor]) -> P
     model = onnx.load(str(float_path))
     name = model.graph.input[0].name
     dataset = nncf.Dataset(batches, lambda x: {name: x.numpy()})
-    quantized = nncf.quantize(model, dataset, subset_size=sum(len(b) for b in batches))
+    quantized = nncf.quantize(model, dataset, subset_size=len(batches))  # every calibration batch
     path = out / "nncf.onnx"
     onnx.save(quantized, str(path))
     return path
 
 
-def run(task: str, seed: int, tmp: Path) -> dict[str, float]:
+def run(task: str, seed: int, tmp: Path, qat: bool = True) -> dict[str, float]:
     out = tmp / f"{task}-{seed}"
     out.mkdir()
     module, dm = train(task, "float", seed, out)
@@ -162,9 +162,9 @@ def run(task: str, seed: int, tmp: Path) -> dict[str, float]:
         result[f"ours W{bits}A8"] = ort_accuracy(export_onnx(ours.eval(), out / f"ours_w{bits}.onnx", example), test)
         result[f"quantize_static W{bits}A8"] = ort_accuracy(ort_static(float_path, out, batches, bits), test)
     result["nncf W8A8"] = ort_accuracy(nncf_quantize(float_path, out, batches), test)
-    for bits in (8, 4):
-        qat, _ = train(task, f"qat{bits}", seed, out / f"qat{bits}")
-        result[f"QAT W{bits}A8"] = ort_accuracy(export_onnx(qat, out / f"qat_w{bits}.onnx", example), test)
+    for bits in (8, 4) if qat else ():
+        model, _ = train(task, f"qat{bits}", seed, out / f"qat{bits}")
+        result[f"QAT W{bits}A8"] = ort_accuracy(export_onnx(model, out / f"qat_w{bits}.onnx", example), test)
     return result
 
 
@@ -172,6 +172,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=list(RECIPES), help=f"of {[*RECIPES, *ZOO]}")
+    parser.add_argument(
+        "--no-qat", action="store_true", help="post-training rows only (QAT trains the model twice more)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
@@ -179,9 +182,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
             for seed in range(args.seeds):
-                for kind, value in run(task, seed, Path(tmp)).items():
+                for kind, value in run(task, seed, Path(tmp), qat=not args.no_qat).items():
                     results[task][kind].append(value)
-                print(task, seed, {k: v[-1] for k, v in results[task].items()}, flush=True)
+                print(task, seed, {k: v[-1] for k, v in results[task].items() if v}, flush=True)
     lines = [
         "## Post-training quantization (`benchmarks/ptq.py`)"
         + ("" if set(args.tasks) <= set(RECIPES) else f" on {', '.join(args.tasks)} (torchvision)"),
@@ -195,7 +198,7 @@ def main() -> None:
     for task in args.tasks:
         r = results[task]
         lines += [f"**{task}**", "", "| model | accuracy | Δ float | vs ORT quantize_static |", "|---|---|---|---|"]
-        for kind in KINDS:
+        for kind in [k for k in KINDS if r[k]]:
             delta = statistics.mean(np.subtract(r[kind], r["float"]))
             bits = "W4A8" if "W4" in kind else "W8A8"
             peer = r[f"quantize_static {bits}"]
