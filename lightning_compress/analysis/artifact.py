@@ -163,16 +163,7 @@ def save_compressed(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLi
         deploy: The smallest file, for serving (BatchNorms folded; tensors only): see the module's docstring. The
             default, the model form, loads back into a model built the same way (:func:`load_compressed`).
     """
-    how: dict[str, dict[str, Any]] = {}
-    extra: dict[str, Any] = {}
-    if not isinstance(obj, nn.Module):
-        tensors, form = _state_dict(obj), "tensors"
-    elif deploy:
-        (tensors, extra), form = deploy_state(obj), "deploy"
-    else:
-        (tensors, how), form = model_state(obj), "model"
-        extra = {"quantizing": quantizing_phases(obj)}
-    data = encode(tensors, {"form": form, **extra}, how)
+    tensors, data = _encoded(obj, deploy)
     back = decode(data, str(path))[0]
     mismatch = next((k for k, t in tensors.items() if not _same(back[k], t)), None)
     if mismatch is not None or set(back) != set(tensors):
@@ -183,13 +174,21 @@ def save_compressed(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLi
 
 def compressed_size(obj: nn.Module | Mapping[str, Tensor], *, deploy: bool = False) -> int:
     """The bytes :func:`save_compressed` would write, without writing a file."""
+    return len(_encoded(obj, deploy)[1])
+
+
+def _encoded(obj: nn.Module | Mapping[str, Tensor], deploy: bool) -> tuple[dict[str, Tensor], bytes]:
+    """The tensors a model (in its model or deploy form) or a state dict is stored as, and the artifact's bytes."""
+    how: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {}
     if not isinstance(obj, nn.Module):
-        return len(encode(_state_dict(obj), {"form": "tensors"}, {}))
-    if deploy:
-        state, extra = deploy_state(obj)
-        return len(encode(state, {"form": "deploy", **extra}, {}))
-    state, how = model_state(obj)
-    return len(encode(state, {"form": "model", "quantizing": quantizing_phases(obj)}, how))
+        tensors, form = _state_dict(obj), "tensors"
+    elif deploy:
+        (tensors, extra), form = deploy_state(obj), "deploy"
+    else:
+        (tensors, how), form = model_state(obj), "model"
+        extra = {"quantizing": quantizing_phases(obj)}
+    return tensors, encode(tensors, {"form": form, **extra}, how)
 
 
 def quantizing_phases(model: nn.Module) -> dict[str, bool]:

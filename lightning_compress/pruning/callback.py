@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_compress.core import masks
 from lightning_compress.core.configs import CriterionName, PruningConfig, ScheduleName, ScopeName, check_sparsity
 from lightning_compress.core.masks import Granularity, check_nm_shapes
 from lightning_compress.core.schedules import sparsity_at
@@ -176,9 +177,14 @@ class MagnitudePruning(RampedTechnique):
         return self._strategy
 
     @override
+    def _trace(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.strategy, ChannelGroupMasks):
+            self.strategy.build(first_input(trainer, pl_module), pl_module)  # once: the groups are kept
+
+    @override
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if isinstance(self.strategy, ChannelGroupMasks) and not self.strategy.groups:
-            self.strategy.build(first_input(trainer, pl_module), pl_module)
+        # unlike the base, a step after the checkpoint's masks: the ramp's update at this step is recomputed as in an
+        # uninterrupted run (the resume tests compare with one)
         if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
@@ -249,16 +255,6 @@ class MagnitudePruning(RampedTechnique):
                 "end_step": self._end_step}  # fmt: skip
 
     @override
-    def _restore_from(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike, state: dict[str, Any]
-    ) -> None:
-        self.setup(trainer, pl_module, "fit")
-        if isinstance(self.strategy, ChannelGroupMasks):
-            self.strategy.build(first_input(trainer, pl_module), pl_module)
-        self._restore(state)
-        self._end_step = int(state.get("end_step", self._last_update_step))
-
-    @override
     def _restore(self, state: dict[str, Any]) -> None:
         self.strategy.load(state)
         self._last_update_step = int(state.get("last_update_step", -1))
@@ -274,13 +270,11 @@ class MagnitudePruning(RampedTechnique):
 
     def layer_sparsities(self) -> dict[str, float]:
         """Measured fraction of zero weights in each selected layer."""
-        return {n: 1.0 - int(torch.count_nonzero(w)) / w.numel() for n, w in self.weights.items()}
+        return {n: masks.sparsity(w) for n, w in self.weights.items()}
 
     def sparsity(self) -> float:
         """Measured fraction of zero weights over all selected layers together."""
-        weights = self.weights.values()
-        total = sum(w.numel() for w in weights)
-        return sum(w.numel() - int(torch.count_nonzero(w)) for w in weights) / total if total else 0.0
+        return masks.sparsity(self.weights)
 
     def channel_sparsity(self) -> float:
         """granularity="channel": the fraction of the groups' channels removed (what ``final_sparsity`` means there)."""

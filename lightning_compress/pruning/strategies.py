@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.configs import PruningConfig
-from lightning_compress.core.masks import GRADIENT_CRITERIA, compute_masks, gradient_term, random_scores
+from lightning_compress.core.masks import GRADIENT_CRITERIA, compute_masks, gradient_term, random_scores, sparsity
 from lightning_compress.core.selection import match_overrides
 from lightning_compress.pruning.groups import (
     ChannelGroup,
@@ -72,9 +72,7 @@ class PruningStrategy:
 
     def measured(self) -> float:
         """The sparsity reached, in the unit of ``final_sparsity``."""
-        total = sum(w.numel() for w in self.weights.values())
-        zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in self.weights.values())
-        return zeros / total if total else 0.0
+        return sparsity(self.weights)
 
     def state(self) -> dict[str, Any]:
         return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}}

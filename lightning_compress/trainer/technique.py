@@ -276,7 +276,12 @@ class RampedTechnique(StepwiseTechnique):
                                                       goal)  # fmt: skip
         self._every = update_every(self._start_step, self._end_step, self.update_every_n_steps)
         self._last_seen_step = trainer.global_step
+        self._trace(trainer, pl_module)
         self._start(trainer, pl_module)
+
+    def _trace(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What must be traced on an input before the first update, and before a checkpoint's state is taken (e.g.
+        channel groups); nothing by default."""
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """When training starts: a resumed run takes its checkpoint's structure (the weights carry it already), a new
@@ -301,7 +306,9 @@ class RampedTechnique(StepwiseTechnique):
     def _restore_from(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike, state: dict[str, Any]
     ) -> None:
-        super()._restore_from(trainer, pl_module, checkpoint, state)
+        self.setup(trainer, pl_module, "fit")
+        self._trace(trainer, pl_module)
+        self._restore(state)
         self._end_step = int(state.get("end_step", self._last_update_step))
 
     @property
