@@ -128,7 +128,7 @@ def test_bad_input_fails_before_training(tmp_path):
 def test_end_epoch_past_max_epochs(tmp_path):
     proc = run_app(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=5", check=False)
     assert proc.returncode != 0
-    assert "`end_epoch` (20) is past the Trainer's max_epochs (5)" in proc.stderr
+    assert "MagnitudePruning(end_epoch=20) is past the end of Trainer(max_epochs=5)" in proc.stderr
 
 
 def test_unknown_recipe_lists_available(tmp_path):

@@ -376,9 +376,8 @@ def test_bad_arguments_refused_at_construction(kwargs, error, message):
         (
             dict(end_epoch=12),
             dict(max_epochs=10),
-            r"`end_epoch` \(12\) is past the Trainer's max_epochs \(10\)",
+            r"MagnitudePruning\(end_epoch=12\) is past the end of Trainer\(max_epochs=10\)",
         ),
-        (dict(end_epoch=2), dict(max_epochs=3, max_steps=10), r"past the Trainer's max_steps \(10\)"),
         (
             dict(end_epoch=1, include=["classifier", "decoder"]),
             {},

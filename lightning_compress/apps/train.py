@@ -106,6 +106,14 @@ def build(cfg: DictConfig) -> Job:
     return Job(cfg, out, datamodule, module, compression, trainer)
 
 
+def target_report(job: Job) -> dict[str, Any]:
+    """Whether every technique reached its target during training (``at_target``) and, for those a stop (EarlyStopping,
+    ``max_time``, ``max_steps``) left short, what each had reached then and whether ``finish_on_stop`` applied the
+    target at the end of fit (``stopped_short``)."""
+    short = [s for cb in job.compression if (s := getattr(cb, "stopped_short", None))]
+    return {"at_target": not short, "stopped_short": short}
+
+
 def pruning_masks(job: Job) -> dict[str, Any]:
     """Layer name → keep-mask of every technique on the job that holds masks (:class:`HasMasks`)."""
     return {n: m for cb in job.compression if isinstance(cb, HasMasks) for n, m in cb.masks.items()}
@@ -378,7 +386,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     job.datamodule.setup("validate")
     val_accuracy = evaluate_accuracy(job.module, job.datamodule.val_dataloader(), "the validation loader")
     report: dict[str, Any] = {
-        "recipe": cfg.get("task_name"), "accuracy": test_accuracy, "val_accuracy": val_accuracy, **size_report(job)
+        "recipe": cfg.get("task_name"), "accuracy": test_accuracy, "val_accuracy": val_accuracy,
+        **target_report(job), **size_report(job),
     }  # fmt: skip
     if job.trainer.is_global_zero:
         loader = job.datamodule.test_dataloader()

@@ -33,8 +33,10 @@ from lightning_compress.core.clustering import (
 from lightning_compress.core.configs import ClusteringConfig, ClusterInitName
 from lightning_compress.trainer.progress import (
     check_optimizers,
+    check_within_max_epochs,
     optimizer_steps_per_epoch,
     resolve_epochs,
+    scheduled_epoch_steps,
     structure_ends,
     warn_if_spawned,
 )
@@ -74,6 +76,9 @@ class WeightClustering(StepwiseTechnique):
             epoch).
         seed: Seed of the k-means++ initialisation.
         verbose: Print a line when the weights are clustered and at every refresh (rank zero only).
+        finish_on_stop: When training stops before the weights are clustered and frozen (EarlyStopping, ``max_time``,
+            ``max_steps``), apply the clusters (frozen) at the end of fit (default); ``False`` leaves the model where it
+            stopped. Either way a warning says what was reached against what was asked.
 
     Raises:
         ValueError: Before the first step: ``clusters`` < 2 or above the number of distinct non-zero weights of a
@@ -104,10 +109,11 @@ class WeightClustering(StepwiseTechnique):
         update_every_n_steps: int | None = None,
         seed: int = 0,
         verbose: bool = False,
+        finish_on_stop: bool = True,
     ) -> None:
         config = ClusteringConfig(clusters=clusters, init=init, layer_clusters=layer_clusters, include=include,
                                   exclude=exclude, seed=seed)  # fmt: skip
-        super().__init__(config, verbose)
+        super().__init__(config, verbose, finish_on_stop)
         self.config: ClusteringConfig = config
         self.clusters, self.init, self.seed = config.clusters, config.init, config.seed
         self.layer_clusters: dict[str, int] = config.per_layer
@@ -166,21 +172,18 @@ class WeightClustering(StepwiseTechnique):
                 f"before `freeze_epoch`, but they are frozen from the start (epoch {start:g}). Set freeze_epoch after "
                 "start_epoch, or leave update_every_n_steps=None."
             )
-        total = trainer.max_epochs
-        if total is not None and total >= 0 and start > total + 1e-9:
-            raise ValueError(
-                f"WeightClustering: the weights would be clustered at epoch {start:g}, past the Trainer's max_epochs "
-                f"({total}). Set start_epoch <= {total}."
-            )
+        check_within_max_epochs(trainer, self.name, "start_epoch", self.start_epoch, start,
+                                "the weights would never be clustered")  # fmt: skip
         return {"start": start, "freeze": freeze}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_optimizers(trainer, pl_module, "WeightClustering")
-        per_epoch = optimizer_steps_per_epoch(trainer, "WeightClustering")
+        what = f"its schedule (clustering at epoch {self._epochs['start']:g})"
+        per_epoch = scheduled_epoch_steps(trainer, self.name, what)
         self._start_step = round(self._epochs["start"] * per_epoch)
         self._freeze_step = round(self._epochs["freeze"] * per_epoch)
-        self._every = self.update_every_n_steps or per_epoch
+        self._every = self.update_every_n_steps or optimizer_steps_per_epoch(trainer, self.name)
         self._last_seen_step = trainer.global_step
         if self._loaded is not None:
             self._restore(self._loaded)
@@ -279,6 +282,7 @@ class WeightClustering(StepwiseTechnique):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         if not trainer.is_global_zero or not self._centroids:
             return
         rows = []
@@ -287,6 +291,31 @@ class WeightClustering(StepwiseTechnique):
             rows.append([name, weight.numel(), int(torch.count_nonzero(weight)), k, index_bits(k)])
         log_table(trainer.loggers, "compress/clusters", ["layer", "params", "nonzero", "clusters", "index_bits"], rows,
                   trainer.default_root_dir)  # fmt: skip
+
+    # ------------------------------------------------------------------ the end of fit
+    @override
+    def _goal(self) -> str:
+        return f"clusters={self.clusters} (frozen)"
+
+    @override
+    def _reached(self) -> str:
+        if not self._centroids:
+            return "not clustered yet"
+        return "clustered, assignments not frozen" if self._latent else "clustered and frozen"
+
+    @override
+    @torch.no_grad()
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._freeze_step = min(self._freeze_step, trainer.global_step)
+        if not self._centroids:
+            self._cluster(trainer)  # at or after the freeze step: no latent weights, the assignments are final
+        elif self._latent:
+            self._step(trainer, pl_module, trainer.global_step)  # a last refresh of the assignments, then frozen
+
+    def schedule_epochs(self) -> list[float]:
+        """The epochs of the clustering and of the freeze (known after ``setup``); see
+        :class:`~lightning_compress.core.protocol.HasSchedule`."""
+        return list(self._epochs.values())
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -300,6 +329,7 @@ class WeightClustering(StepwiseTechnique):
         return {n: a.clone() for n, a in self._assignment.items()}
 
     @property
+    @override
     def target_reached(self) -> bool:
         """Whether the weights are clustered and the assignments frozen (see
         :class:`~lightning_compress.CompressionTarget`)."""

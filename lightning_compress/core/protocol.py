@@ -46,6 +46,16 @@ class ChangesStructure(Protocol):
 
 
 @runtime_checkable
+class HasSchedule(Protocol):
+    """Acts at points of training given in epochs; a run shorter than them compresses every technique's schedule into
+    it (:func:`~lightning_compress.trainer.progress.scheduled_epoch_steps`)."""
+
+    def schedule_epochs(self) -> list[float]:
+        """The epochs of the schedule's points (resolved against the Trainer: known after ``setup``)."""
+        ...
+
+
+@runtime_checkable
 class HasMasks(Protocol):
     """Holds keep-masks whose zeros an export must keep exactly."""
 

@@ -63,6 +63,9 @@ class LowRankFactorization(RampedTechnique):
         update_every_n_steps: Optimizer steps between rank updates along the ramp (``None``: 50 updates, at most one
             every 4 steps). The projection itself happens after every step.
         verbose: Print a line at every rank update (rank zero only).
+        finish_on_stop: When training stops before the ramp reaches ``ratio`` (EarlyStopping, ``max_time``,
+            ``max_steps``), apply the final ranks at the end of fit (default); ``False`` leaves the model where it
+            stopped. Either way a warning says what was reached against what was asked.
 
     Raises:
         ValueError: Before the first step: ``ratio`` ≤ 1, a budget that rank 1 in every layer cannot meet, a layer that
@@ -91,9 +94,10 @@ class LowRankFactorization(RampedTechnique):
         exclude: str | Sequence[str] | None = None,
         update_every_n_steps: int | None = None,
         verbose: bool = False,
+        finish_on_stop: bool = True,
     ) -> None:
         config = LowRankConfig(ratio=ratio, budget=budget, layer_rank=layer_rank, include=include, exclude=exclude)
-        super().__init__(config, start_epoch, end_epoch, schedule, update_every_n_steps, verbose)
+        super().__init__(config, start_epoch, end_epoch, schedule, update_every_n_steps, verbose, finish_on_stop)
         self.config: LowRankConfig = config
         self.ratio, self.budget = config.ratio, config.budget
         self.layer_rank: dict[str, int] = config.per_layer
@@ -112,6 +116,10 @@ class LowRankFactorization(RampedTechnique):
     def _goal(self) -> str:
         return f"ratio={self.ratio:g}"
 
+    @override
+    def _reached(self) -> str:
+        return f"{self.ratio_reached():.2f}x fewer {self.budget}"
+
     # ------------------------------------------------------------------ the ramp's steps
     @override
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,6 +132,7 @@ class LowRankFactorization(RampedTechnique):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         if not trainer.is_global_zero:
             return
         rows = []

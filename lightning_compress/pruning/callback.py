@@ -85,6 +85,9 @@ class MagnitudePruning(RampedTechnique):
         seed: Seed of the random scores for ``criterion="random"``.
         verbose: Print a line at every mask update (rank zero only).
             A frozen layer (``weight.requires_grad=False``) is left dense, named in one warning.
+        finish_on_stop: When training stops before ``final_sparsity`` is reached (EarlyStopping, ``max_time``,
+            ``max_steps``), apply the final masks at the end of fit (default); ``False`` leaves the model where it
+            stopped. Either way a warning says what was reached against what was asked.
         round_to: With ``granularity="channel"`` and ``scope="layer"``: each group keeps a multiple of this many
             channels (8 suits ONNX Runtime's CPU convolution kernels; see ``benchmarks/channel_groups.py``).
 
@@ -116,6 +119,7 @@ class MagnitudePruning(RampedTechnique):
         update_every_n_steps: int | None = None,
         seed: int = 0,
         verbose: bool = False,
+        finish_on_stop: bool = True,
         round_to: int | None = None,
     ) -> None:
         config = PruningConfig(
@@ -123,7 +127,7 @@ class MagnitudePruning(RampedTechnique):
             threshold=threshold, layer_sparsity=layer_sparsity, include=include, exclude=exclude, seed=seed,
             round_to=round_to,
         )  # fmt: skip
-        super().__init__(config, start_epoch, end_epoch, schedule, update_every_n_steps, verbose)
+        super().__init__(config, start_epoch, end_epoch, schedule, update_every_n_steps, verbose, finish_on_stop)
         self.config: PruningConfig = config
         self.granularity: Granularity = config.parsed_granularity
         self.final_sparsity, self.scope, self.criterion = config.final_sparsity, config.scope, config.criterion
@@ -148,6 +152,11 @@ class MagnitudePruning(RampedTechnique):
     @override
     def _goal(self) -> str:
         return f"final_sparsity={self.final_sparsity:g}"
+
+    @override
+    def _reached(self) -> str:
+        unit = " of the channels" if self.granularity.kind == "channel" else ""
+        return f"sparsity {self.strategy.measured():.3f}{unit}"
 
     # ------------------------------------------------------------------ policy (overridable)
     def scheduled_sparsity(self, step: int, final: float | None = None) -> float:
@@ -236,6 +245,7 @@ class MagnitudePruning(RampedTechnique):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         if not trainer.is_global_zero or self._strategy is None:
             return
         rows = []

@@ -10,6 +10,7 @@ The numerics live in :mod:`~lightning_compress.core.quantizers`; the integer mod
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -32,12 +33,15 @@ from lightning_compress.quantization.prepare import (
     folded_weight_and_bias,
     prepare_qat,
 )
+from lightning_compress.quantization.ptq import calibrate_
 from lightning_compress.trainer.progress import (
     check_optimizers,
     check_strategy,
-    max_epochs,
-    optimizer_steps_per_epoch,
+    check_within_max_epochs,
+    debug_setting,
     resolve_epochs,
+    scheduled_epoch_steps,
+    short_run,
     structure_ends,
     warn_if_spawned,
 )
@@ -85,6 +89,10 @@ class QuantizationAwareTraining(Technique):
         exclude: Regular expression(s) or selectors of layers to leave in float.
         averaging_constant: Weight of a new batch in the activation observers' moving average.
         log_every_n_steps: Optimizer steps between logs of the per-layer scales and clipping fractions.
+        finish_on_stop: When training stops before the layers fake-quantize (EarlyStopping, ``max_time``,
+            ``max_steps``), quantize at the end of fit (default): the ranges are calibrated in evaluation mode on up to
+            ``calibration_steps`` training batches, as :func:`~lightning_compress.quantize_` does. ``False`` leaves
+            the model in float. Either way a warning says so.
         quantize_outputs: Quantize, in the trained model itself, every tensor an integer kernel of ONNX Runtime reads
             or writes, once (:func:`~lightning_compress.quantization.prepare.quantization_plan`): each layer's output
             once it computes the folded integer model (unless only the next layers' input quantizers read it, through
@@ -127,6 +135,7 @@ class QuantizationAwareTraining(Technique):
         exclude: str | Sequence[str] | None = None,
         averaging_constant: float = 0.01,
         log_every_n_steps: int = 50,
+        finish_on_stop: bool = True,
         activation_range: Sequence[float] | None = None,
         quantize_outputs: bool = True,
     ) -> None:
@@ -136,7 +145,8 @@ class QuantizationAwareTraining(Technique):
             fold_bn=fold_bn, layer_bits=layer_bits, include=include, exclude=exclude,
             averaging_constant=averaging_constant, activation_range=activation_range, quantize_outputs=quantize_outputs,
         )  # fmt: skip
-        super().__init__(config)  # what prepare_qat puts on the layers (checked there); the callback adds only *when*
+        # What prepare_qat puts on the layers (checked there); the callback adds only *when*.
+        super().__init__(config, finish_on_stop)
         self.config: QATConfig = config
         self.start_epoch = parse_epoch("start_epoch", start_epoch, optional=True)
         self.freeze_observers_epoch = parse_epoch("freeze_observers_epoch", freeze_observers_epoch, optional=True)
@@ -153,6 +163,7 @@ class QuantizationAwareTraining(Technique):
         self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._steps: dict[str, int | None] = {}
         self._epochs: dict[str, float | None] = {}
+        self._calibration = self.calibration_steps  # shortened in a run too short for it
 
     def _check_freeze_after_start(self, start: float, freeze: float | None, source: str, shown: str = "") -> None:
         if freeze is not None and freeze < start - 1e-9:
@@ -198,12 +209,9 @@ class QuantizationAwareTraining(Technique):
             if self.start_epoch is not None:
                 self._check_freeze_after_start(self._epochs["start_epoch"] or 0.0,
                                                self._epochs["freeze_observers_epoch"], "start_epoch")  # fmt: skip
-            start, total = self._epochs["start_epoch"], max_epochs(trainer)
-            if start is not None and total is not None and start >= total:
-                raise ValueError(
-                    f"`start_epoch` ({show_epoch(self.start_epoch)}) is not before the Trainer's max_epochs ({total}): "
-                    f"quantization would never start and the export would fail. Set start_epoch < {total}."
-                )
+            if (start := self._epochs["start_epoch"]) is not None:
+                why = "quantization would never start and the export would fail"
+                check_within_max_epochs(trainer, self.name, "start_epoch", self.start_epoch, start, why, strict=True)
         if self._layers and self._bound_to(pl_module):
             return  # the same model again (another fit, or test after fit): its quantizers are in place
         if self._layers:  # this instance quantized another model before: start over on the new one
@@ -219,24 +227,39 @@ class QuantizationAwareTraining(Technique):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_optimizers(trainer, pl_module, "QuantizationAwareTraining")
-        per_epoch = optimizer_steps_per_epoch(trainer, "QuantizationAwareTraining")
+        start_epoch = self._resolve_start(trainer, self._epochs)
+        per_epoch = scheduled_epoch_steps(trainer, self.name, f"its schedule (quantization from epoch {start_epoch:g})")
 
         def step(epoch: float | None) -> int | None:
             return None if epoch is None else round(epoch * per_epoch)
 
         self._steps = {
-            "start": step(self._resolve_start(trainer, self._epochs)),
+            "start": step(start_epoch),
             "freeze_observers": step(self._epochs["freeze_observers_epoch"]),
             "freeze_bn": step(self._epochs["freeze_bn_epoch"]),
         }
-        total = trainer.estimated_stepping_batches
-        quantizing_from = (self._steps["start"] or 0) + self.calibration_steps
-        if math.isfinite(total) and quantizing_from >= total and trainer.global_step < quantizing_from:
-            raise ValueError(
-                f"QuantizationAwareTraining would never fake-quantize: it starts at optimizer step "
-                f"{self._steps['start']} and observes for calibration_steps={self.calibration_steps} more, but "
-                f"training has {int(total)} steps. Start earlier (start_epoch) or calibrate for fewer steps."
+        self._calibration = self.calibration_steps
+        total, start = trainer.estimated_stepping_batches, self._steps["start"] or 0
+        if math.isfinite(total) and start + self._calibration >= total and trainer.global_step <= start:
+            reason = short_run(trainer)
+            if reason is None:
+                raise ValueError(
+                    f"QuantizationAwareTraining would never fake-quantize: it starts at optimizer step {start} and "
+                    f"observes for calibration_steps={self.calibration_steps} more, but Trainer(max_epochs="
+                    f"{trainer.max_epochs}) trains {int(total)} steps. Start earlier (start_epoch) or calibrate for "
+                    "fewer steps."
+                )
+            # A short run still quantizes its last step(s): the whole path runs, the export works.
+            self._calibration = max(0, int(total) - 1 - start)
+            line = (
+                f"{self.name}: {reason} leaves {max(0, int(total) - start)} optimizer step(s) after quantization "
+                f"starts (step {start}), too few for calibration_steps={self.calibration_steps} and a quantized step: "
+                f"calibrating for {self._calibration} step(s) instead."
             )
+            (rank_zero_info if debug_setting(trainer) else rank_zero_warn)(line)
+        if (frozen := self._steps["freeze_observers"]) is not None and frozen <= start:
+            # The ranges are observed on one step at least (a short run compresses the freeze onto the start).
+            self._steps["freeze_observers"] = start + 1
 
     @override
     def on_train_batch_start(
@@ -246,7 +269,7 @@ class QuantizationAwareTraining(Technique):
         started = g >= s["start"]  # type: ignore[operator]
         frozen_obs = s["freeze_observers"] is not None and g >= s["freeze_observers"]
         frozen_bn = self._phase["bn_frozen"] or (s["freeze_bn"] is not None and g >= s["freeze_bn"])
-        quantizing = started and g >= s["start"] + self.calibration_steps  # type: ignore[operator]
+        quantizing = started and g >= s["start"] + self._calibration  # type: ignore[operator]
         self._set_phase(observing=started and not frozen_obs, quantizing=quantizing, bn_frozen=frozen_bn)
         if frozen_bn:
             for bn in self._bns:
@@ -282,9 +305,34 @@ class QuantizationAwareTraining(Technique):
             pl_module.log_dict({f"qat/weight_error/{n}": e for n, e in self.weight_errors().items()}, on_epoch=True)
 
     @property
+    @override
     def target_reached(self) -> bool:
         """Whether the layers are fake-quantized now (see :class:`CompressionTarget`)."""
         return bool(self._phase["quantizing"])
+
+    @override
+    def _goal(self) -> str:
+        return "fake quantization"
+
+    @override
+    def _reached(self) -> str:
+        if self._phase["quantizing"]:
+            return "quantizing"
+        return "calibrating (not quantizing yet)" if self._phase["observing"] else "float (not started)"
+
+    @override
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        batches = list(itertools.islice(loader, max(1, self.calibration_steps))) if loader is not None else []
+        calibrate_(pl_module, batches, self._quantizers)
+        if trainer.world_size > 1:
+            self._sync_activation_ranges(trainer)
+        self._set_phase(observing=False, quantizing=True, bn_frozen=self._phase["bn_frozen"])
+
+    def schedule_epochs(self) -> list[float]:
+        """The epochs of the start (when given) and of the freezes (known after ``setup``); see
+        :class:`~lightning_compress.core.protocol.HasSchedule`."""
+        return [e for e in self._epochs.values() if e is not None]
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -74,9 +74,21 @@ def quantize_(
             "quantize_ needs calibration data: pass `forward_loop` (a function that runs batches through the model) "
             "or an iterable of batches, e.g. a few batches of the training DataLoader."
         )
-    loop = forward_loop if callable(forward_loop) else batches_loop(forward_loop)
     layers = prepare_qat(model, cfg)
-    quantizers = all_quantizers(model)
+    calibrate_(model, forward_loop, all_quantizers(model))
+    return layers
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, forward_loop: ForwardLoop | Iterable[Any], quantizers: list[Any]) -> None:
+    """Observe the ranges of ``quantizers`` (on a prepared ``model``) afresh over ``forward_loop`` in evaluation mode,
+    then quantize with them: the calibration of :func:`quantize_`, also used by a
+    :class:`~lightning_compress.QuantizationAwareTraining` run that stopped before it quantized.
+
+    Raises:
+        ValueError: The loop ran no batch; a quantized layer that no batch reached (named).
+    """
+    loop = forward_loop if callable(forward_loop) else batches_loop(forward_loop)
     calls = [0]
 
     def count(module: nn.Module, args: Any) -> None:
@@ -98,13 +110,12 @@ def quantize_(
         model.train(was_training)
     if calls[0] == 0:
         raise ValueError(
-            "quantize_: the forward_loop ran no batch through the model, so no range was observed. It must call "
+            "Calibration: the forward_loop ran no batch through the model, so no range was observed. It must call "
             "model(batch) at least once (an empty DataLoader?)."
         )
     missed = [name for name, layer in quantized_layers(model).items() if not layer.input_quantizer.initialized]
     if missed:
         raise ValueError(
-            f"quantize_: no calibration batch reached layer(s) {', '.join(map(repr, missed))}, so their input ranges "
+            f"Calibration: no calibration batch reached layer(s) {', '.join(map(repr, missed))}, so their input ranges "
             f"are unknown. Calibrate with batches that reach them, or leave them in float with exclude={missed!r}."
         )
-    return layers

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_compress.core.checks import epoch_share, resolve_epoch, show_epoch
 
@@ -31,6 +31,69 @@ def optimizer_steps_per_epoch(trainer: pl.Trainer, owner: str) -> int:
             f"{owner} counts its schedule in epochs and needs a sized train dataloader (its length is unknown)."
         )
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+def debug_setting(trainer: pl.Trainer) -> str | None:
+    """The Trainer flag that makes this run a smoke test whose length the user did not choose for the schedules
+    (``fast_dev_run``, ``overfit_batches``: Lightning then sets ``max_epochs`` itself), as the user wrote it; else
+    ``None``."""
+    for flag in ("fast_dev_run", "overfit_batches"):  # set on the Trainer by Lightning's debugging flags
+        if value := getattr(trainer, flag, None):
+            return f"{flag}={value!r}"
+    return None
+
+
+def short_run(trainer: pl.Trainer) -> str | None:
+    """The setting, as the user wrote it, that makes this a short run into which the techniques' schedules are
+    compressed rather than refused: a debug flag (:func:`debug_setting`) or a ``max_steps`` that ends the run before
+    ``max_epochs``; ``None`` when the run lasts the user's ``max_epochs`` (a schedule past it is refused)."""
+    flag = debug_setting(trainer)
+    if flag is not None:
+        return flag
+    steps, epochs = trainer.max_steps, trainer.max_epochs
+    if steps is None or steps < 0:
+        return None
+    if epochs is None or epochs < 0 or steps < epochs * trainer.num_training_batches / trainer.accumulate_grad_batches:
+        return f"max_steps={steps}"
+    return None
+
+
+def scheduled_epoch_steps(trainer: pl.Trainer, owner: str, schedule: str) -> float:
+    """Optimizer steps one *scheduled* epoch takes in this run.
+
+    The train loader's optimizer steps per epoch — unless the run is shorter than the schedules on its Trainer (a
+    ``fast_dev_run`` / ``overfit_batches`` smoke test, a ``max_steps`` or ``max_time`` debug run): then every schedule
+    of every technique on the Trainer (:class:`~lightning_compress.core.protocol.HasSchedule`) is compressed into the
+    run, in order, its last point on the run's last optimizer step, so that a short run executes each technique's whole
+    path (ramps to their targets, quantization reached). Said once per technique and run (``owner``, whose
+    ``schedule`` the line quotes) with the setting that made the run short: an info line under ``fast_dev_run`` /
+    ``overfit_batches``, a warning where ``max_steps`` cut the user's schedule short. (A ``max_time`` run's length is
+    unknown in advance: a technique that it stops short says so at the end of fit.)
+
+    Raises:
+        ValueError: The train dataloader has no length.
+    """
+    from lightning_compress.core.protocol import HasSchedule
+
+    per_epoch = float(optimizer_steps_per_epoch(trainer, owner))
+    total = trainer.estimated_stepping_batches
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    horizon = max((e for cb in callbacks if isinstance(cb, HasSchedule) for e in cb.schedule_epochs()), default=0.0)
+    reason = short_run(trainer)
+    # The last point on the last step at the latest: a quantization start there still quantizes one step.
+    if reason is None or not math.isfinite(total) or horizon <= 0 or horizon * per_epoch <= total - 1:
+        return per_epoch
+    compressed = max(0.0, total - 1) / horizon
+    said = trainer.__dict__.setdefault("_lightning_compress_short_run_said", set())
+    if owner not in said:
+        said.add(owner)
+        line = (
+            f"{owner}: {reason} runs {int(total)} optimizer step(s), fewer than the {horizon:g} epochs "
+            f"the schedules on this Trainer span; {schedule} is compressed into the run (one scheduled epoch = "
+            f"{compressed:.3g} steps), so that every step of the technique runs."
+        )
+        (rank_zero_info if debug_setting(trainer) else rank_zero_warn)(line)
+    return compressed
 
 
 def max_epochs(trainer: pl.Trainer) -> int | None:
@@ -164,29 +227,38 @@ def resolve_ramp(
             f"`start_epoch` ({show_epoch(start)}, epoch {first:g}) must not be after `end_epoch` "
             f"({show_epoch(end)}, epoch {last:g})."
         )
-    total = trainer.max_epochs
-    if total is not None and total >= 0 and last > total + 1e-9:
-        raise ValueError(
-            f"`end_epoch` ({last:g}) is past the Trainer's max_epochs ({total}): the ramp "
-            f"would never reach {goal}. Set end_epoch <= {total}."
-        )
+    check_within_max_epochs(trainer, owner, "end_epoch", end, last, f"the ramp would never reach {goal}")
     return first, last
+
+
+def check_within_max_epochs(
+    trainer: pl.Trainer, owner: str, name: str, value: float | str | None, epoch: float, why: str, strict: bool = False
+) -> None:
+    """Refuse a schedule point past the run's ``max_epochs`` when the user chose that length (under
+    ``fast_dev_run`` / ``overfit_batches`` Lightning chose it, and the schedules are compressed into the run instead:
+    :func:`scheduled_epoch_steps`). The message quotes the user's own settings.
+
+    Raises:
+        ValueError: ``epoch`` is past ``max_epochs`` (or at it, with ``strict``).
+    """
+    total = trainer.max_epochs
+    if debug_setting(trainer) is not None or total is None or total < 0:
+        return
+    if epoch > total + 1e-9 or (strict and epoch >= total - 1e-9):
+        shown = f"{value!r}" if isinstance(value, str) else f"{epoch:g}"
+        bound = f"< {total}" if strict else f"<= {total}"
+        raise ValueError(
+            f"{owner}({name}={shown}) is past the end of Trainer(max_epochs={total}): {why}. Set {name} {bound}, or "
+            "a longer max_epochs. (Under fast_dev_run / overfit_batches, or when max_steps ends the run first, the "
+            "schedule is compressed into the run instead.)"
+        )
 
 
 def ramp_steps(trainer: pl.Trainer, owner: str, start: float, end: float, goal: str) -> tuple[int, int]:
-    """The optimizer steps at which a ramp from epoch ``start`` to epoch ``end`` starts and ends.
-
-    Raises:
-        ValueError: The ramp ends past the Trainer's ``max_steps`` (it would never reach ``goal``).
-    """
-    steps_per_epoch = optimizer_steps_per_epoch(trainer, owner)
-    first, last = round(start * steps_per_epoch), round(end * steps_per_epoch)
-    if trainer.max_steps is not None and 0 <= trainer.max_steps < last:
-        raise ValueError(
-            f"`end_epoch` ({end:g}) is {last} optimizer steps, past the Trainer's "
-            f"max_steps ({trainer.max_steps}): the ramp would never reach {goal}."
-        )
-    return first, last
+    """The optimizer steps at which a ramp from epoch ``start`` to epoch ``end`` starts and ends (in a run shorter than
+    the schedules, compressed into it: :func:`scheduled_epoch_steps`)."""
+    steps_per_epoch = scheduled_epoch_steps(trainer, owner, f"its ramp to {goal} (epochs {start:g} -> {end:g})")
+    return round(start * steps_per_epoch), round(end * steps_per_epoch)
 
 
 def first_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

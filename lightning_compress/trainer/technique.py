@@ -57,10 +57,16 @@ class Technique(Callback):
     #: What the callback holds that Lightning does not copy back from spawned processes (in the warning about it).
     holds = "state"
 
-    def __init__(self, config: TechniqueConfig) -> None:
+    def __init__(self, config: TechniqueConfig, finish_on_stop: bool = True) -> None:
         super().__init__()
         #: What the technique does (checked there, as its verb checks it); the callback adds only *when*.
         self.config = config
+        #: Whether a run that ends before the target (EarlyStopping, max_time, max_steps, a stop signal) brings the
+        #: model to it at the end of fit (see :meth:`on_train_end`).
+        self.finish_on_stop = check_flag("finish_on_stop", finish_on_stop)
+        #: After a fit that ended before the target: what was reached when it stopped, what was asked, and whether
+        #: the target was then applied (``finish_on_stop``); ``None`` after a fit that reached it.
+        self.stopped_short: dict[str, Any] | None = None
         self.include: Any = getattr(config, "include", None)
         self.exclude: Any = getattr(config, "exclude", None)
         self._bound: Any = None  # a weak reference to the module this callback compresses
@@ -114,6 +120,53 @@ class Technique(Callback):
             )
         return [(n, m) for n, m in selected if n not in frozen]
 
+    # ------------------------------------------------------------------ the end of fit
+    @property
+    def target_reached(self) -> bool:
+        """Whether the technique's target holds now (see :class:`~lightning_compress.CompressionTarget`)."""
+        raise NotImplementedError
+
+    def _goal(self) -> str:
+        """The target, as messages name it (``"final_sparsity=0.9"``)."""
+        raise NotImplementedError
+
+    def _reached(self) -> str:
+        """What holds now, in the target's terms (``"sparsity 0.633"``)."""
+        raise NotImplementedError
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bring the model to the target now (the final masks, ranks, clusters; quantization calibrated)."""
+        raise NotImplementedError
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run that ended before the target (EarlyStopping, ``max_time``, ``max_steps``, a stop signal) is never left
+        short silently: with ``finish_on_stop`` (default) the target is applied now, at the end of fit, with no
+        fine-tuning after it; without, the model stays where it stopped. Either way one warning says what was reached
+        against what was asked, and :attr:`stopped_short` records it (the app's report marks the job)."""
+        self.stopped_short = None
+        if not self._bound_to(pl_module) or self.target_reached:
+            return
+        reached, why = self._reached(), stop_reason(trainer)
+        where = f"epoch {trainer.current_epoch}, optimizer step {trainer.global_step}"
+        if self.finish_on_stop:
+            self._finish(trainer, pl_module)
+            rank_zero_warn(
+                f"{self.name}: training stopped ({why}) at {where}, before {self._goal()} was reached ({reached}). "
+                f"finish_on_stop=True applied the target at the end of fit ({self._reached()}) with no fine-tuning "
+                "after it: evaluate the model before you keep it. To fine-tune at the target, let training run past "
+                "the end of the schedule (EarlyStopping with a patience beyond it, or monitoring CompressionTarget's "
+                "`<metric>_at_target`)."
+            )
+        else:
+            rank_zero_warn(
+                f"{self.name}: training stopped ({why}) at {where}, before {self._goal()} was reached ({reached}); "
+                "finish_on_stop=False leaves the model there. Train past the end of the schedule, or set "
+                "finish_on_stop=True to apply the target at the end of fit."
+            )
+        self.stopped_short = {"technique": self.name, "asked": self._goal(), "reached": reached, "why": why,
+                              "finished": self.finish_on_stop, "now": self._reached()}  # fmt: skip
+
     # ------------------------------------------------------------------ checkpoints
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -148,12 +201,30 @@ class Technique(Callback):
         return state
 
 
+def stop_reason(trainer: pl.Trainer) -> str:
+    """Why a fit ended, as the user would name it: the ``EarlyStopping`` that stopped it, ``max_time``, ``max_steps``,
+    a callback's ``trainer.should_stop``, or the end of ``max_epochs``."""
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    for cb in callbacks:
+        if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0:
+            return f"EarlyStopping(monitor={cb.monitor!r}, patience={cb.patience})"
+        if isinstance(cb, Timer) and cb.time_remaining() is not None and cb.time_remaining() <= 0:  # type: ignore[operator]
+            return f"max_time={cb._duration:g} s"
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return f"max_steps={trainer.max_steps}"
+    if trainer.should_stop or getattr(trainer, "received_sigterm", False):
+        return "trainer.should_stop was set (a callback or a stop signal)"
+    return f"max_epochs={trainer.max_epochs}"
+
+
 class StepwiseTechnique(Technique):
     """A technique that acts after every optimizer step: ``_step(trainer, pl_module, step)`` is called once per
     optimizer step (not per batch under gradient accumulation)."""
 
-    def __init__(self, config: TechniqueConfig, verbose: bool = False) -> None:
-        super().__init__(config)
+    def __init__(self, config: TechniqueConfig, verbose: bool = False, finish_on_stop: bool = True) -> None:
+        super().__init__(config, finish_on_stop)
         self.verbose = check_flag("verbose", verbose)
         self._last_seen_step = -1
 
@@ -202,6 +273,8 @@ class RampedTechnique(StepwiseTechnique):
         update_every_n_steps: Optimizer steps between structure updates along the ramp (``None``: 50 updates, at most
             one every 4 steps); the structure is re-imposed after every step.
         verbose: Print a line at every update (rank zero only).
+        finish_on_stop: A run that ends before the ramp does gets the final structure at the end of fit (see
+            :meth:`Technique.on_train_end`).
     """
 
     def __init__(
@@ -212,8 +285,9 @@ class RampedTechnique(StepwiseTechnique):
         schedule: str,
         update_every_n_steps: int | None,
         verbose: bool,
+        finish_on_stop: bool = True,
     ) -> None:
-        super().__init__(config, verbose)
+        super().__init__(config, verbose, finish_on_stop)
         self.start_epoch = parse_epoch("start_epoch", start_epoch)
         self.end_epoch = parse_epoch("end_epoch", end_epoch)
         same_kind_order(("start_epoch", self.start_epoch), ("end_epoch", self.end_epoch))
@@ -230,10 +304,6 @@ class RampedTechnique(StepwiseTechnique):
         self._start_step = self._end_step = self._every = 0
 
     # ------------------------------------------------------------------ what a subclass implements
-    def _goal(self) -> str:
-        """The target, as messages name it (``"final_sparsity=0.9"``)."""
-        raise NotImplementedError
-
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select and check the layers before training (everything that can be refused is refused here)."""
         raise NotImplementedError
@@ -312,9 +382,21 @@ class RampedTechnique(StepwiseTechnique):
         self._end_step = int(state.get("end_step", self._last_update_step))
 
     @property
+    @override
     def target_reached(self) -> bool:
         """Whether the ramp has ended: the structure is final (see :class:`~lightning_compress.CompressionTarget`)."""
         return self._last_update_step >= 0 and self._last_update_step >= self._end_step
+
+    @override
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update(trainer, self._end_step)
+        self._last_update_step = self._end_step
+        self._apply()
+
+    def schedule_epochs(self) -> list[float]:
+        """The ramp's start and end epochs (known after ``setup``); see
+        :class:`~lightning_compress.core.protocol.HasSchedule`."""
+        return list(self._epochs.values())
 
     @property
     def structure_final_epoch(self) -> float | None:
