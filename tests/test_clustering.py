@@ -207,7 +207,11 @@ def test_bad_setups_are_refused_before_the_first_step(tmp_path):
             r"`start_epoch` \(1\) is before the MagnitudePruning ramp ends \(epoch 2\)",
         ),  # fmt: skip
         (small_module(), [WeightClustering(start_epoch=2, freeze_epoch=1)], r"`freeze_epoch` \(1, epoch 1\) is before"),
-        (small_module(), [WeightClustering(start_epoch=9)], r"WeightClustering\(start_epoch=9\) is past the end of Trainer\(max_epochs=3\)"),
+        (
+            small_module(),
+            [WeightClustering(start_epoch=9)],
+            r"WeightClustering\(start_epoch=9\) is past the end of Trainer\(max_epochs=3\)",
+        ),
         (
             small_module(),
             [WeightClustering(start_epoch=1, update_every_n_steps=5)],

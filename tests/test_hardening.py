@@ -310,7 +310,8 @@ def test_qat_checkpoint_loads_strict_into_the_plain_and_the_prepared_class(tmp_p
 @pytest.mark.parametrize(
     "callbacks, trainer_kwargs, message",
     [
-        (lambda: [QuantizationAwareTraining(start_epoch=5)], dict(max_epochs=3), r"QuantizationAwareTraining\(start_epoch=5\) is past the end of Trainer\(max_epochs=3\)"),
+        (lambda: [QuantizationAwareTraining(start_epoch=5)], dict(max_epochs=3),
+         r"QuantizationAwareTraining\(start_epoch=5\) is past the end of Trainer\(max_epochs=3\)"),
         (lambda: [QuantizationAwareTraining(start_epoch=1, calibration_steps=500)], dict(max_epochs=2),
          r"would never fake-quantize: it starts at optimizer step 19 .* calibration_steps=500"),
         (lambda: [MagnitudePruning(include=[])], dict(max_epochs=10), r"`include` is an empty list"),
