@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.clustering import index_bits
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.quantizers import FakeQuantizer
 from lightning_compress.export.onnx import export_form
 from lightning_compress.quantization.prepare import (
@@ -149,6 +150,7 @@ def _fold_batchnorms(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any
 
 
 # --------------------------------------------------------------------------- writing
+@accepts_compiled("obj")
 def save_compressed(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, *, deploy: bool = False) -> int:
     """Write the compact artifact of a model (or a state dict) and return its size in bytes.
 
@@ -172,6 +174,7 @@ def save_compressed(obj: nn.Module | Mapping[str, Tensor], path: str | os.PathLi
     return len(data)
 
 
+@accepts_compiled("obj")
 def compressed_size(obj: nn.Module | Mapping[str, Tensor], *, deploy: bool = False) -> int:
     """The bytes :func:`save_compressed` would write, without writing a file."""
     return len(_encoded(obj, deploy)[1])
@@ -278,6 +281,7 @@ def load_compressed(path: str | os.PathLike) -> dict[str, Tensor]: ...
 def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module: ...
 
 
+@accepts_compiled()
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, Tensor] | nn.Module:
     """Read a file written by :func:`save_compressed`: its tensors exactly (floating point as float32), or — with
     ``model`` — the model restored from it.

@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_compress.analysis.artifact import codebook_pays, fp32_size_bytes, save_compressed
 from lightning_compress.core.clustering import distinct_nonzero, index_bits
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.quantizers import FakeQuantizer
 from lightning_compress.quantization.prepare import float_state_dict
 
@@ -58,6 +59,7 @@ def _weight_bits(module: nn.Module, nonzero: int) -> tuple[int, int]:
     return 32, 0
 
 
+@accepts_compiled()
 def compression_summary(model: nn.Module) -> list[LayerStats]:
     """Per-layer figures for every module that owns parameters (its own, not its children's).
 
@@ -100,6 +102,7 @@ def compression_summary(model: nn.Module) -> list[LayerStats]:
     return rows
 
 
+@accepts_compiled()
 def flops_per_sample(model: nn.Module, example_input: torch.Tensor) -> int:
     """Floating-point operations of one forward pass, per sample (``torch.utils.flop_counter``; a multiply-add counts
     two). Dense: the zeros that unstructured pruning leaves are still multiplied, and fake quantization is not counted.
@@ -133,6 +136,7 @@ class SizeReport(TypedDict):
     compression_ratio: float  #: size_bytes_fp32 / size_bytes_compressed
 
 
+@accepts_compiled()
 def model_report(
     model: nn.Module,
     artifact_path: str | os.PathLike,

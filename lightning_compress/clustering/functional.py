@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.clustering import check_clusters, cluster, project
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.configs import ClusteringConfig, resolve_config
 from lightning_compress.core.selection import check_overrides_match, match_overrides, select_modules, weights_of
 
@@ -38,6 +39,7 @@ def clustered_layers(
 
 
 @torch.no_grad()
+@accepts_compiled()
 def cluster_weights_(
     model: nn.Module, config: ClusteringConfig | int | Mapping[str, Any] | None = None, **fields: Any
 ) -> dict[str, tuple[Tensor, Tensor]]:

@@ -174,6 +174,9 @@ class FakeQuantizer(nn.Module):
         self.measure_clipping = False  # set by the callback on logging steps
         self.last_clip_fraction: float | None = None
         self.fixed_range = None if fixed_range is None else (float(fixed_range[0]), float(fixed_range[1]))
+        # Whether a range is known (min_val finite), kept as a Python flag: reading it from the tensor would stop a
+        # torch.compile graph at every quantizer (a data-dependent branch); the flag is guarded once instead.
+        self._observed = self.fixed_range is not None
         if self.fixed_range is not None:
             self.min_val.fill_(self.fixed_range[0])
             self.max_val.fill_(self.fixed_range[1])
@@ -186,7 +189,12 @@ class FakeQuantizer(nn.Module):
 
     @property
     def initialized(self) -> bool:
-        return bool(torch.isfinite(self.min_val).all())
+        """Whether a range has been observed (or loaded, or fixed)."""
+        return self._observed
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._observed = bool(torch.isfinite(self.min_val).all())
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -207,6 +215,7 @@ class FakeQuantizer(nn.Module):
         first = not self.initialized
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
+        self._observed = True
         if self.observer == "minmax" or first:  # a learned scale (and its zero-point) is only initialised here
             self.refresh_qparams()
 
@@ -216,6 +225,7 @@ class FakeQuantizer(nn.Module):
         if self.fixed_range is None and not self.is_weight:
             self.min_val.fill_(math.inf)
             self.max_val.fill_(-math.inf)
+            self._observed = False
 
     @torch.no_grad()
     def refresh_qparams(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.lowrank import layer_info, recorded_ranks
 from lightning_compress.export.onnx import PARITY_GOAL, ExportMismatchError
 from lightning_compress.pruning.groups import ChannelGroup, channel_groups, require_torch_pruning, slices
@@ -92,6 +93,7 @@ def _removed_channels(group: ChannelGroup) -> list[int]:
     return removed
 
 
+@accepts_compiled()
 def export_compact(
     model: nn.Module,
     example_input: Tensor,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.metrics import top1
 from lightning_compress.core.quantizers import QuantSpec
 from lightning_compress.quantization.prepare import (
@@ -178,6 +179,7 @@ class ExportMismatchError(ValueError):
     """The exported ONNX file would not compute what the model computes (nothing was written)."""
 
 
+@accepts_compiled()
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor) -> Path:
     """Write the QAT model as ONNX with QuantizeLinear/DequantizeLinear and int8 weight initializers — after checking
     in ONNX Runtime that the file computes what the model computes on ``example_input``.
@@ -228,6 +230,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     return path
 
 
+@accepts_compiled()
 def export_float_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, atol: float = 1e-4) -> Path:
     """Write a float model (dense or pruned, no quantizers) as ONNX — after checking in ONNX Runtime that the file
     computes what the model computes on ``example_input``: largest absolute output difference at most ``atol``
@@ -534,6 +537,7 @@ def _splice(
     graph.node.extend(spliced)
 
 
+@accepts_compiled()
 def onnx_parity(
     model: nn.Module, onnx_path: str | os.PathLike, batches: Iterable[Tensor | tuple[Tensor, Tensor] | list[Tensor]]
 ) -> dict[str, float]:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.configs import LowRankConfig, resolve_config
 from lightning_compress.core.lowrank import (
     LowRankLayer,
@@ -94,6 +95,7 @@ def low_rank_layers(
 
 
 @torch.no_grad()
+@accepts_compiled()
 def low_rank_(
     model: nn.Module,
     config: LowRankConfig | float | Mapping[str, Any] | None = None,

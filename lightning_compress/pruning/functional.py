@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.configs import PruningConfig, resolve_config
 from lightning_compress.core.masks import GRADIENT_CRITERIA, check_nm_shapes, compute_masks, sparsity
 from lightning_compress.core.schedules import sparsity_at
@@ -18,6 +19,7 @@ from lightning_compress.pruning.strategies import PruningStrategy, strategy_for
 __all__ = ["compute_masks", "prune_", "sparsity", "sparsity_at"]
 
 
+@accepts_compiled()
 def prune_(
     model: nn.Module,
     config: PruningConfig | float | Mapping[str, Any] | None = None,

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.checks import check_number
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.selection import select_modules
 
 #: Layers whose per-channel parameters a group may hold; any other module with parameters in a group is refused.
@@ -315,6 +316,7 @@ def weight_masks(weights: Mapping[str, Tensor], index: Sequence[tuple[Tensor, in
     return masks
 
 
+@accepts_compiled()
 def prune_channel_groups_(
     model: nn.Module,
     example_input: Tensor,

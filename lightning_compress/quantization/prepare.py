@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.core.compiled import accepts_compiled, unwrap_compiled
 from lightning_compress.core.configs import QATConfig, resolve_config
 from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize, quantize
 from lightning_compress.core.selection import (
@@ -315,6 +316,12 @@ def _trace(model: nn.Module) -> Any:
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return isinstance(m, (*_CONV_TYPES, *_BN_TYPES)) or super().is_leaf_module(m, qualname)
 
+        def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+            inner = unwrap_compiled(m)  # a torch.compile'd submodule: trace the module it wraps (`<name>._orig_mod`)
+            if inner is not m:
+                return super().call_module(inner, inner.forward, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)
+
     return _Tracer().trace(model)
 
 
@@ -458,6 +465,7 @@ def quantized_layers(model: nn.Module) -> dict[str, Any]:
     return {n: m for n, m in model.named_modules() if is_quantized(m)}
 
 
+@accepts_compiled()
 def prepare_qat(
     model: nn.Module, config: QATConfig | Mapping[str, Any] | None = None, **fields: Any
 ) -> dict[str, nn.Module]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.configs import QATConfig, resolve_config
 from lightning_compress.quantization.prepare import all_quantizers, prepare_qat, quantized_layers
 
@@ -39,6 +40,7 @@ def batches_loop(batches: Iterable[Any]) -> ForwardLoop:
 
 
 @torch.no_grad()
+@accepts_compiled()
 def quantize_(
     model: nn.Module,
     config: QATConfig | Mapping[str, Any] | None = None,
