@@ -215,8 +215,8 @@ def test_logs_sparsity_target_and_per_layer(tmp_path):
     target = [float(r["compress/target_sparsity"]) for r in rows if r.get("compress/target_sparsity")]
     assert sparsity[-1] == pytest.approx(0.6, abs=1e-4) and target[-1] == pytest.approx(0.6)
     assert sparsity == sorted(sparsity) and len(sparsity) > 20
-    layer_cols = [c for c in rows[0] if c.startswith("compress/sparsity/")]
-    assert sorted(layer_cols) == sorted(f"compress/sparsity/{n}" for n in cb.selected_layers)
+    layer_cols = [c for c in rows[0] if c.startswith("compress/layer_sparsity/")]
+    assert sorted(layer_cols) == sorted(f"compress/layer_sparsity/{n}" for n in cb.selected_layers)
 
 
 def test_wandb_offline_run_holds_sparsity_and_layer_table(tmp_path):

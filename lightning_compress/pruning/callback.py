@@ -241,7 +241,7 @@ class MagnitudePruning(RampedTechnique):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         per_layer = self.layer_sparsities()
-        pl_module.log_dict({f"compress/sparsity/{n}": v for n, v in per_layer.items()}, on_epoch=True)
+        pl_module.log_dict({f"compress/layer_sparsity/{n}": v for n, v in per_layer.items()}, on_epoch=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

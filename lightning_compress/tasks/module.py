@@ -44,6 +44,8 @@ class ClassificationModule(pl.LightningModule):
         optimizer = check_choice("optimizer", optimizer, Optimizer).value
         check_number("lr", lr, 0, low_open=True)
         self.save_hyperparameters(ignore=["net"])
+        # Kept as attributes too: a subclass's save_hyperparameters records its own arguments instead (LightningCLI).
+        self.optimizer_name, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.net = net
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -72,13 +74,12 @@ class ClassificationModule(pl.LightningModule):
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        if hp["optimizer"] == "sgd":
+        if self.optimizer_name == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
-                self.parameters(), lr=hp["lr"], momentum=0.9, nesterov=True, weight_decay=hp["weight_decay"]
+                self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
             )
         else:
-            opt = torch.optim.AdamW(self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
