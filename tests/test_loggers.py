@@ -5,6 +5,7 @@ store makes a folder of every ``/``, so no key may also be a folder of another),
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 from conftest import make_trainer, small_module
@@ -49,7 +50,7 @@ def test_mlflow_file_store_gets_metrics_and_tables_as_run_artifacts(tmp_path, mo
     assert "compress/sparsity" in run.data.metrics and "compress/layer_sparsity/net.features.0" in run.data.metrics
     artifacts = {a.path for a in logger.experiment.list_artifacts(logger.run_id, "tables/compress")}
     assert artifacts == {"tables/compress/layers.csv", "tables/compress/ranks.csv", "tables/compress/clusters.csv"}
-    text = open(logger.experiment.download_artifacts(logger.run_id, "tables/compress/layers.csv")).read()
+    text = Path(logger.experiment.download_artifacts(logger.run_id, "tables/compress/layers.csv")).read_text()
     assert text.splitlines()[0] == "layer,type,params,nonzero,sparsity,bytes"
     assert not (tmp_path / "tables").exists()  # nothing written beside the run, where the next run would overwrite it
 
