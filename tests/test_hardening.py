@@ -24,6 +24,7 @@ from lightning_compress import (
 )
 from lightning_compress.export.onnx import pruned_zeros_kept
 from lightning_compress.quantization import float_state_dict
+from lightning_compress.quantization.prepare import all_quantizers, qat_state_dict
 from lightning_compress.tasks import ClassificationModule, DigitsDataModule, SmallCNN
 from lightning_compress.tasks.models import BatchNormEverywhere
 
@@ -285,25 +286,39 @@ def test_layer_types_that_are_not_compressed_are_named(tmp_path, layer, kind):
 def test_qat_checkpoint_loads_strict_into_the_plain_and_the_prepared_class(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from lightning_compress.tasks import ClassificationModule, SmallCNN
+
+    class Digits(ClassificationModule):  # the user's own class, as load_from_checkpoint rebuilds it
+        def __init__(self, width: int = 8, hidden: int = 32) -> None:
+            super().__init__(SmallCNN((1, 8, 8), 10, width=width, hidden=hidden))
+            self.save_hyperparameters()
+
     pl.seed_everything(0)
-    module = small_module()
+    module = Digits()
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
     qat = QuantizationAwareTraining(calibration_steps=2)
     make_trainer(tmp_path, max_epochs=2, callbacks=[qat, ckpt], enable_checkpointing=True).fit(
         module, DigitsDataModule()
     )
-    state = torch.load(ckpt.best_model_path, weights_only=True)["state_dict"]
-    with pytest.raises(RuntimeError, match="Unexpected key"):
-        small_module().load_state_dict(state, strict=True)
-    plain = small_module()
-    plain.load_state_dict(float_state_dict(state), strict=True)  # the float model with the trained weights
-    prepared = small_module()
+    checkpoint = torch.load(ckpt.best_model_path, weights_only=True)
+    # The checkpoint's state_dict is the float model's: the user's plain class loads it, strictly.
+    plain = Digits.load_from_checkpoint(ckpt.best_model_path).eval()
+    assert set(checkpoint["state_dict"]) == set(plain.state_dict()) == set(float_state_dict(module.state_dict()))
+    prepared = Digits()
     prepare_qat(prepared, qat.config)
-    prepared.load_state_dict(state, strict=True)  # the quantized model
+    prepared.load_state_dict(qat_state_dict(checkpoint), strict=True)  # the quantized model
     prepared.eval(), module.eval()
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(prepared(x), module(x))
+        with qat.disabled():
+            assert torch.allclose(plain(x), module(x), atol=1e-5)  # the float model with the trained weights
+    # test(ckpt_path=...) on a Trainer with the callback restores the quantizers' ranges of that checkpoint too.
+    for q in all_quantizers(module):
+        q.reset_range()
+    make_trainer(tmp_path, callbacks=[qat]).test(module, DigitsDataModule(), ckpt_path=ckpt.best_model_path)
+    with torch.no_grad():
+        assert torch.equal(prepared(x), module.eval()(x))
 
 
 # --------------------------------------------------------------------------- 7. settings that would silently do nothing

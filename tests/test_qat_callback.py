@@ -17,7 +17,13 @@ from torch import nn
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining, export_onnx, onnx_parity
 from lightning_compress.export.onnx import PARITY_GOAL, pruned_zeros_kept
-from lightning_compress.quantization.prepare import all_quantizers, detach, quantized_layers
+from lightning_compress.quantization.prepare import (
+    all_quantizers,
+    detach,
+    float_state_dict,
+    qat_state_dict,
+    quantized_layers,
+)
 from lightning_compress.tasks import ClassificationModule, DigitsDataModule, ResNet20
 
 
@@ -249,10 +255,9 @@ def test_resume_equals_uninterrupted_and_test_from_checkpoint(tmp_path):
     tester = make_trainer(tmp_path / "test", callbacks=callbacks())
     got = tester.test(fresh, DigitsDataModule(seed=0), ckpt_path=tmp_path / "ckpt" / "epoch=3.ckpt", verbose=False)
     assert got[0]["test/acc"] == pytest.approx(expected)
-    assert (
-        torch.load(tmp_path / "ckpt" / "epoch=3.ckpt", weights_only=True)["state_dict"].keys()
-        == full.state_dict().keys()
-    )
+    checkpoint = torch.load(tmp_path / "ckpt" / "epoch=3.ckpt", weights_only=True)
+    assert qat_state_dict(checkpoint).keys() == full.state_dict().keys()  # the quantizers travel beside state_dict
+    assert checkpoint["state_dict"].keys() == float_state_dict(full.state_dict()).keys()  # the float model's
 
 
 def test_logs_scales_clipping_and_weight_error(tmp_path):

@@ -137,3 +137,29 @@ def test_a_run_that_reaches_the_target_says_nothing(tmp_path, recwarn):
     make_trainer(tmp_path, callbacks=[pruning], max_epochs=2).fit(small_module(), DigitsDataModule())
     assert pruning.stopped_short is None
     assert not [w for w in recwarn if "training stopped" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- training in chunks
+def test_a_qat_run_continued_to_a_longer_max_epochs_resumes(tmp_path):
+    """Fit to 2 epochs, then resume the last checkpoint to 4: the schedules follow the new length (shares of training
+    are taken of the new max_epochs; epochs stay epochs), the masks and the ranges carry over."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def callbacks():
+        return [MagnitudePruning(final_sparsity=0.8, end_epoch="50%"), QuantizationAwareTraining(calibration_steps=2)]
+
+    first = callbacks()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    module = small_module()
+    make_trainer(tmp_path, callbacks=[*first, ckpt], max_epochs=2, enable_checkpointing=True).fit(
+        module, DigitsDataModule()
+    )
+    assert first[0].target_reached and first[1].target_reached
+    second = callbacks()
+    resumed = small_module()
+    trainer = make_trainer(tmp_path, callbacks=second, max_epochs=4)
+    trainer.fit(resumed, DigitsDataModule(), ckpt_path=ckpt.last_model_path)
+    assert trainer.current_epoch == 4 and trainer.global_step > 2 * 19
+    assert second[0].sparsity() == pytest.approx(0.8, abs=1e-3) and second[1].target_reached
+    assert second[0].structure_final_epoch == 2  # 50 % of the new length
+    export_onnx(resumed, tmp_path / "m.onnx", X)

@@ -27,11 +27,14 @@ from lightning_compress.core.checks import check_number, comparable, parse_epoch
 from lightning_compress.core.configs import ObserverName
 from lightning_compress.core.quantizers import fake_quantize
 from lightning_compress.quantization.prepare import (
+    CHECKPOINT_QUANTIZERS,
     QATConfig,
     all_quantizers,
     folded_batchnorms,
     folded_weight_and_bias,
     prepare_qat,
+    qat_state_dict,
+    quantizer_entries,
 )
 from lightning_compress.quantization.ptq import calibrate_
 from lightning_compress.trainer.progress import (
@@ -218,6 +221,7 @@ class QuantizationAwareTraining(Technique):
             self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._layers = prepare_qat(pl_module, self.config)
         self._quantizers = all_quantizers(pl_module)
+        self._merge_on_load(pl_module)
         self._bind(pl_module)
         warn_if_spawned(trainer, self.name, self.holds)
         self._bns = folded_batchnorms(self._layers)
@@ -338,6 +342,35 @@ class QuantizationAwareTraining(Technique):
     def state_dict(self) -> dict[str, Any]:
         return dict(self._phase)
 
+    # ------------------------------------------------------------------ checkpoints: the float model's state_dict
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The checkpoint's ``state_dict`` stays the float model's (``MyModel.load_from_checkpoint`` loads the user's
+        plain class, with the trained weights); the quantizers' entries go beside it (:data:`CHECKPOINT_QUANTIZERS`),
+        and come back when Lightning restores the checkpoint onto the prepared model (:meth:`_merge_on_load`)."""
+        state = checkpoint.get("state_dict", {})
+        entries = quantizer_entries(state)
+        for key in entries:
+            del state[key]
+        checkpoint.setdefault(CHECKPOINT_QUANTIZERS, {}).update(entries)
+
+    def _merge_on_load(self, pl_module: pl.LightningModule) -> None:
+        """Before Lightning loads a checkpoint's weights into the prepared model (resume, ``validate`` / ``test`` /
+        ``predict`` with ``ckpt_path``: the module's ``on_load_checkpoint`` comes first in every stage), put the
+        quantizers' entries back into its ``state_dict``, so the strict load restores the ranges too."""
+        if "on_load_checkpoint" in pl_module.__dict__:
+            return  # wrapped already (another fit of the same model)
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            if CHECKPOINT_QUANTIZERS in checkpoint:
+                checkpoint["state_dict"] = qat_state_dict(checkpoint)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+
     @override
     def _restore_from(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: str | os.PathLike, state: dict[str, Any]
@@ -346,7 +379,7 @@ class QuantizationAwareTraining(Technique):
         and the phase (Lightning copies only the weights back from spawned processes, dropping the quantizers)."""
         self._layers = {}
         self.setup(trainer, pl_module, "validate")
-        pl_module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+        pl_module.load_state_dict(qat_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)))
         self.load_state_dict(state)
 
     @override

@@ -632,6 +632,24 @@ def unprepare(model: nn.Module) -> None:
 QUANTIZER_KEYS = (".weight_quantizer.", ".input_quantizer.", ".output_quantizer.")
 
 
+#: Where a QuantizationAwareTraining checkpoint keeps the quantizers' entries, beside (not in) its ``state_dict``: the
+#: ``state_dict`` is the float model's, so ``MyModel.load_from_checkpoint(path)`` loads the plain class.
+CHECKPOINT_QUANTIZERS = "lightning_compress/quantizers"
+
+
+def quantizer_entries(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The quantizers' entries of a QAT model's state dict (the complement of :func:`float_state_dict`)."""
+    return {k: v for k, v in state_dict.items() if any(q in f".{k}" for q in QUANTIZER_KEYS)}
+
+
+def qat_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole state dict of the quantized model from a Lightning checkpoint a QuantizationAwareTraining run wrote:
+    its ``state_dict`` (the float model's) with the quantizers' entries it keeps beside it. Load it strictly into the
+    unmodified class prepared with the same :class:`QATConfig` (:func:`prepare_qat`) to continue with the quantized
+    model; ``checkpoint["state_dict"]`` alone loads into the unmodified class (the float model)."""
+    return {**checkpoint["state_dict"], **checkpoint.get(CHECKPOINT_QUANTIZERS, {})}
+
+
 def float_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """A QAT model's (or checkpoint's) state dict without the quantizers' entries: it loads with ``strict=True`` into
     the unmodified model class, which then computes the float model with the trained weights (BatchNorm unfolded).
