@@ -38,6 +38,7 @@ from lightning_compress.lowrank import LowRankFactorization, low_rank_
 from lightning_compress.pruning import MagnitudePruning, prune_
 from lightning_compress.quantization import QuantizationAwareTraining, prepare_qat, quantize_
 from lightning_compress.trainer.checkpoint_selection import CompressionTarget
+from lightning_compress.trainer.loop import CompressionLoop
 
 if TYPE_CHECKING:
     from lightning_compress.apps.recipes import available_recipes, load_recipe
@@ -60,6 +61,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ArgumentTypeError",
     "ClusteringConfig",
+    "CompressionLoop",
     "CompressionTarget",
     "ConfigError",
     "DistillationConfig",

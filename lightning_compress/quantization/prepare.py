@@ -220,6 +220,9 @@ def attach(
     layer.add_module("input_quantizer", input_quantizer)
     if output_quantizer is not None:
         layer.add_module("output_quantizer", output_quantizer)
+    for quantizer in (weight_quantizer, input_quantizer, output_quantizer):
+        if quantizer is not None:
+            quantizer.train(layer.training)  # a model prepared in eval() observes no range until train()
     object.__setattr__(layer, "_qat_bn", bn)  # a reference, not a child: the BatchNorm stays where it is
     if bn is not None:
         bn.__class__ = _swapped_class(type(bn), _FoldedBatchNormMixin, "Folded")
@@ -252,6 +255,7 @@ def attach_tensor_quantizer(module: nn.Module, quantizer: nn.Module) -> None:
     """Quantize ``module``'s output with ``quantizer`` (a child ``output_quantizer`` and a forward hook): the tensor is
     quantized once, where it is made, for all its readers (a residual addition's inputs and output)."""
     module.add_module("output_quantizer", quantizer)
+    quantizer.train(module.training)
     module.register_forward_hook(_quantize_output)
 
 
