@@ -21,9 +21,11 @@ protocols of :mod:`lightning_compress.core.protocol`), never which class they ar
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from lightning_compress.core.protocol import (
     Restorable,
 )
 from lightning_compress.export.onnx import export_float_onnx, export_onnx, onnx_parity, pruned_zeros_kept
+from lightning_compress.quantization.prepare import unprepare
 from lightning_compress.trainer.checkpoint_selection import CompressionTarget
 from lightning_compress.trainer.progress import spawned
 from lightning_compress.trainer.tables import log_table
@@ -100,6 +103,10 @@ def build(cfg: DictConfig) -> Job:
     if any(isinstance(cb, HasFloatMode) for cb in compression):
         _require_onnx()
     logger = instantiate(cfg.logger, **sweep_group(cfg.logger)) if cfg.get("logger") else None
+    if type(logger).__name__ == "WandbLogger":
+        # Lightning passes anonymous=None to wandb.init, which W&B >= 0.19 answers with "The anonymous setting has no
+        # effect and will be removed": a warning the user can do nothing about, on every run.
+        logger._wandb_init.pop("anonymous", None)  # type: ignore[union-attr]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*compression, *others], logger=logger or False)
     if logger is not None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -178,12 +185,19 @@ def latency_report(job: Job, report: dict[str, Any], example: Any) -> dict[str, 
         log.warning("latency not measured: it needs ONNX Runtime (`pip install 'lightning-compress[onnx]'`); "
                     "set latency=null to skip it without this warning.")  # fmt: skip
         return {"latency_ms_batch1": None, "throughput_per_s": None}
-    path = (
-        Path(report["onnx_path"])
-        if "onnx_path" in report
-        else export_float_onnx(job.module, job.out / "model.onnx", example)
-    )
-    return {**_latency(job, path, example), "latency_onnx": path.name}
+    if "onnx_path" not in report:
+        path = export_float_onnx(job.module, job.out / "model.onnx", example)
+        return {**_latency(job, path, example), "latency_onnx": path.name}
+    # The int8 file, and the float model with the same trained weights as the yardstick of its speed-up.
+    path = Path(report["onnx_path"])
+    measured = {**_latency(job, path, example), "latency_onnx": path.name}
+    float_model = copy.deepcopy(job.module)
+    unprepare(float_model)
+    float_path = export_float_onnx(float_model, job.out / "model.float.onnx", example)
+    baseline = _latency(job, float_path, example)
+    measured["float_throughput_per_s"] = baseline["throughput_per_s"]
+    measured["float_latency_ms_batch1"] = baseline["latency_ms_batch1"]
+    return measured
 
 
 def _latency(job: Job, path: Path, example: Any) -> dict[str, Any]:
@@ -431,6 +445,14 @@ register_sweeper()
 @hydra.main(version_base="1.3", config_path="pkg://lightning_compress.conf", config_name=CONFIG_NAME)
 def main(cfg: DictConfig) -> float | list[float]:
     """Entry point of the ``lightning-compress`` console script; returns the objective(s) for sweeps."""
+    # torch 2.13 deprecates pytree's LeafSpec, which Lightning and torch.export still use internally: a FutureWarning
+    # on every run that no setting of the user's changes.
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # The ONNX exporter's own chatter (a line per graph pass; "torchvision is not installed" for its operators, which
+    # no model here uses) is not the job's to show.
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     objective = str(cfg.get("objective", "accuracy"))
     check_objective(objective, cfg.get("latency"))
     try:
