@@ -6,7 +6,14 @@ quantizers are in :mod:`lightning_compress.core.quantizers`; the convert step is
 
 from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize
 from lightning_compress.quantization.callback import QuantizationAwareTraining
-from lightning_compress.quantization.prepare import QATConfig, float_state_dict, prepare_qat, set_phase, unprepare
+from lightning_compress.quantization.prepare import (
+    QATConfig,
+    float_state_dict,
+    prepare_qat,
+    qat_state_dict,
+    set_phase,
+    unprepare,
+)
 from lightning_compress.quantization.ptq import quantize_
 
 __all__ = [
@@ -17,6 +24,7 @@ __all__ = [
     "fake_quantize",
     "float_state_dict",
     "prepare_qat",
+    "qat_state_dict",
     "quantize_",
     "set_phase",
     "unprepare",
