@@ -168,10 +168,11 @@ def test_a_qat_run_continued_to_a_longer_max_epochs_resumes(tmp_path):
 def test_the_headline_says_what_was_reached():
     from lightning_compress.apps.terminal import headline
 
+    short = {"technique": "MagnitudePruning", "reached": "sparsity 0.769", "asked": "final_sparsity=0.9",
+             "finished": True, "now": "sparsity 0.900"}  # fmt: skip
     report = {"recipe": "r", "accuracy": 0.9, "compression_ratio": 9.7, "size_bytes_fp32": 754880,
               "size_bytes_compressed": 77516, "throughput_per_s": 300.0, "float_throughput_per_s": 200.0,
-              "stopped_short": [{"technique": "MagnitudePruning", "reached": "sparsity 0.769",
-                                 "asked": "final_sparsity=0.9", "finished": True, "now": "sparsity 0.900"}]}  # fmt: skip
+              "stopped_short": [short]}  # fmt: skip
     line = headline(report)
     assert line.startswith("r: test accuracy 90.00% · 9.7× smaller (737.2 KiB → 75.7 KiB)")
     assert "int8 1.50× the speed of float" in line
