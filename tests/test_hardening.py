@@ -433,3 +433,19 @@ def test_sharded_strategies_are_refused_at_setup(callback):
     trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))  # FSDP needs a GPU here: its type is enough
     with pytest.raises(ValueError, match=r"does not support strategy FSDPStrategy: it shards parameters"):
         callback().setup(trainer, small_module(), "fit")
+
+
+def test_a_qat_model_still_pickles_and_copies(tmp_path):
+    """The prepared model's checkpoint hook is an object, not a closure: torch.save of the whole module (the app's
+    compact network), deepcopy (export_compact) and ddp_spawn's pickling keep working."""
+    import copy
+    import pickle
+
+    module = small_module()
+    qat = QuantizationAwareTraining(calibration_steps=1)
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[qat]).fit(module, DigitsDataModule())
+    for clone in (pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
+        assert clone.on_load_checkpoint.module is clone
+        x = torch.randn(2, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(clone.eval()(x), module.eval()(x))

@@ -51,6 +51,20 @@ from lightning_compress.trainer.progress import (
 from lightning_compress.trainer.technique import Technique
 
 
+class _MergeQuantizersOnLoad:
+    """A prepared model's ``on_load_checkpoint``: the quantizers' entries a checkpoint keeps beside its ``state_dict``
+    go back into it, then the module's own hook runs (a class, not a closure, so that the model still pickles:
+    ``torch.save``, ``ddp_spawn``)."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        if CHECKPOINT_QUANTIZERS in checkpoint:
+            checkpoint["state_dict"] = qat_state_dict(checkpoint)
+        type(self.module).on_load_checkpoint(self.module, checkpoint)
+
+
 class QuantizationAwareTraining(Technique):
     r"""Quantization-aware training (fake quantization) of a LightningModule's Conv and Linear layers.
 
@@ -360,16 +374,8 @@ class QuantizationAwareTraining(Technique):
         """Before Lightning loads a checkpoint's weights into the prepared model (resume, ``validate`` / ``test`` /
         ``predict`` with ``ckpt_path``: the module's ``on_load_checkpoint`` comes first in every stage), put the
         quantizers' entries back into its ``state_dict``, so the strict load restores the ranges too."""
-        if "on_load_checkpoint" in pl_module.__dict__:
-            return  # wrapped already (another fit of the same model)
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            if CHECKPOINT_QUANTIZERS in checkpoint:
-                checkpoint["state_dict"] = qat_state_dict(checkpoint)
-            original(checkpoint)
-
-        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        if not isinstance(pl_module.__dict__.get("on_load_checkpoint"), _MergeQuantizersOnLoad):
+            pl_module.on_load_checkpoint = _MergeQuantizersOnLoad(pl_module)  # type: ignore[method-assign]
 
     @override
     def _restore_from(
