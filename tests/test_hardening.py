@@ -296,13 +296,18 @@ def test_qat_checkpoint_loads_strict_into_the_plain_and_the_prepared_class(tmp_p
     pl.seed_everything(0)
     module = Digits()
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    weights = ModelCheckpoint(dirpath=tmp_path, filename="weights", save_weights_only=True, monitor="val/acc")
     qat = QuantizationAwareTraining(calibration_steps=2)
-    make_trainer(tmp_path, max_epochs=2, callbacks=[qat, ckpt], enable_checkpointing=True).fit(
+    make_trainer(tmp_path, max_epochs=2, callbacks=[qat, ckpt, weights], enable_checkpointing=True).fit(
         module, DigitsDataModule()
     )
     checkpoint = torch.load(ckpt.best_model_path, weights_only=True)
-    # The checkpoint's state_dict is the float model's: the user's plain class loads it, strictly.
+    # The checkpoint's state_dict is the float model's: the user's plain class loads it, strictly (a weights-only
+    # checkpoint too).
     plain = Digits.load_from_checkpoint(ckpt.best_model_path).eval()
+    from_weights = Digits.load_from_checkpoint(weights.best_model_path).eval()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, from_weights.state_dict()[key]), key
     assert set(checkpoint["state_dict"]) == set(plain.state_dict()) == set(float_state_dict(module.state_dict()))
     prepared = Digits()
     prepare_qat(prepared, qat.config)

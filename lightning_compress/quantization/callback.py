@@ -51,6 +51,22 @@ from lightning_compress.trainer.progress import (
 from lightning_compress.trainer.technique import Technique
 
 
+class _SplitQuantizersOnSave:
+    """A prepared model's ``on_save_checkpoint``: the module's own hook runs, then the quantizers' entries move from the
+    checkpoint's ``state_dict`` to beside it (a class, not a closure, so that the model still pickles)."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        type(self.module).on_save_checkpoint(self.module, checkpoint)
+        state = checkpoint.get("state_dict", {})
+        entries = quantizer_entries(state)
+        for key in entries:
+            del state[key]
+        checkpoint.setdefault(CHECKPOINT_QUANTIZERS, {}).update(entries)
+
+
 class _MergeQuantizersOnLoad:
     """A prepared model's ``on_load_checkpoint``: the quantizers' entries a checkpoint keeps beside its ``state_dict``
     go back into it, then the module's own hook runs (a class, not a closure, so that the model still pickles:
@@ -235,7 +251,7 @@ class QuantizationAwareTraining(Technique):
             self._phase = {"observing": False, "quantizing": False, "bn_frozen": False}
         self._layers = prepare_qat(pl_module, self.config)
         self._quantizers = all_quantizers(pl_module)
-        self._merge_on_load(pl_module)
+        self._split_checkpoints(pl_module)
         self._bind(pl_module)
         warn_if_spawned(trainer, self.name, self.holds)
         self._bns = folded_batchnorms(self._layers)
@@ -357,24 +373,14 @@ class QuantizationAwareTraining(Technique):
         return dict(self._phase)
 
     # ------------------------------------------------------------------ checkpoints: the float model's state_dict
-    @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """The checkpoint's ``state_dict`` stays the float model's (``MyModel.load_from_checkpoint`` loads the user's
-        plain class, with the trained weights); the quantizers' entries go beside it (:data:`CHECKPOINT_QUANTIZERS`),
-        and come back when Lightning restores the checkpoint onto the prepared model (:meth:`_merge_on_load`)."""
-        state = checkpoint.get("state_dict", {})
-        entries = quantizer_entries(state)
-        for key in entries:
-            del state[key]
-        checkpoint.setdefault(CHECKPOINT_QUANTIZERS, {}).update(entries)
-
-    def _merge_on_load(self, pl_module: pl.LightningModule) -> None:
-        """Before Lightning loads a checkpoint's weights into the prepared model (resume, ``validate`` / ``test`` /
-        ``predict`` with ``ckpt_path``: the module's ``on_load_checkpoint`` comes first in every stage), put the
-        quantizers' entries back into its ``state_dict``, so the strict load restores the ranges too."""
-        if not isinstance(pl_module.__dict__.get("on_load_checkpoint"), _MergeQuantizersOnLoad):
+    def _split_checkpoints(self, pl_module: pl.LightningModule) -> None:
+        """A checkpoint's ``state_dict`` stays the float model's (``MyModel.load_from_checkpoint`` loads the user's
+        plain class, with the trained weights): when Lightning saves one (``save_weights_only`` too), the quantizers'
+        entries go beside it (:data:`CHECKPOINT_QUANTIZERS`); before it loads one into the prepared model (resume,
+        ``validate`` / ``test`` / ``predict`` with ``ckpt_path``: the module's ``on_load_checkpoint`` comes first in
+        every stage) they go back in, so the strict load restores the ranges too."""
+        if not isinstance(pl_module.__dict__.get("on_save_checkpoint"), _SplitQuantizersOnSave):
+            pl_module.on_save_checkpoint = _SplitQuantizersOnSave(pl_module)  # type: ignore[method-assign]
             pl_module.on_load_checkpoint = _MergeQuantizersOnLoad(pl_module)  # type: ignore[method-assign]
 
     @override
