@@ -62,7 +62,7 @@ def scheduled_epoch_steps(trainer: pl.Trainer, owner: str, schedule: str) -> flo
     """Optimizer steps one *scheduled* epoch takes in this run.
 
     The train loader's optimizer steps per epoch — unless the run is shorter than the schedules on its Trainer (a
-    ``fast_dev_run`` / ``overfit_batches`` smoke test, a ``max_steps`` or ``max_time`` debug run): then every schedule
+    ``fast_dev_run`` / ``overfit_batches`` smoke test, a ``max_steps`` debug run: :func:`short_run`): then every schedule
     of every technique on the Trainer (:class:`~lightning_compress.core.protocol.HasSchedule`) is compressed into the
     run, in order, its last point on the run's last optimizer step, so that a short run executes each technique's whole
     path (ramps to their targets, quantization reached). Said once per technique and run (``owner``, whose
