@@ -62,13 +62,13 @@ def scheduled_epoch_steps(trainer: pl.Trainer, owner: str, schedule: str) -> flo
     """Optimizer steps one *scheduled* epoch takes in this run.
 
     The train loader's optimizer steps per epoch — unless the run is shorter than the schedules on its Trainer (a
-    ``fast_dev_run`` / ``overfit_batches`` smoke test, a ``max_steps`` debug run: :func:`short_run`): then every schedule
-    of every technique on the Trainer (:class:`~lightning_compress.core.protocol.HasSchedule`) is compressed into the
-    run, in order, its last point on the run's last optimizer step, so that a short run executes each technique's whole
-    path (ramps to their targets, quantization reached). Said once per technique and run (``owner``, whose
-    ``schedule`` the line quotes) with the setting that made the run short: an info line under ``fast_dev_run`` /
-    ``overfit_batches``, a warning where ``max_steps`` cut the user's schedule short. (A ``max_time`` run's length is
-    unknown in advance: a technique that it stops short says so at the end of fit.)
+    ``fast_dev_run`` / ``overfit_batches`` smoke test, a ``max_steps`` debug run: :func:`short_run`): then every
+    schedule of every technique on the Trainer (:class:`~lightning_compress.core.protocol.HasSchedule`) is
+    compressed into the run, in order, its last point on the run's last optimizer step, so that a short run executes
+    each technique's whole path (ramps to their targets, quantization reached). Said once per technique and run
+    (``owner``, whose ``schedule`` the line quotes) with the setting that made the run short: an info line under
+    ``fast_dev_run`` / ``overfit_batches``, a warning where ``max_steps`` cut the user's schedule short. (A
+    ``max_time`` run's length is unknown in advance: a technique that it stops short says so at the end of fit.)
 
     Raises:
         ValueError: The train dataloader has no length.
