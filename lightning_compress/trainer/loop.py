@@ -49,6 +49,14 @@ class _Host(pl.LightningModule):
         return self.model(*args, **kwargs)
 
 
+class _NoLoggers:
+    """Where the techniques' ``self.log`` goes in a loop without Fabric: nowhere (there is no logger to take it), and
+    without Lightning's warning that the module has no Trainer."""
+
+    def log_dict(self, metrics: Any, step: int | None = None) -> None:
+        pass
+
+
 class _Strategy:
     """What a technique asks of a Trainer's strategy: collectives across processes (Fabric's, else none)."""
 
@@ -140,6 +148,7 @@ class CompressionLoop:
         self.techniques = list(techniques)
         self.state = _LoopState(self.techniques, steps_per_epoch, max_epochs, None, train_dataloader, str(root_dir))
         self._hooks: list[Any] = []
+        self._previous_fabric: Any = None
         for technique in self.techniques:
             technique.setup(self.state, self.module, "fit")  # type: ignore[arg-type]
 
@@ -148,8 +157,9 @@ class CompressionLoop:
         start training: call once, after ``fabric.setup``, before the first step."""
         inner = getattr(optimizer, "optimizer", optimizer)  # Fabric's _FabricOptimizer wraps the torch optimizer
         self.state.fabric, self.state.strategy = fabric, _Strategy(fabric)
+        self._previous_fabric = self.module._fabric
+        self.module._fabric = fabric if fabric is not None else _NoLoggers()  # type: ignore[assignment]
         if fabric is not None:
-            self.module._fabric = fabric  # self.log of the techniques goes to Fabric's loggers
             self.state.loggers = list(getattr(fabric, "loggers", []))
         for technique in self.techniques:
             technique.on_fit_start(self.state, self.module)  # type: ignore[arg-type]
@@ -183,3 +193,4 @@ class CompressionLoop:
         self._hooks = []
         for technique in self.techniques:
             technique.on_train_end(self.state, self.module)  # type: ignore[arg-type]
+        self.module._fabric = self._previous_fabric
