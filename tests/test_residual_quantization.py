@@ -234,3 +234,30 @@ def test_a_relu_module_called_twice_lets_the_block_host_its_output(tmp_path):
     path = export_onnx(model, tmp_path / "m.onnx", x)
     kernels = ort_optimized_kernels(path, tmp_path)
     assert kernels.count("QLinearAdd") == 2 and not {"Conv", "FusedConv", "Add"} & set(kernels)
+
+
+def test_a_channel_pruned_whole_keeps_its_folded_bias_through_quantization_and_export(tmp_path):
+    """A depthwise channel whose weights are all pruned still outputs its (folded BatchNorm) bias: its weight scale is
+    1, not the smallest float, so the bias fits the int32 grid input scale × weight scale — in the fake-quantized model
+    and in the int8 file alike (found on torchvision's mobilenet_v2: 80 % unstructured pruning empties 3×3 channels)."""
+    import onnxruntime as ort
+
+    from lightning_compress import QATConfig, export_onnx, quantize_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        net[0].weight[1].zero_()  # channel 1 pruned whole
+        net[1].bias.copy_(torch.tensor([0.1, 5.0, -0.2, 0.3]))
+        net[1].running_mean.uniform_(-0.1, 0.1)
+    net.eval()
+    x = [torch.rand(8, 4, 6, 6) * 0.05 for _ in range(4)]  # small activations: a small input scale
+    with torch.no_grad():
+        expected = net(x[0])
+    quantize_(net, QATConfig(), x)
+    with torch.no_grad():
+        fake = net(x[0])
+    assert torch.allclose(fake[:, 1], expected[:, 1], atol=0.05)  # the bias survives (it was clamped to ~0.3 before)
+    path = export_onnx(net, tmp_path / "m.onnx", x[0])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x[0].numpy()})[0]
+    assert abs(got[:, 1] - fake[:, 1].numpy()).max() < 1e-4

@@ -50,13 +50,17 @@ def qparams_from_range(min_val: Tensor, max_val: Tensor, spec: QuantSpec) -> tup
     """Scale (float32) and zero-point (int32) that map [min_val, max_val] onto the spec's integer grid.
 
     The range is widened to include 0 so that zero is exactly representable. A degenerate range (all equal)
-    gets the smallest positive scale rather than 0 or NaN.
+    gets the smallest positive scale rather than 0 or NaN — except an all-zero symmetric range (a weight channel
+    pruned whole), which gets scale 1: its values are 0 on any grid, and a layer's int32 bias is on the grid
+    input scale × weight scale, where the smallest scale would push a folded BatchNorm's bias past the int32 range
+    (clamped: the channel would lose its bias).
     """
     min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
     max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
     eps = torch.finfo(torch.float32).eps
     if spec.symmetric:
         scale = torch.maximum(-min_val, max_val) / spec.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
         scale = (max_val - min_val) / (spec.qmax - spec.qmin)

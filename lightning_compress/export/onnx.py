@@ -458,7 +458,10 @@ def _insert_qdq(proto: Any, info: Mapping[str, QuantizedLayerExport]) -> None:
         if place["bias"] is not None and data.bias is not None:
             bias_node, slot = place["bias"]
             b_scale = (a_scale * w_scale).astype(np.float32)
-            b_int = np.round(data.bias.numpy() / b_scale).astype(np.int32)
+            # Clamped to the int32 grid as the fake-quantized model clamps it (never a wrapped-around cast).
+            b_grid = QuantSpec(32, symmetric=True)
+            b_int = np.clip(np.round(data.bias.numpy() / b_scale).astype(np.float64), b_grid.qmin, b_grid.qmax)
+            b_int = b_int.astype(np.int32)
             bias_inits, dq = _dequantize(f"{prefix}.bias", b_int, b_scale, np.zeros(b_scale.shape, np.int32))
             added_inits += bias_inits
             added.append(dq)
