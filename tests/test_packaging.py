@@ -26,6 +26,8 @@ def test_wheel_ships_configs_and_recipes_and_runs_outside_the_repo(tmp_path):
     assert "lightning_compress/conf/config.yaml" in names
     assert "lightning_compress/conf/compression/magnitude_pruning.yaml" in names
     assert "hydra_plugins/lightning_compress_sweeper/__init__.py" in names  # the resumable sweeper, where Hydra looks
+    assert "lightning_compress/py.typed" in names  # typed package (PEP 561)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
 
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
