@@ -71,6 +71,30 @@ class StepTimer(Callback):
         return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)][self.skip :]
 
 
+class StopAfter(Callback):
+    """Ends fit after a window of steps: the window of a longer run that a schedule was set up for."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def timed_fit(module, loader, callbacks, stop_after: int, max_epochs: int, skip: int) -> tuple[list[float], pl.Trainer]:
+    """Fit ``module`` on ``loader`` with ``callbacks`` on a quiet CPU Trainer (no validation, logger, checkpoints,
+    progress bar or summary) set up for ``max_epochs`` and stopped after ``stop_after`` optimizer steps: the times of
+    its steps after the first ``skip`` (:class:`StepTimer`), and the Trainer."""
+    timer = StepTimer(skip=skip)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, StopAfter(stop_after), timer],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.steps, trainer
+
+
 def cubic_amounts(final: float, end_epoch: int, initial: float = 0.0):
     """Per-epoch ``amount`` for Lightning's ModelPruning that makes its cumulative sparsity follow the same
     cubic ramp as MagnitudePruning. torch.nn.utils.prune prunes a fraction of the *remaining* weights, so the

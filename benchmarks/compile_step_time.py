@@ -17,8 +17,8 @@ import statistics
 
 import lightning.pytorch as pl
 import torch
-from _common import StepTimer, machine, update_results
-from step_time import StopAfter, digits_32
+from _common import machine, timed_fit, update_results
+from step_time import digits_32
 from torch.utils.data import DataLoader
 
 from lightning_compress import MagnitudePruning, QuantizationAwareTraining
@@ -42,14 +42,7 @@ def run_once(kind: str, loader: DataLoader, steps: int, skip: int, ramp_epochs: 
     module = ClassificationModule(ResNet20((3, 32, 32), 10, width=16), optimizer="sgd", lr=0.05)
     if kind.startswith("compiled"):
         module.net = torch.compile(module.net)
-    timer = StepTimer(skip=skip)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=ramp_epochs, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[*callbacks(kind, ramp_epochs), StopAfter(skip + steps + 1), timer],
-    )  # fmt: skip
-    trainer.fit(module, train_dataloaders=loader)
-    return timer.steps
+    return timed_fit(module, loader, callbacks(kind, ramp_epochs), skip + steps + 1, ramp_epochs, skip)[0]
 
 
 def main() -> None:

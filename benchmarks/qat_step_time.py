@@ -16,8 +16,8 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-from _common import StepTimer, machine, update_results
-from step_time import StopAfter, digits_32
+from _common import machine, timed_fit, update_results
+from step_time import digits_32
 from torch import nn
 
 from lightning_compress import QuantizationAwareTraining
@@ -88,13 +88,7 @@ def run_once(kind: str, loader, steps: int) -> list[float]:
         module = ClassificationModule(ResNet20((3, 32, 32), 10, width=16), optimizer="sgd", lr=0.05)
         if kind == "QuantizationAwareTraining":
             callbacks.append(QuantizationAwareTraining(calibration_steps=0))
-    timer = StepTimer(skip=3)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=100, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, StopAfter(steps), timer],
-    )  # fmt: skip
-    trainer.fit(module, train_dataloaders=loader)
-    return timer.steps
+    return timed_fit(module, loader, callbacks, steps, max_epochs=100, skip=3)[0]
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import time
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import StepTimer, machine, update_results
+from _common import machine, timed_fit, update_results
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -94,35 +94,14 @@ def make_callbacks(kind: str, module: nn.Module, ramp_epochs: int, steps_per_epo
     ]
 
 
-class StopAfter(pl.Callback):
-    """Ends fit after a window of steps: the window of a longer run that a schedule was set up for."""
-
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-
 def run_once(kind: str, loader: DataLoader, steps: int, ramp_epochs: int) -> tuple[list[float], float]:
     """Step times of one run, and the seconds per step spent in MagnitudePruning's hooks."""
     pl.seed_everything(0)
     TimedMagnitudePruning.hook_seconds = 0.0
     module = ClassificationModule(ResNet20((3, 32, 32), 10, width=16), optimizer="sgd", lr=0.05)
-    timer = StepTimer(skip=3)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=ramp_epochs,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*make_callbacks(kind, module, ramp_epochs, len(loader)), StopAfter(steps), timer],
-    )
-    trainer.fit(module, train_dataloaders=loader)
-    return timer.steps, TimedMagnitudePruning.hook_seconds / trainer.global_step
+    callbacks = make_callbacks(kind, module, ramp_epochs, len(loader))
+    times, trainer = timed_fit(module, loader, callbacks, steps, ramp_epochs, skip=3)
+    return times, TimedMagnitudePruning.hook_seconds / trainer.global_step
 
 
 def main() -> None:
