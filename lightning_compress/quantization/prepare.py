@@ -636,6 +636,11 @@ def unprepare(model: nn.Module) -> None:
 QUANTIZER_KEYS = (".weight_quantizer.", ".input_quantizer.", ".output_quantizer.")
 
 
+def _is_quantizer_key(key: str) -> bool:
+    """Whether a state dict entry belongs to a quantizer (its name has a quantizer module in its path)."""
+    return any(q in f".{key}" for q in QUANTIZER_KEYS)
+
+
 #: Where a QuantizationAwareTraining checkpoint keeps the quantizers' entries, beside (not in) its ``state_dict``: the
 #: ``state_dict`` is the float model's, so ``MyModel.load_from_checkpoint(path)`` loads the plain class.
 CHECKPOINT_QUANTIZERS = "lightning_compress/quantizers"
@@ -643,7 +648,7 @@ CHECKPOINT_QUANTIZERS = "lightning_compress/quantizers"
 
 def quantizer_entries(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The quantizers' entries of a QAT model's state dict (the complement of :func:`float_state_dict`)."""
-    return {k: v for k, v in state_dict.items() if any(q in f".{k}" for q in QUANTIZER_KEYS)}
+    return {k: v for k, v in state_dict.items() if _is_quantizer_key(k)}
 
 
 def qat_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -667,4 +672,4 @@ def float_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         >>> sorted(float_state_dict(net.state_dict()))
         ['0.bias', '0.weight']
     """
-    return {k: v for k, v in state_dict.items() if not any(q in f".{k}" for q in QUANTIZER_KEYS)}
+    return {k: v for k, v in state_dict.items() if not _is_quantizer_key(k)}

@@ -62,7 +62,6 @@ def log_table(
     columns: Sequence[str],
     rows: Sequence[Sequence[Any]],
     fallback_dir: str | os.PathLike | None = None,
-    step: int | None = None,
 ) -> list[Path]:
     """Log ``rows`` under ``key`` to every logger through its own API (see the module's docstring). Call it on rank
     zero only. Returns the CSV files written.
@@ -82,7 +81,7 @@ def log_table(
             logger.experiment.log_text(logger.run_id, text, f"tables/{key}.csv")
             continue
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_text(key, table_markdown(columns, rows), global_step=step or 0)
+            logger.experiment.add_text(key, table_markdown(columns, rows))
         folder = getattr(logger, "log_dir", None)
         if folder is None:
             if fallback_dir is None:
