@@ -1,15 +1,17 @@
 """Every shipped config composes, and every object it describes instantiates."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 
 import lightning_compress
 from lightning_compress.apps.config import compose, instantiate
+from lightning_compress.apps.recipes import available_recipes
 
 CONF = Path(lightning_compress.__file__).parent.parent / "conf"
-RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
 NO_CIFAR = "needs torchvision|no 'cifar-10-batches-py' folder"
 
 
@@ -50,6 +52,12 @@ def test_every_model_instantiates_for_its_data(model, tmp_path):
 
     cfg = compose([f"model={model}", f"paths.output_dir={tmp_path}"])
     shape = (1, 40) if model.endswith("1d") else (1, 8, 8)  # MNIST-1D signals; digits images
+    if model == "torchvision" and importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(
+            InstantiationException, match=r"model=torchvision needs torchvision: pip install '.\[vision\]'"
+        ):
+            instantiate(cfg.model, input_shape=shape, num_classes=10)
+        return  # the refusal names the extra; with torchvision installed the network is built and run below
     net = instantiate(cfg.model, input_shape=shape, num_classes=10)
     assert net(torch.zeros(2, *shape)).shape == (2, 10)
 
@@ -158,7 +166,16 @@ def test_the_parity_threshold_has_one_home(tmp_path):
     assert compose([f"paths.output_dir={tmp_path}"]).onnx_parity_min_agreement == PARITY_GOAL
 
 
-def test_recipes_are_real_files_in_the_config_package():
-    folder = CONF / "recipe"
-    assert folder.is_dir() and not folder.is_symlink()
-    assert not any(p.is_symlink() for p in CONF.rglob("*"))
+def test_recipes_are_real_files_in_one_top_level_folder():
+    folder = CONF.parent / "recipes"
+    assert folder.is_dir() and not folder.is_symlink() and len(RECIPES) > 5
+    assert not any(p.is_symlink() for p in [*CONF.rglob("*"), *folder.rglob("*")])
+    assert not (CONF / "recipe").exists()  # the only copy
+    assert available_recipes() == RECIPES  # what the app and load_recipe offer is that folder
+
+
+def test_recipe_group_lists_and_refuses_like_any_hydra_group():
+    with pytest.raises(MissingConfigException, match="digits_prune90") as refused:  # Hydra lists the options
+        compose(["recipe=no_such_recipe", "paths.output_dir=/tmp/x"])
+    assert "no_such_recipe" in str(refused.value)
+    assert compose(["recipe=digits_qat_int8", "paths.output_dir=/tmp/x"]).compression.quantization

@@ -23,7 +23,13 @@ def test_main_job_command_installs_and_runs_the_app():
     assert "pip install ." in main_job
 
 
-def test_recipes_in_the_readme_table_exist():
-    named = set(re.findall(r"^\| `([a-z0-9_]+)`", README, re.M))
-    shipped = {p.stem for p in (ROOT / "conf" / "recipe").glob("*.yaml")}
+def test_the_readme_fits_on_a_screen_and_links_to_the_docs():
+    assert len(README.splitlines()) <= 150
+    assert "mkdocs serve" in README and "(docs/index.md)" in README
+
+
+def test_every_shipped_recipe_is_in_the_docs_recipe_table():
+    table = (ROOT / "docs" / "hydra.md").read_text()
+    named = set(re.findall(r"^\| `([a-z0-9_]+)`", table, re.M))
+    shipped = {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
     assert named == shipped

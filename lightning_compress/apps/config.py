@@ -16,6 +16,21 @@ CONFIG_NAME = "config"
 
 __all__ = ["CONFIG_NAME", "CONFIG_SEARCHPATH", "CONSTANTS", "compose", "instantiate"]
 
+
+def register_recipes() -> None:
+    """Make ``recipe=<name>`` find ``recipes/<name>.yaml``: register the recipes' config source and search-path plugin
+    (``hydra_plugins.lightning_compress_recipes``) with Hydra. Hydra finds them by itself in an installed wheel; an
+    editable install hides ``hydra_plugins`` subpackages from Hydra's scan, so the apps register them (once)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.lightning_compress_recipes import RecipesConfigSource, RecipesSearchPath
+
+    for plugin in (RecipesConfigSource, RecipesSearchPath):
+        Plugins.instance().register(plugin)
+
+
+register_recipes()
+
 #: Constants the configs read from the code (``${lightning_compress:<name>}``), so that each has one home.
 CONSTANTS = {"parity_goal": PARITY_GOAL}
 if not OmegaConf.has_resolver("lightning_compress"):
@@ -37,10 +52,13 @@ if not OmegaConf.has_resolver("lightning_compress.stages_dir"):
     OmegaConf.register_new_resolver("lightning_compress.stages_dir", stages_dir)
 
 
-def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+def compose(
+    overrides: Sequence[str] = (), return_hydra_config: bool = False, config_name: str = CONFIG_NAME
+) -> DictConfig:
     """Compose the app's configuration without running it (as tests and notebooks do).
 
-    Pass ``paths.output_dir=...``: outside a running app Hydra has no run directory.
+    Pass ``paths.output_dir=...``: outside a running app Hydra has no run directory. ``config_name="sensitivity"``
+    composes the sensitivity app's configuration instead.
 
     Example:
         >>> cfg = compose(["recipe=dense", "paths.output_dir=/tmp/x"])
@@ -53,7 +71,7 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
     from omegaconf import open_dict
 
     with initialize_config_module("lightning_compress.conf", version_base="1.3"):
-        cfg = hydra_compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
     # ${hydra:...} interpolations (task_name, the run directory) resolve as they do inside the app.
     HydraConfig.instance().set_config(cfg)
     if not return_hydra_config:

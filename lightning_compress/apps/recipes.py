@@ -1,7 +1,7 @@
 """load_recipe: the compression part of a recipe, as callbacks for a user's own Trainer.
 
-The CLI's ``recipe=<name>`` and :func:`load_recipe` read the same files (``conf/recipe/`` of the repository, shipped
-as the config group ``recipe`` of ``lightning_compress.conf``), composed by Hydra in the same way.
+The CLI's ``recipe=<name>`` and :func:`load_recipe` read the same files (``recipes/`` of the repository, shipped
+as ``lightning_compress.recipes``: the config group ``recipe`` of the app), composed by Hydra in the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lightning_compress.apps.config import compose, instantiate
 
 def available_recipes() -> list[str]:
     """Names of the shipped recipes."""
-    folder = resources.files("lightning_compress.conf") / "recipe"
+    folder = resources.files("lightning_compress.recipes")
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 

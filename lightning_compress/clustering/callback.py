@@ -71,7 +71,8 @@ class WeightClustering(StepwiseTechnique):
             when every technique on the Trainer that changes the structure (a pruning ramp) has finished, else 0.
         freeze_epoch: From when the assignments are frozen (``None``: from ``start_epoch``).
         layer_clusters: ``{pattern: k}`` per-layer numbers of clusters (patterns as in ``include``; a YAML path works).
-        include, exclude: Regular expression(s) or ``@`` selectors choosing the Conv/Linear layers (default: all).
+        include: Regular expression(s) or ``@`` selectors choosing the Conv/Linear layers (default: all).
+        exclude: The layers left out of ``include``'s choice (the same kinds of patterns).
         update_every_n_steps: Optimizer steps between assignment refreshes before ``freeze_epoch`` (``None``: one per
             epoch).
         seed: Seed of the k-means++ initialisation.

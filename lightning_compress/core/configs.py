@@ -173,7 +173,7 @@ class PruningConfig(TechniqueConfig):
     """Which weights pruning removes (:func:`~lightning_compress.prune_`, :class:`~lightning_compress.MagnitudePruning`,
     whose docstring details each field; the callback adds the ramp: initial sparsity, epochs, schedule).
 
-    Args:
+    Attributes:
         final_sparsity: Share of the selected weights that are zero, in [0, 1) (for N:M at most N/M; for
             ``granularity="channel"`` the share of channels removed).
         granularity: ``"unstructured"``, ``"channel"`` (Torch-Pruning's dependency groups) or ``"N:M"``.
@@ -181,7 +181,8 @@ class PruningConfig(TechniqueConfig):
         criterion: ``"magnitude"``, ``"random"``, ``"threshold"``, ``"taylor"`` or ``"movement"``.
         threshold: The magnitude below which ``criterion="threshold"`` prunes.
         layer_sparsity: ``{pattern: sparsity}`` per-layer overrides (or a YAML path).
-        include, exclude: Regular expression(s) or ``@`` selectors of the layers.
+        include: Regular expression(s) or ``@`` selectors of the layers.
+        exclude: The layers left out of ``include``'s choice (the same kinds of patterns).
         seed: Seed of ``criterion="random"``.
         round_to: Channel groups keep a multiple of this many channels (``granularity="channel"``, scope layer).
     """
@@ -252,11 +253,12 @@ class LowRankConfig(TechniqueConfig):
     """Which layers low-rank factorization keeps at which cost (:func:`~lightning_compress.low_rank_`,
     :class:`~lightning_compress.LowRankFactorization`, which adds the ramp).
 
-    Args:
+    Attributes:
         ratio: The selected layers end with ``ratio``× fewer weights (or multiply-adds); > 1.
         budget: ``"params"`` or ``"flops"``.
         layer_rank: ``{pattern: rank}`` fixed ranks (or a YAML path).
-        include, exclude: Regular expression(s) or ``@`` selectors of the layers.
+        include: Regular expression(s) or ``@`` selectors of the layers.
+        exclude: The layers left out of ``include``'s choice (the same kinds of patterns).
     """
 
     technique: ClassVar[str] = "LowRankFactorization"
@@ -288,11 +290,12 @@ class ClusteringConfig(TechniqueConfig):
     """How many shared values each layer's weights get (:func:`~lightning_compress.cluster_weights_`,
     :class:`~lightning_compress.WeightClustering`, which adds when to cluster and when to freeze).
 
-    Args:
+    Attributes:
         clusters: Values each layer's non-zero weights share (at least 2).
         init: ``"linear"`` or ``"kmeans++"``.
         layer_clusters: ``{pattern: k}`` per-layer numbers of clusters (or a YAML path).
-        include, exclude: Regular expression(s) or ``@`` selectors of the layers.
+        include: Regular expression(s) or ``@`` selectors of the layers.
+        exclude: The layers left out of ``include``'s choice (the same kinds of patterns).
         seed: Seed of the k-means++ initialisation.
     """
 
@@ -322,7 +325,7 @@ class DistillationConfig(TechniqueConfig):
     """How a student learns from teachers' outputs (:func:`~lightning_compress.distillation_loss`,
     :class:`~lightning_compress.KnowledgeDistillation`, which adds the teachers and the Trainer wiring).
 
-    Args:
+    Attributes:
         temperature: Softmax temperature of the soft targets, > 0.
         alpha: Weight of the distillation term; ``1 - alpha`` weighs the task loss. In [0, 1].
         feature_weight: Weight of the feature (hint) terms, >= 0.
@@ -369,7 +372,7 @@ class QATConfig(TechniqueConfig):
     """How :func:`~lightning_compress.prepare_qat` (and :func:`~lightning_compress.quantize_`) quantizes a model's
     Conv and Linear layers (checked when built).
 
-    Args:
+    Attributes:
         weight_bits: Bits of the weights, 2–8.
         activation_bits: Bits of the input activations, 2–8 (1: binary, with ``activation_range``).
         per_channel: Weight scales per output channel (``True``) or per tensor.

@@ -54,12 +54,14 @@ class LowRankFactorization(RampedTechnique):
             (``budget="flops"``); > 1.
         budget: ``"params"`` or ``"flops"`` (multiply-adds per sample, output positions traced on
             ``example_input_array`` or the first training batch).
-        start_epoch, end_epoch: Where the ramp starts and ends (epochs, fractions allowed, or shares like ``"50%"``).
+        start_epoch: Where the ramp starts (epochs, fractions allowed, or shares like ``"50%"``).
+        end_epoch: Where the ramp ends (the same units).
         schedule: ``"cubic"`` or ``"linear"``: how the removed share of the budget grows along the ramp.
         layer_rank: ``{pattern: rank}`` fixed ranks (patterns as in ``include``; a YAML file path works too), reached
             along the same ramp; between 1 and the layer's break-even rank (below which its factors are smaller). Their
             cost counts toward the budget.
-        include, exclude: Regular expression(s) or ``@`` selectors choosing the Linear/Conv layers (default: all).
+        include: Regular expression(s) or ``@`` selectors choosing the Linear/Conv layers (default: all).
+        exclude: The layers left out of ``include``'s choice (the same kinds of patterns).
         update_every_n_steps: Optimizer steps between rank updates along the ramp (``None``: 50 updates, at most one
             every 4 steps). The projection itself happens after every step.
         verbose: Print a line at every rank update (rank zero only).

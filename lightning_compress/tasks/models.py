@@ -143,3 +143,34 @@ class CNN1D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+def torchvision_classifier(
+    name: str = "resnet18", input_shape: Sequence[int] = (3, 224, 224), num_classes: int = 10, **kwargs: object
+) -> nn.Module:
+    """A torchvision classification network (random weights) for the app's ``model=torchvision``: ``name`` is any of
+    ``torchvision.models.list_models(torchvision.models)`` (``resnet18``, ``mobilenet_v2``, ``efficientnet_b0``…),
+    ``kwargs`` its builder's own arguments.
+
+    The first convolution is rebuilt for the data's channels when they are not 3 (grey digits), and a ResNet given
+    inputs smaller than 64 pixels gets the usual small-input stem (3×3 convolution, stride 1, no max-pooling), as
+    CIFAR ResNets do; other networks are left as torchvision builds them. Needs ``pip install ".[vision]"``.
+    """
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError(f"model=torchvision needs torchvision: pip install '.[vision]' ({error})") from error
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    channels, *spatial = input_shape
+    small = bool(spatial) and min(spatial) < 64 and hasattr(net, "conv1") and hasattr(net, "maxpool")
+    first = next((n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and (channels != 3 or small):
+        parent_name, _, attr = first.rpartition(".")
+        parent, conv = net.get_submodule(parent_name), net.get_submodule(first)
+        kernel, stride, padding = ((3, 3), (1, 1), (1, 1)) if small else (conv.kernel_size, conv.stride, conv.padding)
+        setattr(
+            parent, attr, nn.Conv2d(channels, conv.out_channels, kernel, stride, padding, bias=conv.bias is not None)
+        )
+    if small:
+        net.maxpool = nn.Identity()
+    return net
