@@ -21,7 +21,9 @@ def test_wheel_ships_configs_and_recipes_and_runs_outside_the_repo(tmp_path):
     subprocess.run([*build, str(ROOT)], check=True, capture_output=True, timeout=300)
     (wheel,) = wheel_dir.glob("lightning_compress-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    shipped_recipes = {Path(n).name for n in names if n.startswith("lightning_compress/recipes/") and n.endswith(".yaml")}
+    shipped_recipes = {
+        Path(n).name for n in names if n.startswith("lightning_compress/recipes/") and n.endswith(".yaml")
+    }
     assert shipped_recipes == {p.name for p in (ROOT / "recipes").glob("*.yaml")} and len(shipped_recipes) > 5
     assert "lightning_compress/conf/config.yaml" in names
     assert "lightning_compress/conf/compression/magnitude_pruning.yaml" in names
