@@ -6,8 +6,9 @@ How a page's code blocks are checked (docs/development.md says the same for writ
   hidden set-up (an HTML comment ``<!-- setup`` … ``-->``, invisible on the site), so a block may use what an earlier
   block of the page made;
 - ``bash`` blocks of ``lightning-compress`` / ``lightning-compress-sensitivity`` commands are composed: each command's
-  overrides (the first value of a sweep) must compose and resolve to the app's configuration — a renamed setting or
-  recipe fails here; the commands themselves train for minutes and run end to end in ``tests/test_cli.py``;
+  overrides (the first value of a sweep) must compose and resolve to the app's configuration, and its schedules must
+  end within its ``trainer.max_epochs`` — a renamed setting or recipe, or a shortened run that the app would refuse,
+  fails here; the commands themselves train for minutes and run end to end in ``tests/test_cli.py``;
 - ``yaml`` blocks must parse; ``text`` blocks are output and diagrams, not code;
 - any other block is preceded by ``<!-- not-run: <reason> -->``, and the reason must be given.
 """
@@ -60,6 +61,16 @@ def first_of_sweeps(args: list[str]) -> list[str]:
     return out
 
 
+def check_schedules_fit(cfg, where: str) -> None:
+    """A point of a schedule given in epochs lies within the job's ``trainer.max_epochs``: the app refuses it at setup
+    otherwise (a command that shortens training must move the schedule too)."""
+    max_epochs = cfg.get("trainer", {}).get("max_epochs")
+    for name, node in (cfg.get("compression") or {}).items():
+        for key, value in (node or {}).items():
+            if str(key).endswith("_epoch") and isinstance(value, (int, float)) and isinstance(max_epochs, int):
+                assert value <= max_epochs, f"{where}: compression.{name}.{key}={value} > trainer.max_epochs={max_epochs}"
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_every_code_block_of_the_page_runs_or_says_why_not(page, tmp_path, monkeypatch):
     from omegaconf import OmegaConf
@@ -87,6 +98,7 @@ def test_every_code_block_of_the_page_runs_or_says_why_not(page, tmp_path, monke
                 overrides = [*first_of_sweeps(command[1:]), f"paths.output_dir={tmp_path}", "hydra.mode=RUN"]
                 cfg = compose(overrides, config_name=APPS[command[0]])
                 OmegaConf.to_container(cfg, resolve=True)  # every interpolation of the job config resolves
+                check_schedules_fit(cfg, where)
         elif lang == "yaml":
             yaml.safe_load(code)
         else:
