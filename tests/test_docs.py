@@ -68,7 +68,8 @@ def check_schedules_fit(cfg, where: str) -> None:
     for name, node in (cfg.get("compression") or {}).items():
         for key, value in (node or {}).items():
             if str(key).endswith("_epoch") and isinstance(value, (int, float)) and isinstance(max_epochs, int):
-                assert value <= max_epochs, f"{where}: compression.{name}.{key}={value} > trainer.max_epochs={max_epochs}"
+                too_late = f"{where}: compression.{name}.{key}={value} > trainer.max_epochs={max_epochs}"
+                assert value <= max_epochs, too_late
 
 
 @pytest.mark.parametrize("page", PAGES)

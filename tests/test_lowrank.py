@@ -258,6 +258,31 @@ def test_frozen_and_grouped_layers_are_refused_with_their_names(tmp_path):
         _fit(tmp_path, LowRankFactorization(ratio=2, include=r"net\.1$", end_epoch=1), grouped, max_epochs=1)
 
 
+def test_grouped_and_depthwise_convolutions_are_left_as_they_are_named_in_one_warning(tmp_path):
+    from lightning_compress.tasks import ClassificationModule
+
+    def mobile_like():  # a MobileNet-style stack: two depthwise convolutions between ungrouped ones
+        return ClassificationModule(nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+            nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+            nn.Flatten(), nn.Linear(32 * 64, 10)))  # fmt: skip
+
+    listed = r"2 grouped or depthwise convolution\(s\) as they are .*'net.2', 'net.6'\."
+    module = mobile_like()
+    with pytest.warns(UserWarning, match=listed) as caught:
+        low_rank = LowRankFactorization(ratio=2, end_epoch=1)
+        _fit(tmp_path, low_rank, module, max_epochs=2)
+    assert sum("grouped or depthwise" in str(w.message) for w in caught) == 1  # one warning, every layer named
+    assert {layer.name for layer in low_rank._layers} == {"net.0", "net.4", "net.9"}  # what it chose ranks among
+    assert low_rank.ranks and set(low_rank.ranks) <= {"net.0", "net.4", "net.9"}
+    x = torch.randn(4, 1, 8, 8)
+    compact = export_compact(module.net, x)
+    assert compact[2].groups == 16 and compact[6].groups == 32  # left as they were
+    with pytest.warns(UserWarning, match=listed):  # the verb says the same
+        ranks = low_rank_(mobile_like(), ratio=2)
+    assert ranks and set(ranks) <= {"net.0", "net.4", "net.9"}
+
+
 class _SameRanksOnEveryRank(Callback):
     def on_train_end(self, trainer, pl_module):
         low_rank = next(c for c in trainer.callbacks if isinstance(c, LowRankFactorization))

@@ -71,7 +71,8 @@ class LowRankFactorization(RampedTechnique):
 
     Raises:
         ValueError: Before the first step: ``ratio`` ≤ 1, a budget that rank 1 in every layer cannot meet, a layer that
-            cannot be factorized (grouped convolution, too thin), a ``layer_rank`` ≤ 0 or at/above the break-even, a
+            cannot be factorized (too thin; only grouped convolutions selected — among other layers they are left as
+            they are, named in one warning), a ``layer_rank`` ≤ 0 or at/above the break-even, a
             pattern that matches nothing, every selected layer frozen (a frozen one alone is left dense, named).
 
     Example::

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,11 +60,23 @@ def low_rank_layers(
     here, so they refuse the same models the same way (the callback passes the layers it ``selected``: frozen ones
     left out).
 
+    Grouped and depthwise convolutions among other layers are left as they are, named in one warning (every selected
+    layer grouped is refused).
+
     Raises:
         ValueError: A layer that cannot be factorized, a ``layer_rank`` pattern matching nothing or a rank above a
             layer's break-even, a FLOPs budget without an example input, a ratio that rank 1 everywhere cannot meet.
     """
     selected = list(select_modules(model, config.include, config.exclude) if selected is None else selected)
+    grouped = [name for name, m in selected if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1]
+    if grouped and len(grouped) < len(selected):  # every layer grouped: refused below, naming the first
+        warnings.warn(
+            f"{config.technique} leaves {len(grouped)} grouped or depthwise convolution(s) as they are (they are "
+            f"already cheap; low rank factorizes Linear and ungrouped convolutions): {', '.join(map(repr, grouped))}.",
+            UserWarning,
+            stacklevel=2,
+        )
+        selected = [(name, m) for name, m in selected if name not in set(grouped)]
     layer_rank = config.per_layer
     check_overrides_match(selected, layer_rank, "layer_rank")
     positions: dict[str, int] = {}
