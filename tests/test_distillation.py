@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_compress import KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress import KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining, distillation_loss
 from lightning_compress.core.losses import kd_loss
 from lightning_compress.tasks import MLP, ClassificationModule, DigitsDataModule, SmallCNN
 
@@ -53,6 +53,23 @@ def test_kd_loss_is_t_squared_kl_in_float32():
     assert math.isfinite(float(extreme))
     with pytest.raises(ValueError, match=r"student \(8, 10\), teacher \(8, 5\)"):
         kd_loss(s, t[:, :5])
+
+
+def test_kd_loss_over_tokens_is_the_mean_per_token_and_a_mask_leaves_padding_out():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 16, 50, generator=g), torch.randn(2, 16, 50, generator=g)  # (batch, tokens, vocab)
+    per_token = torch.stack([kd_loss(s[b, i : i + 1], t[b, i : i + 1], 2.0) for b in range(2) for i in range(16)])
+    torch.testing.assert_close(kd_loss(s, t, 2.0), per_token.mean())  # not 16 times it (the sum over tokens)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0  # the second sequence is 10 tokens, then padding
+    kept = torch.cat([per_token[:16], per_token[16:26]])
+    torch.testing.assert_close(kd_loss(s, t, 2.0, mask), kept.mean())
+    garbage = t.clone()
+    garbage[1, 10:] = 1e3  # whatever the teacher says on padding does not count
+    torch.testing.assert_close(kd_loss(s, garbage, 2.0, mask), kept.mean())
+    torch.testing.assert_close(distillation_loss(s, t, config={"temperature": 2.0}, mask=mask), kept.mean())
+    with pytest.raises(ValueError, match=r"`mask` must have the logits' shape without the class dimension"):
+        kd_loss(s, t, 2.0, mask[:, :8])
 
 
 # --------------------------------------------------------------------------- the teacher drives learning

@@ -13,8 +13,14 @@ if TYPE_CHECKING:
     from lightning_compress.core.configs import DistillationConfig
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
-    """``T² · KL(softmax(teacher / T) ‖ softmax(student / T))`` averaged over the batch (Hinton et al. 2015).
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0, mask: Tensor | None = None
+) -> Tensor:
+    """``T² · KL(softmax(teacher / T) ‖ softmax(student / T))`` averaged over the predictions (Hinton et al. 2015):
+    over the batch for ``(batch, classes)`` logits, over every token for a sequence model's ``(batch, tokens, vocab)``
+    (the classes are the last dimension) — so a 16-token sequence weighs as much as one sample, not 16 times more.
+    ``mask`` (the logits' shape without the last dimension, e.g. an ``attention_mask``) keeps the positions where it
+    is non-zero: padding does not count.
 
     Computed in float32 whatever the inputs' precision (under fp16 / bf16 mixed precision the softmax of scaled
     logits would lose the small probabilities the soft targets carry), with log-probabilities on both sides so
@@ -31,13 +37,23 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
             f"student and teacher outputs differ in shape: student {tuple(student_logits.shape)}, "
             f"teacher {tuple(teacher_logits.shape)}."
         )
+    if mask is not None and tuple(mask.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            f"`mask` must have the logits' shape without the class dimension, {tuple(student_logits.shape[:-1])}, "
+            f"got {tuple(mask.shape)}."
+        )
     device = student_logits.device.type
     if torch.is_autocast_enabled(device):
         with torch.autocast(device_type=device, enabled=False):
-            return kd_loss(student_logits, teacher_logits, temperature)
+            return kd_loss(student_logits, teacher_logits, temperature, mask)
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    per_prediction = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
+    if mask is None:
+        kl = per_prediction.mean()
+    else:
+        keep = mask.to(per_prediction.dtype)
+        kl = (per_prediction * keep).sum() / keep.sum().clamp_min(1.0)
     return kl * temperature**2
 
 
@@ -57,13 +73,15 @@ def distillation_loss(
     task_loss: Tensor | None = None,
     config: DistillationConfig | Mapping[str, Any] | None = None,
     teacher_weights: Sequence[float] | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """The distillation objective as :class:`~lightning_compress.KnowledgeDistillation` computes it, for any training
     loop (Fabric, plain PyTorch): ``(1 − alpha) · task_loss + alpha · Σ_i w_i · kd_loss(student, teacher_i, T)`` with
     ``T`` and ``alpha`` from ``config`` (a :class:`~lightning_compress.DistillationConfig` or a mapping of its
     fields); without a ``task_loss``
     (or with ``alpha=1``) the distillation term alone. Several teachers' terms are weighted by ``teacher_weights``
-    (equal by default, normalised to sum 1).
+    (equal by default, normalised to sum 1). For a sequence model the term is averaged over tokens, and ``mask`` (e.g.
+    the batch's ``attention_mask``) leaves padding out (:func:`kd_loss`).
 
     Example:
         >>> from lightning_compress.core.configs import DistillationConfig
@@ -83,7 +101,7 @@ def distillation_loss(
         )
     total = sum(weights)
     distill = sum(
-        w / total * kd_loss(student_logits, t, config.temperature) for w, t in zip(weights, teachers, strict=True)
+        w / total * kd_loss(student_logits, t, config.temperature, mask) for w, t in zip(weights, teachers, strict=True)
     )
     assert isinstance(distill, Tensor)
     return blend(distill, task_loss, config.alpha)
