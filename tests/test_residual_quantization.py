@@ -261,3 +261,61 @@ def test_a_channel_pruned_whole_keeps_its_folded_bias_through_quantization_and_e
     path = export_onnx(net, tmp_path / "m.onnx", x[0])
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x[0].numpy()})[0]
     assert abs(got[:, 1] - fake[:, 1].numpy()).max() < 1e-4
+
+
+def drop_path(x: Tensor, training: bool) -> Tensor:
+    if not training:
+        return x
+    return x * (torch.rand(x.shape[0], 1, 1, 1) > 0.1).to(x.dtype) / 0.9
+
+
+torch.fx.wrap("drop_path")  # as torchvision wraps its stochastic_depth: a leaf for torch.fx
+
+
+class DropPath(nn.Module):
+    """timm's DropPath / torchvision's StochasticDepth: random in training, the identity in evaluation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.training)
+
+
+class MBConvLike(nn.Module):
+    """torchvision's MBConv (EfficientNet) and CNBlock (ConvNeXt, ``scaled``): the branch passes through StochasticDepth
+    before the residual addition, which only blocks that keep their shape have."""
+
+    def __init__(self, c: int, residual: bool = True, scaled: bool = False) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                   nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))  # fmt: skip
+        self.layer_scale = nn.Parameter(torch.full((c, 1, 1), 0.5)) if scaled else None
+        self.stochastic_depth, self.residual = DropPath(), residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.block(x) if self.layer_scale is None else self.layer_scale * self.block(x)
+        if self.residual:
+            result = self.stochastic_depth(result)
+            result += x
+        return result
+
+
+def test_modules_that_are_the_identity_in_evaluation_do_not_break_the_export(tmp_path):
+    torch.manual_seed(0)
+    # Each block's input is a linear bottleneck (Conv + BatchNorm, no activation), as in EfficientNet and ConvNeXt.
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), MBConvLike(8),
+        nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), MBConvLike(8, scaled=True),
+        MBConvLike(8, residual=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    prepare_qat(net, QATConfig())
+    hosts = tensor_quantizers(net)
+    assert {"2.stochastic_depth", "5.stochastic_depth"} <= set(hosts)  # the tensors entering the additions
+    x = torch.randn(32, 1, 8, 8)
+    for _ in range(3):
+        net(x)
+    set_phase(net, observing=False, quantizing=True)
+    net.eval()
+    path = export_onnx(net, tmp_path / "droppath.int8.onnx", x)  # raised "could not find the output of module ..."
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert (torch.from_numpy(out).argmax(1) == net(x).argmax(1)).float().mean() >= 0.995
