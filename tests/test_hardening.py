@@ -13,13 +13,18 @@ from torch import nn
 
 from lightning_compress import (
     KnowledgeDistillation,
+    LowRankFactorization,
     MagnitudePruning,
     QATConfig,
     QuantizationAwareTraining,
+    WeightClustering,
+    cluster_weights_,
     export_onnx,
     load_compressed,
+    low_rank_,
     onnx_parity,
     prepare_qat,
+    prune_,
     save_compressed,
 )
 from lightning_compress.export.onnx import pruned_zeros_kept
@@ -280,6 +285,54 @@ def test_layer_types_that_are_not_compressed_are_named(tmp_path, layer, kind):
     other.extra = layer
     with pytest.warns(UserWarning, match=rf"Quantization-aware training does not compress 1 layer.*'extra' \({kind}"):
         prepare_qat(other, QATConfig())
+
+
+class Conv1DLike(nn.Module):
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's blocks): a Linear whose weight is stored
+    ``in × out`` — not an ``nn.Linear``."""
+
+    def __init__(self, n_out: int, n_in: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize(
+    "technique",
+    [
+        lambda: MagnitudePruning(final_sparsity=0.5, end_epoch=1),
+        lambda: WeightClustering(clusters=4, start_epoch=0),
+        lambda: LowRankFactorization(ratio=2, end_epoch=1, include="classifier"),
+    ],
+    ids=["pruning", "clustering", "low rank"],
+)
+def test_a_weight_bearing_layer_of_an_unknown_type_is_named_never_silently_dense(tmp_path, technique):
+    from lightning_compress.tasks import ClassificationModule
+
+    class WithConv1D(nn.Module):  # a classifier whose hidden layer is a Conv1D, as GPT-2's MLP
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 32))
+            self.mlp = Conv1DLike(32, 32)
+            self.classifier = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.classifier(torch.relu(self.mlp(torch.relu(self.features(x)))))
+
+    callback = technique()
+    with pytest.warns(UserWarning, match=r"does not compress 1 layer.*'net.mlp' \(Conv1DLike: a layer type the "):
+        make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(
+            ClassificationModule(WithConv1D()), DigitsDataModule()
+        )
+    with pytest.warns(UserWarning, match=r"Quantization-aware training does not compress 1 layer.*'mlp' \(Conv1DLike"):
+        prepare_qat(WithConv1D(), QATConfig())
+    verb = {MagnitudePruning: lambda m: prune_(m, 0.5), WeightClustering: lambda m: cluster_weights_(m, 4),
+            LowRankFactorization: lambda m: low_rank_(m, 2, include="classifier")}[type(callback)]  # fmt: skip
+    with pytest.warns(UserWarning, match=rf"{type(callback).__name__} does not compress 1 layer.*'mlp' \(Conv1DLike"):
+        verb(WithConv1D())  # the verb says the same
 
 
 # --------------------------------------------------------------------------- 6. QAT checkpoints, strict loading

@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from lightning_compress.core.clustering import check_clusters, cluster, project
 from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.configs import ClusteringConfig, resolve_config
-from lightning_compress.core.selection import check_overrides_match, match_overrides, select_modules, weights_of
+from lightning_compress.core.selection import (
+    check_overrides_match,
+    match_overrides,
+    select_modules,
+    warn_not_compressed,
+    weights_of,
+)
 
 
 def clustered_layers(
@@ -26,6 +32,8 @@ def clustered_layers(
         ValueError: A ``layer_clusters`` pattern that matches no selected layer, or a layer with fewer distinct
             non-zero weights than its clusters (named).
     """
+    if selected is None:  # the verb (a callback passes the layers it selected, and has said what it leaves)
+        warn_not_compressed(model, config.technique)
     selected = list(select_modules(model, config.include, config.exclude) if selected is None else selected)
     overrides = config.per_layer
     check_overrides_match(selected, overrides, "layer_clusters")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,9 +230,20 @@ def load_layer_values(path: str | os.PathLike, argument: str) -> dict[str, Any]:
     return data
 
 
+#: Why a module of a type the techniques do not know keeps its weight (it is named, never counted).
+UNKNOWN_LAYER = "a layer type the techniques do not know (not a Conv or Linear subclass); its weight is not compressed"
+
+
+def _unknown_layer(module: nn.Module) -> bool:
+    """A module with a weight matrix (≥ 2-D) of its own that is not of a type the techniques compress."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() >= 2 and not isinstance(module, COMPRESSIBLE_TYPES)
+
+
 def not_compressed(model: nn.Module, technique: str) -> str | None:
     """A message naming every layer of ``model`` whose weights ``technique`` leaves as they are (types in
-    :data:`NOT_COMPRESSED`), or ``None`` when there is none.
+    :data:`NOT_COMPRESSED`, and any other module with a weight matrix of its own that is not a Conv or Linear, such as
+    Hugging Face's ``Conv1D``), or ``None`` when there is none.
 
     Example:
         >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
@@ -241,6 +253,8 @@ def not_compressed(model: nn.Module, technique: str) -> str | None:
     found = []
     for name, module in model.named_modules():
         reason = next((why for cls, why in NOT_COMPRESSED.items() if isinstance(module, cls)), None)
+        if reason is None and _unknown_layer(module):
+            reason = UNKNOWN_LAYER
         if reason is not None and name:
             found.append(f"{name!r} ({type(module).__name__}: {reason})")
     if not found:
@@ -252,6 +266,12 @@ def not_compressed(model: nn.Module, technique: str) -> str | None:
         f"layers around {'them' if many else 'it'} are compressed as usual; nothing to do unless "
         f"{'they hold' if many else 'it holds'} most of the weights."
     )
+
+
+def warn_not_compressed(model: nn.Module, technique: str) -> None:
+    """:func:`not_compressed`'s message as a warning, for the verbs (the callbacks warn on rank zero only)."""
+    if (message := not_compressed(model, technique)) is not None:
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def inside(model: nn.Module, types: tuple[type[nn.Module], ...]) -> set[str]:

@@ -20,7 +20,13 @@ from lightning_compress.core.lowrank import (
     project_rank_,
     record_ranks,
 )
-from lightning_compress.core.selection import check_overrides_match, match_overrides, select_modules, weights_of
+from lightning_compress.core.selection import (
+    check_overrides_match,
+    match_overrides,
+    select_modules,
+    warn_not_compressed,
+    weights_of,
+)
 
 
 def output_positions(model: nn.Module, example: Tensor, selected: Sequence[tuple[str, nn.Module]]) -> dict[str, int]:
@@ -67,6 +73,8 @@ def low_rank_layers(
         ValueError: A layer that cannot be factorized, a ``layer_rank`` pattern matching nothing or a rank above a
             layer's break-even, a FLOPs budget without an example input, a ratio that rank 1 everywhere cannot meet.
     """
+    if selected is None:  # the verb (a callback passes the layers it selected, and has said what it leaves)
+        warn_not_compressed(model, config.technique)
     selected = list(select_modules(model, config.include, config.exclude) if selected is None else selected)
     grouped = [name for name, m in selected if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1]
     if grouped and len(grouped) < len(selected):  # every layer grouped: refused below, naming the first

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -24,7 +24,7 @@ from lightning_compress.core import masks
 from lightning_compress.core.configs import CriterionName, PruningConfig, ScheduleName, ScopeName, check_sparsity
 from lightning_compress.core.masks import Granularity, check_nm_shapes
 from lightning_compress.core.schedules import sparsity_at
-from lightning_compress.core.selection import check_overrides_match, not_compressed, weights_of
+from lightning_compress.core.selection import check_overrides_match, weights_of
 from lightning_compress.pruning.groups import ChannelGroup, require_torch_pruning
 from lightning_compress.pruning.strategies import ChannelGroupMasks, PruningStrategy, strategy_for
 from lightning_compress.trainer.progress import first_input
@@ -168,8 +168,6 @@ class MagnitudePruning(RampedTechnique):
     # ------------------------------------------------------------------ the ramp's steps
     @override
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (message := not_compressed(pl_module, self.name)) is not None:
-            rank_zero_warn(message)
         selected = self.select(pl_module)
         weights = weights_of(selected)
         check_overrides_match(selected, self.config.per_layer, "layer_sparsity")

@@ -13,7 +13,13 @@ from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.configs import PruningConfig, resolve_config
 from lightning_compress.core.masks import GRADIENT_CRITERIA, check_nm_shapes, compute_masks, sparsity
 from lightning_compress.core.schedules import sparsity_at
-from lightning_compress.core.selection import check_overrides_match, distinct_weights, select_modules, weights_of
+from lightning_compress.core.selection import (
+    check_overrides_match,
+    distinct_weights,
+    select_modules,
+    warn_not_compressed,
+    weights_of,
+)
 from lightning_compress.pruning.strategies import PruningStrategy, strategy_for
 
 __all__ = ["compute_masks", "prune_", "sparsity", "sparsity_at"]
@@ -63,6 +69,7 @@ def pruned(model: nn.Module, config: PruningConfig, example_input: Tensor | None
             f"steps. Use MagnitudePruning(criterion={config.criterion!r}) while training, or criterion='magnitude' "
             "here."
         )
+    warn_not_compressed(model, config.technique)
     selected = distinct_weights(select_modules(model, config.include, config.exclude))
     check_overrides_match(selected, config.per_layer, "layer_sparsity")
     weights = weights_of(selected)
