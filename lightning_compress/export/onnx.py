@@ -213,8 +213,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     # optimize=False: the exporter's optimizer folds a BatchNorm that follows a Conv/Gemm into its float weight, which
     # the int8 initializers below would then silently replace (the BatchNorm lost). ONNX Runtime optimizes on load.
     hosts = tensor_quantizers(form)
-    identity = _identity_in_evaluation(form, example_input, hosts)
-    copies = [form.get_submodule(n).register_forward_hook(_copy_output, prepend=True) for n in identity]
+    copies = [form.get_submodule(n).register_forward_hook(_own_output, prepend=True) for n in hosts]
     try:
         program = torch.onnx.export(
             form, (example_input,), dynamo=True, dynamic_shapes=({0: batch},), optimize=False, verbose=False
@@ -224,8 +223,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
             handle.remove()
     assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
-    # first: it reads the exporter's module scopes of every node
-    _insert_tensor_qdq(proto, hosts)
+    _insert_tensor_qdq(proto, hosts)  # first: it reads the exporter's module scopes of every node
     _insert_qdq(proto, info)
     for node in proto.graph.node:  # exporter provenance (stack traces, FX names): not needed to run the model
         del node.metadata_props[:]
@@ -496,32 +494,12 @@ def _scopes(node: Any) -> list[str]:
     return []
 
 
-def _identity_in_evaluation(model: nn.Module, example_input: Tensor, hosts: Mapping[str, Any]) -> set[str]:
-    """The tensor-quantizer hosts that are the identity in evaluation — StochasticDepth, DropPath, Dropout return
-    their input itself, so the exported graph would have no node of theirs to quantize after."""
-    identity: set[str] = set()
-
-    def record(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if args and args[0] is out:
-                identity.add(name)
-
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(record(n), prepend=True) for n in hosts]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return identity
-
-
-def _copy_output(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
-    """A forward hook that gives an identity module a node of its own in the exported graph (ONNX ``Identity``, which
-    ONNX Runtime removes when it optimizes), for its output's QuantizeLinear → DequantizeLinear to follow."""
-    return out.clone()
+def _own_output(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+    """A forward hook for the export on each tensor-quantizer host: a module that is the identity in evaluation
+    (StochasticDepth, DropPath, Dropout return their input itself) would have no node of its own in the exported
+    graph to put its QuantizeLinear → DequantizeLinear after, so it returns a copy (ONNX ``Identity``, which ONNX
+    Runtime removes when it optimizes); any other module's output is left as it is."""
+    return out.clone() if args and args[0] is out else None
 
 
 def _insert_tensor_qdq(proto: Any, tensors: Mapping[str, TensorQParams]) -> None:
@@ -535,14 +513,10 @@ def _insert_tensor_qdq(proto: Any, tensors: Mapping[str, TensorQParams]) -> None
     scopes = {id(n): set(_scopes(n)) for n in nodes}
     outputs = {o.name for o in graph.output}
     after: dict[int, list[Any]] = {}
-
-    def leaving_tensors(module: str) -> list[tuple[Any, int]]:
+    for module, quantizer in tensors.items():
         inside = [n for n in nodes if module in scopes[id(n)]]
         read_outside = {name for n in nodes if module not in scopes[id(n)] for name in n.input} | outputs
-        return [(n, slot) for n in inside for slot, out in enumerate(n.output) if out in read_outside]
-
-    for module, quantizer in tensors.items():
-        leaving = leaving_tensors(module)
+        leaving = [(n, slot) for n in inside for slot, out in enumerate(n.output) if out in read_outside]
         if len(leaving) != 1:
             raise ValueError(
                 f"export_onnx: could not find the output of module {module!r} in the exported graph (found "
