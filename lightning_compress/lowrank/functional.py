@@ -84,7 +84,8 @@ def low_rank_layers(
             UserWarning,
             stacklevel=2,
         )
-        selected = [(name, m) for name, m in selected if name not in set(grouped)]
+        left = set(grouped)
+        selected = [(name, m) for name, m in selected if name not in left]
     layer_rank = config.per_layer
     check_overrides_match(selected, layer_rank, "layer_rank")
     positions: dict[str, int] = {}
