@@ -24,6 +24,13 @@ CONFIGS = "pkg://lightning_compress.conf"
 RECIPES = "recipes://lightning_compress.recipes"
 
 
+def recipe_names(package: str) -> list[str]:
+    """The names of the recipes a package holds: its YAML files, without the extension, sorted."""
+    from importlib import resources
+
+    return sorted(f.name[: -len(".yaml")] for f in resources.files(package).iterdir() if f.name.endswith(".yaml"))
+
+
 class RecipesSearchPath(SearchPathPlugin):
     """Puts the recipes on the search path of an app whose primary configs are lightning-compress's."""
 
@@ -80,4 +87,4 @@ class RecipesConfigSource(ImportlibResourcesConfigSource):
             return [GROUP] if results_filter in (None, ObjectType.GROUP) else []
         if self._in_group(config_path) != "" or results_filter not in (None, ObjectType.CONFIG):
             return []  # the group holds configs only
-        return sorted(f.name[: -len(".yaml")] for f in self._files().iterdir() if f.name.endswith(".yaml"))
+        return recipe_names(self.path)

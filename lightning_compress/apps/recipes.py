@@ -10,20 +10,19 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback
 from omegaconf import DictConfig
 
+from hydra_plugins.lightning_compress_recipes import recipe_names
 from lightning_compress.apps.config import compose, instantiate
 
 
 def available_recipes() -> list[str]:
     """Names of the shipped recipes."""
-    folder = resources.files("lightning_compress.recipes")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return recipe_names("lightning_compress.recipes")
 
 
 def as_shares_of_training(node: DictConfig, max_epochs: Any) -> DictConfig:
