@@ -111,22 +111,32 @@ def test_layers_left_out_keep_their_group():
     assert len(kept) < len(roots)  # the stem's residual stream is coupled with it: that group goes too
 
 
-class WithGroupNorm(nn.Module):
+class WithNorms(nn.Module):
+    """A stem whose channels reach a normalization over channels (as a transformer's residual width reaches its
+    LayerNorms), then an inner pair of convolutions whose channels can be cut exactly."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3)
         self.norm = nn.GroupNorm(2, 8)
-        self.out = nn.Conv2d(8, 4, 3)
+        self.mid = nn.Conv2d(8, 16, 3)
+        self.out = nn.Conv2d(16, 4, 3)
 
     def forward(self, x):
-        return self.out(self.norm(self.conv(x))).mean((2, 3))
+        return self.out(torch.relu(self.mid(self.norm(self.conv(x))))).mean((2, 3))
 
 
-def test_a_module_the_export_cannot_cut_is_named_with_the_exclude_to_use():
-    with pytest.raises(
-        ValueError, match=r"'norm' \(GroupNorm\) holds channels coupled with 'conv'.*exclude=\['conv'\]"
-    ):
-        channel_groups(WithGroupNorm(), torch.randn(2, 3, 8, 8))
+def test_groups_that_reach_a_normalization_stay_dense_with_one_warning_and_the_rest_is_pruned_and_cut():
+    model, x = WithNorms().eval(), torch.randn(2, 3, 12, 12)
+    with pytest.warns(UserWarning, match=r"1 group\(s\) stay dense .*'conv' \(through 'norm', GroupNorm\)"):
+        groups = channel_groups(model, x)
+    assert [g.root for g in groups] == ["mid"]
+    from lightning_compress import prune_
+
+    with pytest.warns(UserWarning, match="stay dense"):
+        prune_(model, final_sparsity=0.5, granularity="channel", example_input=x)
+    compact = export_compact(model, x)  # cuts the group prune_ pruned: it never refuses what the technique accepted
+    assert compact.mid.out_channels == 8 and compact.out.in_channels == 8 and compact.conv.out_channels == 8
 
 
 def test_one_shot_prune_then_compact_on_the_mnist1d_cnn():

@@ -300,38 +300,58 @@ class Conv1DLike(nn.Module):
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
 
 
+class Gate(nn.Module):
+    """A module with a weight matrix of its own that is no Linear (an element-wise gate from a pooled matrix)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, n) * 0.02)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.weight.sum(0))
+
+
+class WithConv1D(nn.Module):  # a classifier whose hidden layer is a Conv1D, as GPT-2's MLP, then a gate
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 32))
+        self.mlp = Conv1DLike(32, 32)
+        self.gate = Gate(32)
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.classifier(self.gate(torch.relu(self.mlp(torch.relu(self.features(x))))))
+
+
 @pytest.mark.parametrize(
     "technique",
     [
-        lambda: MagnitudePruning(final_sparsity=0.5, end_epoch=1),
+        lambda: MagnitudePruning(final_sparsity=0.5, end_epoch=1, scope="layer"),
         lambda: WeightClustering(clusters=4, start_epoch=0),
-        lambda: LowRankFactorization(ratio=2, end_epoch=1, include="classifier"),
+        lambda: LowRankFactorization(ratio=2, end_epoch=1, include="mlp"),
     ],
     ids=["pruning", "clustering", "low rank"],
 )
-def test_a_weight_bearing_layer_of_an_unknown_type_is_named_never_silently_dense(tmp_path, technique):
+def test_a_conv1d_is_compressed_and_a_layer_of_an_unknown_type_is_named_never_silently_dense(tmp_path, technique):
     from lightning_compress.tasks import ClassificationModule
 
-    class WithConv1D(nn.Module):  # a classifier whose hidden layer is a Conv1D, as GPT-2's MLP
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 32))
-            self.mlp = Conv1DLike(32, 32)
-            self.classifier = nn.Linear(32, 10)
-
-        def forward(self, x):
-            return self.classifier(torch.relu(self.mlp(torch.relu(self.features(x)))))
-
     callback = technique()
-    with pytest.warns(UserWarning, match=r"does not compress 1 layer.*'net.mlp' \(Conv1DLike: a layer type the "):
-        make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(
-            ClassificationModule(WithConv1D()), DigitsDataModule()
-        )
-    with pytest.warns(UserWarning, match=r"Quantization-aware training does not compress 1 layer.*'mlp' \(Conv1DLike"):
-        prepare_qat(WithConv1D(), QATConfig())
+    module = ClassificationModule(WithConv1D())
+    with pytest.warns(UserWarning, match=r"does not compress 1 layer.*'net.gate' \(Gate: a layer type the ") as seen:
+        make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, DigitsDataModule())
+    assert not any("net.mlp" in str(w.message) for w in seen)  # the Conv1D is a layer like any Linear
+    weight = module.net.mlp.weight.detach()
+    if isinstance(callback, MagnitudePruning):
+        assert float((weight == 0).float().mean()) == 0.5
+    elif isinstance(callback, WeightClustering):
+        assert torch.unique(weight).numel() <= 4
+    else:
+        assert int(torch.linalg.matrix_rank(weight)) == callback.ranks["net.mlp"] < 32
+    with pytest.warns(UserWarning, match=r"Quantization-aware training does not compress 1 layer.*'gate' \(Gate"):
+        assert "mlp" in prepare_qat(WithConv1D(), QATConfig())
     verb = {MagnitudePruning: lambda m: prune_(m, 0.5), WeightClustering: lambda m: cluster_weights_(m, 4),
-            LowRankFactorization: lambda m: low_rank_(m, 2, include="classifier")}[type(callback)]  # fmt: skip
-    with pytest.warns(UserWarning, match=rf"{type(callback).__name__} does not compress 1 layer.*'mlp' \(Conv1DLike"):
+            LowRankFactorization: lambda m: low_rank_(m, 2, include="mlp")}[type(callback)]  # fmt: skip
+    with pytest.warns(UserWarning, match=rf"{type(callback).__name__} does not compress 1 layer.*'gate' \(Gate"):
         verb(WithConv1D())  # the verb says the same
 
 

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.clustering import index_bits
 from lightning_compress.core.compiled import accepts_compiled
+from lightning_compress.core.layout import TRANSPOSED, weight_layout
 from lightning_compress.core.quantizers import FakeQuantizer
 from lightning_compress.export.onnx import export_form
 from lightning_compress.quantization.prepare import (
@@ -82,21 +83,31 @@ def fp32_size_bytes(obj: nn.Module | Mapping[str, Tensor]) -> int:
 # --------------------------------------------------------------------------- what is stored
 def model_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
     """The model form: ``model``'s own state dict, each quantized layer's weight as its integers (with
-    ``<layer>.weight@scale`` / ``@zero_point`` beside them), and per such weight how to turn it back into floats."""
+    ``<layer>.weight@scale`` / ``@zero_point`` beside them), and per such weight how to turn it back into floats. A
+    weight tied to another module (GPT-2's ``lm_head`` and token embedding) stays in float: the other reads it so."""
     names = {id(m): n for n, m in model.named_modules()}
+    keys_of: dict[int, int] = {}
+    for value in model.state_dict(keep_vars=True).values():
+        keys_of[id(value)] = keys_of.get(id(value), 0) + 1
     integers = {
         name: weight_integers(layer)  # first: an observing weight quantizer reads the current weight, as a forward
         for name, layer in quantized_layers(model).items()
-        if layer.weight_quantizer.quantizing and layer.weight_quantizer.initialized  # else the weight is used in float
+        if layer.weight_quantizer.quantizing
+        and layer.weight_quantizer.initialized  # else the weight is used in float
+        and keys_of.get(id(layer.weight), 1) == 1
     }
     state = _state_dict(model)
     how: dict[str, dict[str, Any]] = {}
     for name, (ints, scale, zero_point) in integers.items():
         key = f"{name}.weight"
-        state[key] = ints.cpu()
+        layer = model.get_submodule(name)
+        transposed = weight_layout(layer) == TRANSPOSED  # stored as the layer stores it: (in, out), a scale per column
+        state[key] = (ints.t() if transposed else ints).cpu()
         state[key + SCALE], state[key + ZERO_POINT] = scale.detach().cpu().float(), zero_point.detach().cpu()
-        bn: Any = getattr(model.get_submodule(name), "_qat_bn", None)
+        bn: Any = getattr(layer, "_qat_bn", None)
         how[key] = {"scale": key + SCALE, "zero_point": key + ZERO_POINT, "unfold_bn": names[id(bn)] if bn else None}
+        if transposed:
+            how[key]["axis"] = 1
     return state, how
 
 
@@ -314,7 +325,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
     expected = model.state_dict()
     unfold: dict[str, str] = {}
     for key, spec in how.items():
-        shape = (-1,) + (1,) * (state[key].dim() - 1)
+        shape = [1] * state[key].dim()
+        shape[spec.get("axis", 0)] = -1
         ints = state[key].float() - tensors[spec["zero_point"]].float().reshape(shape)
         state[key] = (ints * tensors[spec["scale"]].reshape(shape)).to(expected[key].dtype)
         if spec["unfold_bn"] is not None:

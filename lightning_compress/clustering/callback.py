@@ -9,7 +9,7 @@ taken from the codebook) and int8 when quantization-aware training follows.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -128,7 +128,7 @@ class WeightClustering(StepwiseTechnique):
     @override
     def _reset(self) -> None:
         super()._reset()
-        self._weights: dict[str, Tensor] = {}
+        self._weights: Mapping[str, Tensor] = {}
         self._counts: dict[str, int] = {}
         self._centroids: dict[str, Tensor] = {}
         self._assignment: dict[str, Tensor] = {}

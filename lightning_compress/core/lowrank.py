@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.checks import Choice
+from lightning_compress.core.layout import matrix_weight, weight_layout
 
 __all__ = [
     "Budget",
@@ -82,9 +83,9 @@ def layer_info(name: str, module: nn.Module, positions: int = 1) -> LowRankLayer
                 f"layer {name!r} is a grouped convolution (groups={module.groups}); low-rank factorization takes "
                 f"Linear and ungrouped convolutions. Leave it out with `exclude`."
             )
-    elif not isinstance(module, nn.Linear):
+    elif weight_layout(module) is None:
         raise ValueError(f"layer {name!r} ({type(module).__name__}) is not a Linear or convolution layer.")
-    weight = module.weight
+    weight = matrix_weight(module)
     info = LowRankLayer(name, int(weight.shape[0]), int(weight[0].numel()), int(positions))
     if info.break_even < 1:
         raise ValueError(

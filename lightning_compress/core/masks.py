@@ -194,13 +194,20 @@ def check_nm_shapes(weights: Mapping[str, Tensor], granularity: Granularity) -> 
     """Refuse an N:M granularity for a layer whose input size is no multiple of M (named, with the way out)."""
     if granularity.kind != "nm":
         return
+    refused = {}
     for name, weight in weights.items():
         try:
             nm_groups(weight.shape, granularity.m)
         except ValueError as err:
-            raise ValueError(
-                f"granularity='{granularity}' cannot prune layer {name!r}: {err}. Leave it out with `exclude`."
-            ) from None
+            refused[name] = str(err)
+    if refused:
+        first, why = next(iter(refused.items()))
+        patterns = [f"^{re.escape(name)}$" for name in refused]
+        raise ValueError(
+            f"granularity='{granularity}' cannot prune {len(refused)} layer(s) whose input size is no multiple of "
+            f"{granularity.m} ({first!r}: {why}): {', '.join(map(repr, refused))}. Leave them out with "
+            f"exclude={patterns!r}."
+        )
 
 
 def nm_mask(scores: Tensor, n: int, m: int, fraction: float = 1.0, previous: Tensor | None = None) -> Tensor:

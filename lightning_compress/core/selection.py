@@ -18,21 +18,18 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_compress.core.checks import ArgumentTypeError
+from lightning_compress.core.layout import LAYER_TYPES, TRANSPOSED, linear_like, weight_layout
 
-#: Module types whose ``weight`` the techniques compress by default.
-COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Linear,
-)
+#: Module types whose ``weight`` the techniques compress by default — and, with ``nn.Linear``, every Linear-like
+#: module (:func:`~lightning_compress.core.layout.linear_like`, e.g. Hugging Face's ``Conv1D``).
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = LAYER_TYPES
 
 
 SELECTORS = ("@first", "@last")
@@ -84,7 +81,8 @@ def as_patterns(name: str, value: str | Sequence[str] | None) -> list[str]:
 
 
 def _types_named(module: nn.Module) -> set[str]:
-    return {cls.__name__ for cls in type(module).__mro__}
+    names = {cls.__name__ for cls in type(module).__mro__}
+    return names | {"Linear"} if linear_like(module) else names
 
 
 def matches(pattern: str, name: str, candidates: Sequence[tuple[str, nn.Module]]) -> bool:
@@ -126,7 +124,8 @@ def select_modules(
         include: Regular expression(s); when given, a module is kept only if one of them is found in its
             name. Every pattern must match at least one module of ``types``.
         exclude: Regular expression(s); a module whose name one of them is found in is dropped.
-        types: The module classes that can be selected.
+        types: The module classes that can be selected; with ``nn.Linear`` among them, Linear-like modules too
+            (:func:`~lightning_compress.core.layout.linear_like`: Hugging Face's ``Conv1D``).
 
     Raises:
         ValueError: An ``include`` pattern matches no module of ``types`` (the message lists candidates),
@@ -140,7 +139,10 @@ def select_modules(
     """
     include_patterns = as_patterns("include", include)
     exclude_patterns = as_patterns("exclude", exclude)
-    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, types) and name]
+    linear = nn.Linear in types
+    candidates = [
+        (name, m) for name, m in model.named_modules() if name and (isinstance(m, types) or (linear and linear_like(m)))
+    ]
     names = [name for name, _ in candidates]
     type_names = "/".join(t.__name__ for t in types)
     for pattern in include_patterns:
@@ -164,15 +166,40 @@ def select_modules(
     return selected
 
 
-def weights_of(selected: Sequence[tuple[str, nn.Module]]) -> dict[str, Tensor]:
-    """Name → ``weight`` parameter of the selected modules (the tensors a technique rewrites in place)."""
-    out: dict[str, Tensor] = {}
-    for name, module in selected:
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor):
-            raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor to compress.")
-        out[name] = weight
-    return out
+class LayerWeights(Mapping[str, Tensor]):
+    """Name → weight of the selected layers, output channels first (the tensors a technique rewrites in place): the
+    ``weight`` parameter itself, or for a layer that stores it transposed (Hugging Face's ``Conv1D``) its transposed
+    view. Read on every access, so it follows the parameter across device moves and checkpoint loads."""
+
+    def __init__(self, selected: Sequence[tuple[str, nn.Module]]) -> None:
+        self._modules: dict[str, nn.Module] = {}
+        self._transposed: set[str] = set()
+        for name, module in selected:
+            if not isinstance(getattr(module, "weight", None), Tensor):
+                raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor to compress.")
+            self._modules[name] = module
+            if weight_layout(module) == TRANSPOSED:
+                self._transposed.add(name)
+
+    def __getitem__(self, name: str) -> Tensor:
+        weight: Tensor = self._modules[name].weight  # type: ignore[assignment]
+        return weight.t() if name in self._transposed else weight
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def grad(self, name: str) -> Tensor | None:
+        """The gradient of the layer's weight, in the same layout as ``self[name]`` (``None`` before a backward)."""
+        grad: Tensor | None = self._modules[name].weight.grad  # type: ignore[union-attr,operator,assignment]
+        return None if grad is None else (grad.t() if name in self._transposed else grad)
+
+
+def weights_of(selected: Sequence[tuple[str, nn.Module]]) -> LayerWeights:
+    """Name → weight of the selected modules, output channels first (:class:`LayerWeights`)."""
+    return LayerWeights(selected)
 
 
 def distinct_weights(selected: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -231,46 +258,72 @@ def load_layer_values(path: str | os.PathLike, argument: str) -> dict[str, Any]:
 
 
 #: Why a module of a type the techniques do not know keeps its weight (it is named, never counted).
-UNKNOWN_LAYER = "a layer type the techniques do not know (not a Conv or Linear subclass); its weight is not compressed"
+UNKNOWN_LAYER = (
+    "a layer type the techniques do not know (neither a Conv/Linear nor a module computing x·W + b); its weight is not "
+    "compressed"
+)
 
 
 def _unknown_layer(module: nn.Module) -> bool:
     """A module with a weight matrix (≥ 2-D) of its own that is not of a type the techniques compress."""
     weight = module._parameters.get("weight")
-    return weight is not None and weight.dim() >= 2 and not isinstance(module, COMPRESSIBLE_TYPES)
+    return weight is not None and weight.dim() >= 2 and weight_layout(module) is None
 
 
-def not_compressed(model: nn.Module, technique: str) -> str | None:
+def not_compressed(
+    model: nn.Module, technique: str, selected: Sequence[tuple[str, nn.Module]] = (), writes: bool = True
+) -> str | None:
     """A message naming every layer of ``model`` whose weights ``technique`` leaves as they are (types in
-    :data:`NOT_COMPRESSED`, and any other module with a weight matrix of its own that is not a Conv or Linear, such as
-    Hugging Face's ``Conv1D``), or ``None`` when there is none.
+    :data:`NOT_COMPRESSED`, and any other module with a weight matrix of its own that is neither a Conv/Linear nor
+    Linear-like), or ``None`` when there is none.
+
+    Such a layer whose weight is tied to one of the ``selected`` layers (GPT-2's token embedding and its ``lm_head``)
+    is named apart: a technique that ``writes`` the weights (pruning, clustering, low rank) compresses it with that
+    layer; quantization does not (the embedding reads the float weight).
 
     Example:
         >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
         >>> print(not_compressed(net, "MagnitudePruning"))  # doctest: +ELLIPSIS
         MagnitudePruning does not compress 1 layer, which keeps its weights as they are: '0' (Embedding: ...). ...
     """
-    found = []
+    owners = {id(w): n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor)}
+    found, tied = [], []
     for name, module in model.named_modules():
         reason = next((why for cls, why in NOT_COMPRESSED.items() if isinstance(module, cls)), None)
         if reason is None and _unknown_layer(module):
             reason = UNKNOWN_LAYER
-        if reason is not None and name:
+        if reason is None or not name:
+            continue
+        owner = owners.get(id(module._parameters.get("weight")))
+        if owner is not None:
+            tied.append(f"{name!r} ({type(module).__name__}) with {owner!r}")
+        else:
             found.append(f"{name!r} ({type(module).__name__}: {reason})")
-    if not found:
-        return None
-    many = len(found) > 1
-    return (
-        f"{technique} does not compress {len(found)} layer{'s' if many else ''}, which keep{'' if many else 's'} "
-        f"{'their' if many else 'its'} weights as they are: {', '.join(found)}. The Conv/Linear "
-        f"layers around {'them' if many else 'it'} are compressed as usual; nothing to do unless "
-        f"{'they hold' if many else 'it holds'} most of the weights."
-    )
+    parts = []
+    if found:
+        many = len(found) > 1
+        parts.append(
+            f"{technique} does not compress {len(found)} layer{'s' if many else ''}, which keep{'' if many else 's'} "
+            f"{'their' if many else 'its'} weights as they are: {', '.join(found)}. The Conv/Linear "
+            f"layers around {'them' if many else 'it'} are compressed as usual; nothing to do unless "
+            f"{'they hold' if many else 'it holds'} most of the weights."
+        )
+    if tied:
+        parts.append(
+            f"Tied weights: {', '.join(tied)} share one weight, "
+            + (
+                f"which {technique} compresses once, through the selected layer: both use the compressed weight."
+                if writes
+                else f"which {technique} quantizes for the selected layer only: the other reads it in float (the "
+                "int8 export keeps a float copy of it for that layer)."
+            )
+        )
+    return " ".join(parts) or None
 
 
-def warn_not_compressed(model: nn.Module, technique: str) -> None:
+def warn_not_compressed(model: nn.Module, technique: str, selected: Sequence[tuple[str, nn.Module]] = ()) -> None:
     """:func:`not_compressed`'s message as a warning, for the verbs (the callbacks warn on rank zero only)."""
-    if (message := not_compressed(model, technique)) is not None:
+    if (message := not_compressed(model, technique, selected)) is not None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 

@@ -12,19 +12,31 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.compiled import accepts_compiled
+from lightning_compress.core.layout import matrix_weight
 from lightning_compress.core.lowrank import layer_info, recorded_ranks
+from lightning_compress.core.selection import select_modules
 from lightning_compress.export.onnx import PARITY_GOAL, ExportMismatchError
-from lightning_compress.pruning.groups import ChannelGroup, channel_groups, require_torch_pruning, slices
+from lightning_compress.pruning.groups import (
+    ChannelGroup,
+    channel_groups,
+    dependency_graph,
+    recorded_group_layers,
+    require_torch_pruning,
+    slices,
+)
 from lightning_compress.quantization.prepare import float_phase, quantized_layers
 
 __all__ = ["ExportMismatchError", "export_compact", "factorize"]
+
+Selection = str | Sequence[str] | None
 
 
 @torch.no_grad()
@@ -42,20 +54,18 @@ def factorize(module: nn.Module, rank: int, name: str = "layer") -> nn.Sequentia
             f"rank {rank} for layer {name!r} ({info.rows}×{info.cols}) must be in [1, {info.break_even}] (full rank "
             f"{info.full_rank}; from {info.break_even + 1} on the two factors are not smaller than the layer)."
         )
-    weight = module.weight
-    assert isinstance(weight, Tensor)
+    weight = matrix_weight(module)  # (out, in·k…), also for a Linear-like layer that stores it transposed
     u, s, vh = torch.linalg.svd(weight.reshape(info.rows, -1).double(), full_matrices=False)
     root = s[:rank].sqrt()
     left = (u[:, :rank] * root).to(weight.dtype)  # (out, r)
     right = (root[:, None] * vh[:rank]).to(weight.dtype)  # (r, in·k…)
-    bias = module.bias
+    bias = getattr(module, "bias", None)
     first: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
     second: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
-    if isinstance(module, nn.Linear):
-        first = nn.Linear(module.in_features, rank, bias=False)
-        second = nn.Linear(rank, module.out_features, bias=bias is not None)
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # a Linear, or a Linear-like layer: two Linears
+        first = nn.Linear(info.cols, rank, bias=False)
+        second = nn.Linear(rank, info.rows, bias=bias is not None)
     else:
-        assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
         conv = type(module)
         shape: dict[str, Any] = {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
                                  "dilation": module.dilation, "padding_mode": module.padding_mode}  # fmt: skip
@@ -101,12 +111,18 @@ def export_compact(
     check_inputs: Iterable[Tensor] | None = None,
     ranks: Mapping[str, int] | None = None,
     channels: bool | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
 ) -> nn.Module:
     """A physically smaller copy of ``model``, checked to compute what ``model`` computes.
 
-    Every zeroed channel group is cut out (``channels``: needs ``torch-pruning``; ``None`` cuts them when it is
-    installed or when there are no ``ranks``) and every layer named in ``ranks`` is replaced by its two low-rank
-    factors (:func:`factorize`). ``ranks=None`` takes the ranks the layers carry
+    Every zeroed channel group is cut out (``channels``; needs ``torch-pruning``) and every layer named in ``ranks``
+    is replaced by its two low-rank factors (:func:`factorize`). The groups are those rooted at the layers ``include``
+    / ``exclude`` select (as for :func:`~lightning_compress.prune_`); without them, the groups a channel pruning
+    marked on the model (:class:`~lightning_compress.MagnitudePruning` and :func:`~lightning_compress.prune_` with
+    ``granularity="channel"`` do), so the export cuts what the technique pruned and never refuses what it accepted.
+    ``channels=None`` cuts channel groups when some are marked, or when there are no ``ranks`` (a model zeroed some
+    other way); ``True`` always, ``False`` never. ``ranks=None`` takes the ranks the layers carry
     (:class:`~lightning_compress.LowRankFactorization` and :func:`~lightning_compress.low_rank_` mark them);
     ``ranks={}`` factorizes nothing. The check runs on
     ``example_input`` and on every batch of ``check_inputs`` (e.g. a whole test split): the largest absolute output
@@ -136,11 +152,14 @@ def export_compact(
             f"export_compact: the model is prepared for quantization-aware training and `ranks` asks to factorize "
             f"{sorted(ranks)}: the two factors would have no quantizers. Export the low-rank model without QAT."
         )
-    if channels or (channels is None and (not ranks or _has_torch_pruning())):
+    marked = recorded_group_layers(compact)
+    if include is None and exclude is None and marked:
+        include = [f"^{re.escape(name)}$" for name in marked]
+    if channels or (channels is None and (marked or not ranks)):
         if quantized:
-            _cut_quantized_channels(compact, quantized, example_input)
+            _cut_quantized_channels(compact, quantized, example_input, include, exclude)
         else:
-            _cut_channels(compact, example_input)
+            _cut_channels(compact, example_input, include, exclude)
     for name, rank in (ranks or {}).items():  # after the cuts: a cut layer's remaining rows/columns keep its rank
         parent, _, child = name.rpartition(".")
         setattr(compact.get_submodule(parent) if parent else compact, child, factorize(names[name], int(rank), name))
@@ -187,18 +206,14 @@ def _compare(model: nn.Module, compact: nn.Module, inputs: Iterable[Tensor]) -> 
     return difference, (agree / seen if quantized else None)
 
 
-def _has_torch_pruning() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch_pruning") is not None
-
-
-def _cut_quantized_channels(compact: nn.Module, layers: dict[str, Any], example_input: Tensor) -> None:
+def _cut_quantized_channels(
+    compact: nn.Module, layers: dict[str, Any], example_input: Tensor, include: Selection, exclude: Selection
+) -> None:
     """:func:`_cut_channels` on a model prepared for quantization-aware training: traced with the quantizers off (the
     plain layers' computation), and each layer's per-output-channel quantizer state (observed ranges, scales,
     zero-points) cut with the layer's output channels. Input and output quantizers are per tensor: unchanged."""
     with float_phase(compact):
-        removed = _cut_channels(compact, example_input)
+        removed = _cut_channels(compact, example_input, include, exclude)
     for name, rows in removed.items():
         if name not in layers:
             continue
@@ -216,14 +231,16 @@ def _cut_quantized_channels(compact: nn.Module, layers: dict[str, Any], example_
                 setattr(quantizer, key, cut)
 
 
-def _cut_channels(compact: nn.Module, example_input: Tensor) -> dict[str, list[int]]:
+def _cut_channels(
+    compact: nn.Module, example_input: Tensor, include: Selection = None, exclude: Selection = None
+) -> dict[str, list[int]]:
     """Remove, in place, every channel group whose parameters are all zero; returns each layer's removed output rows
     (by module name)."""
     tp = require_torch_pruning()
     names = dict(compact.named_modules())
     plan = []
     rows: dict[str, set[int]] = {}
-    for group in channel_groups(compact, example_input):
+    for group in channel_groups(compact, example_input, include, exclude):
         removed = _removed_channels(group)
         if len(removed) == group.channels:
             raise ValueError(f"export_compact: every channel of {group.root!r} is zero; a layer cannot be emptied.")
@@ -231,7 +248,10 @@ def _cut_channels(compact: nn.Module, example_input: Tensor) -> dict[str, list[i
             plan.append((group.root, removed))
             for member in group.outputs():
                 rows.setdefault(member.name, set()).update(i for c in removed for i in member.indices[c])
-    graph = tp.DependencyGraph().build_dependency(compact, example_inputs=example_input, verbose=False)
+    if not plan:
+        return {}
+    selected = [name for name, _ in select_modules(compact, include, exclude)]  # traced as channel_groups traced it
+    _, graph = dependency_graph(tp, compact, example_input, selected)
     for root, removed in plan:
         module = names[root]
         handler = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels

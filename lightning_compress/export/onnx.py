@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.compiled import accepts_compiled
+from lightning_compress.core.layout import TRANSPOSED, matrix_weight, weight_layout
 from lightning_compress.core.metrics import top1
 from lightning_compress.core.quantizers import QuantSpec
 from lightning_compress.quantization.prepare import (
@@ -87,6 +88,7 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, QuantizedLayerEx
     hosts = tensor_quantizers(model)
     not_ready = [n for n, m in layers.items() if not (m.input_quantizer.initialized and m.weight_quantizer.initialized)]
     not_ready += [n for n, q in hosts.items() if not q.initialized]
+    not_ready += [n for n, m in layers.items() if (q := getattr(m, "output_quantizer", None)) and not q.initialized]
     if not_ready:
         raise ValueError(
             f"export_onnx: no quantized training step has run yet (layers {not_ready[:3]} have observed no range). "
@@ -124,6 +126,8 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, QuantizedLayerEx
     for name, data in info.items():
         layer = modules[name]
         detach(layer)
+        if weight_layout(layer) == TRANSPOSED:  # a Linear-like layer (Hugging Face's Conv1D) is written as a Linear
+            layer = modules[name] = _as_linear(form, name, layer)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         ints = data.weight_int.float() - data.weight_zero_point.float().reshape(shape)
         layer.weight.data = (ints * data.weight_scale.reshape(shape)).to(layer.weight.dtype)
@@ -137,6 +141,22 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, QuantizedLayerEx
         params = TensorQParams(float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]), quantizer.spec)
         modules[name].output_quantizer = params
     return form, info
+
+
+def _as_linear(form: nn.Module, name: str, layer: nn.Module) -> nn.Linear:
+    """Put an ``nn.Linear`` computing what the Linear-like ``layer`` computes in its place in ``form``."""
+    weight = matrix_weight(layer).detach()
+    bias = layer._parameters.get("bias")
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    linear.weight.data.copy_(weight)
+    if bias is not None:
+        linear.bias.data.copy_(bias.detach())
+    linear.train(layer.training)
+    parent, _, child = name.rpartition(".")
+    setattr(form.get_submodule(parent) if parent else form, child, linear)
+    return linear
 
 
 class TensorQParams(nn.Module):
@@ -567,8 +587,8 @@ def onnx_parity(
             the accuracies of both are reported too (``accuracy_onnx``, ``accuracy_torch``).
 
     Returns:
-        ``top1_agreement`` (goal: at least :data:`PARITY_GOAL`), ``max_logit_diff``, ``samples`` and, with labels,
-        the two accuracies.
+        ``top1_agreement`` (goal: at least :data:`PARITY_GOAL`), ``max_logit_diff``, ``samples`` (predictions: a
+        token of a ``(batch, tokens, classes)`` output counts as one) and, with labels, the two accuracies.
     """
     import onnxruntime as ort
     from torchmetrics import MaxMetric
@@ -588,6 +608,9 @@ def onnx_parity(
                 x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
                 ref = model(x.to(device)).float().cpu()
                 out = torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0]).float()
+                # one prediction per row: a language model's (batch, tokens, vocabulary) logits count per token
+                ref, out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
+                y = None if y is None else y.reshape(-1)
                 if agree is None:
                     agree = top1(ref.shape[-1])
                     acc_onnx, acc_torch = top1(ref.shape[-1]), top1(ref.shape[-1])

@@ -10,7 +10,7 @@ equal.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -109,7 +109,7 @@ class LowRankFactorization(RampedTechnique):
     def _reset(self) -> None:
         super()._reset()
         self._modules: dict[str, nn.Module] = {}
-        self._weights: dict[str, Tensor] = {}
+        self._weights: Mapping[str, Tensor] = {}
         self._layers: list[LowRankLayer] = []
         self._fixed: dict[str, int] = {}
         self._ranks: dict[str, int] = {}

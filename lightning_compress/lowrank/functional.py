@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.configs import LowRankConfig, resolve_config
+from lightning_compress.core.layout import matrix_weight
 from lightning_compress.core.lowrank import (
     LowRankLayer,
     check_budget,
@@ -22,6 +23,7 @@ from lightning_compress.core.lowrank import (
 )
 from lightning_compress.core.selection import (
     check_overrides_match,
+    inside,
     match_overrides,
     select_modules,
     warn_not_compressed,
@@ -36,7 +38,7 @@ def output_positions(model: nn.Module, example: Tensor, selected: Sequence[tuple
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: Any, output: Tensor) -> None:
-            channels = int(getattr(module, "out_channels", 0) or getattr(module, "out_features", 1))
+            channels = int(matrix_weight(module).shape[0])  # output channels / features
             seen[name] = output.numel() // (output.shape[0] * channels)
 
         return record
@@ -74,8 +76,9 @@ def low_rank_layers(
             layer's break-even, a FLOPs budget without an example input, a ratio that rank 1 everywhere cannot meet.
     """
     if selected is None:  # the verb (a callback passes the layers it selected, and has said what it leaves)
-        warn_not_compressed(model, config.technique)
-    selected = list(select_modules(model, config.include, config.exclude) if selected is None else selected)
+        selected = select_modules(model, config.include, config.exclude)
+        warn_not_compressed(model, config.technique, selected)
+    selected = list(selected)
     grouped = [name for name, m in selected if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1]
     if grouped and len(grouped) < len(selected):  # every layer grouped: refused below, naming the first
         warnings.warn(
@@ -86,6 +89,17 @@ def low_rank_layers(
         )
         left = set(grouped)
         selected = [(name, m) for name, m in selected if name not in left]
+    attention = inside(model, (nn.MultiheadAttention,))
+    kernel_read = [name for name, _ in selected if name in attention]
+    if kernel_read and len(kernel_read) < len(selected):
+        warnings.warn(
+            f"{config.technique} leaves {len(kernel_read)} attention output projection(s) as they are: "
+            f"nn.MultiheadAttention's kernel reads their weight directly, so two factors cannot replace them: "
+            f"{', '.join(map(repr, kernel_read))}.",
+            UserWarning,
+            stacklevel=2,
+        )
+        selected = [(name, m) for name, m in selected if name not in attention]
     layer_rank = config.per_layer
     check_overrides_match(selected, layer_rank, "layer_rank")
     positions: dict[str, int] = {}

@@ -69,8 +69,8 @@ def pruned(model: nn.Module, config: PruningConfig, example_input: Tensor | None
             f"steps. Use MagnitudePruning(criterion={config.criterion!r}) while training, or criterion='magnitude' "
             "here."
         )
-    warn_not_compressed(model, config.technique)
     selected = distinct_weights(select_modules(model, config.include, config.exclude))
+    warn_not_compressed(model, config.technique, selected)
     check_overrides_match(selected, config.per_layer, "layer_sparsity")
     weights = weights_of(selected)
     check_nm_shapes(weights, config.parsed_granularity)

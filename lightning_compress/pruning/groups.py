@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,30 +94,40 @@ def channel_groups(
     channels, so the coupled ones must stay too), nor one that passes through a grouped convolution that is not
     depthwise (removing its channels unevenly would move channels between its groups: not exact).
 
+    A group whose channels reach a module with parameters that cannot be cut one channel at a time — a LayerNorm or
+    RMSNorm (the residual width of a transformer or ConvNeXt: its statistics would change), an embedding, an attention
+    kernel — is left out, all such groups named in one warning; the others (a transformer's MLP hidden neurons, a
+    CNN's inner channels) are offered as usual.
+
     Raises:
-        ValueError: A module with parameters in a group that this export cannot cut (named, with the ``exclude``
-            that leaves it out), or a model the dependency graph cannot trace.
+        ValueError: A model the dependency graph cannot trace (whole, or the smallest module holding the selected
+            layers: ``include`` limits what is traced when the whole model cannot be).
     """
     tp = require_torch_pruning()
     names = {module: name for name, module in model.named_modules()}
     selected = dict(select_modules(model, include, exclude))
-    all_layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-    if not all_layers:
-        raise ValueError("channel groups: the model has no Conv/Linear layer.")
-    last = all_layers[-1]
+    attention = [name for name in selected if name in _attention_layers(model)]
+    if attention:
+        warnings.warn(
+            f"channel groups: {len(attention)} attention projection(s) stay dense — removing whole attention heads is "
+            f"not supported yet, and channels cut one by one inside a head would not be exact through rotary "
+            f"embeddings: {', '.join(map(repr, attention[:8]))}{' …' if len(attention) > 8 else ''}. The other "
+            "layers (a transformer's MLP hidden neurons) are pruned as usual.",
+            UserWarning,
+            stacklevel=2,
+        )
+        selected = {n: m for n, m in selected.items() if n not in attention}
     was_training = model.training
     model.eval()
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-    except Exception as err:  # noqa: BLE001 - the tracer's own error, re-raised with what to do
-        raise ValueError(
-            f"Torch-Pruning's dependency graph could not trace the model ({type(err).__name__}: {err}); leave the "
-            "layers involved out with `exclude`."
-        ) from err
+        scope, graph = dependency_graph(tp, model, example_input, list(selected))
     finally:
         model.train(was_training)
+    traced = model.get_submodule(scope) if scope else model
+    all_layers = [m for m in traced.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    last = all_layers[-1]  # its outputs leave what is traced: they stay
     ignored = [m for m in all_layers if m is last or names[m] not in selected]
-    groups = []
+    groups, blocked = [], []
     for group in graph.get_all_groups(
         ignored_layers=ignored, root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     ):
@@ -128,11 +139,8 @@ def channel_groups(
             if module not in names or not any(True for _ in module.parameters(recurse=False)):
                 continue  # an operation node (addition, activation, concatenation): nothing to mask
             if not isinstance(module, SUPPORTED):
-                raise ValueError(
-                    f"channel groups: {names[module]!r} ({type(module).__name__}) holds channels coupled with "
-                    f"{root.root!r}, and this export cannot cut its parameters; leave it out with "
-                    f"exclude=[{root.root!r}] (or a pattern that matches the layers feeding it)."
-                )
+                blocked.append(f"{root.root!r} (through {names[module]!r}, {type(module).__name__})")
+                break
             side = "out" if item.dep.handler.__name__ == "prune_out_channels" else "in"
             if side == "out" and module in ignored and module is not root_module:
                 coupled_with_ignored = True
@@ -140,19 +148,127 @@ def channel_groups(
             for idx, root_idx in zip(item.idxs, item.root_idxs, strict=True):
                 per_channel[int(root_idx)].append(int(idx))
             root.members.append(Member(names[module], module, side, per_channel))
-        grouped = [
-            m.name for m in root.members if 1 < getattr(m.module, "groups", 1) < getattr(m.module, "in_channels", 0)
-        ]
-        if grouped:
-            warnings.warn(
-                f"channel groups: the channels of {root.root!r} pass through the grouped convolution "
-                f"{grouped[0]!r}, whose channels cannot be removed exactly one by one: they stay.",
-                UserWarning,
-                stacklevel=2,
-            )
-        elif not coupled_with_ignored:
-            groups.append(root)
+        else:
+            grouped = [
+                m.name for m in root.members if 1 < getattr(m.module, "groups", 1) < getattr(m.module, "in_channels", 0)
+            ]
+            if not grouped and not coupled_with_ignored:
+                groups.append(root)
+            elif grouped:
+                warnings.warn(
+                    f"channel groups: the channels of {root.root!r} pass through the grouped convolution "
+                    f"{grouped[0]!r}, whose channels cannot be removed exactly one by one: they stay.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+    if blocked:
+        message = (
+            f"channel groups: {len(blocked)} group(s) stay dense because their channels reach a module whose "
+            "parameters cannot be cut one channel at a time (a LayerNorm/RMSNorm: the residual width, whose statistics "
+            f"would change; an embedding; an attention kernel): {', '.join(blocked[:10])}"
+            f"{f' and {len(blocked) - 10} more' if len(blocked) > 10 else ''}."
+        )
+        warnings.warn(message + " The other groups are pruned as usual.", UserWarning, stacklevel=2)
     return groups
+
+
+def dependency_graph(tp: Any, model: nn.Module, example_input: Tensor, selected: Sequence[str]) -> tuple[str, Any]:
+    """Torch-Pruning's dependency graph of ``model`` — or, when the whole model cannot be traced (GPT-2, models with
+    data-dependent control flow), of the smallest module holding the ``selected`` layers, on the inputs it receives.
+    Returns the traced module's name (``""``: the model) and the graph."""
+    if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in model.modules()):
+        raise ValueError("channel groups: the model has no Conv/Linear layer.")
+    try:
+        return "", tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    except Exception as err:  # noqa: BLE001 - the tracer's own error, re-raised below with what to do
+        failure: Exception = err
+    scope = _scope(selected)
+    if scope:
+        try:
+            inputs = _inputs_of(model, model.get_submodule(scope), example_input)
+            return scope, tp.DependencyGraph().build_dependency(
+                model.get_submodule(scope), example_inputs=inputs, verbose=False
+            )
+        except Exception as err:  # noqa: BLE001
+            failure = err
+    where = f"the model, nor module {scope!r} (the smallest holding the selected layers)" if scope else "the model"
+    parent = selected[0].rpartition(".")[0]
+    example = f"include=r'^{re.escape(parent)}\\.'" if parent and parent != scope else "include=[...]"
+    raise ValueError(
+        f"Torch-Pruning's dependency graph could not trace {where} ({type(failure).__name__}: {failure}). When the "
+        f"whole model cannot be traced, the smallest module holding every selected layer is: select fewer layers with "
+        f"`include` (e.g. {example}), or use an unstructured or N:M granularity."
+    ) from failure
+
+
+def _attention_layers(model: nn.Module) -> set[str]:
+    """Names of the layers inside an attention module (``nn.MultiheadAttention``, or any module whose class name ends
+    in ``Attention``: Hugging Face's, timm's), whose output channels are attention heads."""
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention"):
+            names.update(f"{name}.{child}" if name else child for child, _ in module.named_modules() if child)
+    return names
+
+
+def _scope(names: Sequence[str]) -> str:
+    """The name of the smallest module that holds every named layer (``""``: the model itself)."""
+    if not names:
+        return ""
+    parts = [name.split(".") for name in names]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    if len(names) == 1 or common == parts[0]:
+        common = common[:-1]  # a layer itself is no scope: its parent is
+    return ".".join(common)
+
+
+def _inputs_of(model: nn.Module, module: nn.Module, example_input: Tensor) -> Any:
+    """The inputs ``module`` receives when ``model`` runs on ``example_input`` (a tuple, or a dict of arguments by
+    name when it is called with keywords), for tracing it alone."""
+    import inspect
+
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def record(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not seen:
+            seen.append((args, kwargs))
+
+    handle = module.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"it does not run when the model runs on the example input: {type(module).__name__}")
+    args, kwargs = seen[0]
+    if not kwargs:
+        return args
+    return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+
+
+#: The attribute that marks the layers of a pruned channel group, so that the compact export cuts the groups a
+#: technique pruned (and only those) without being told again — like the ranks of low-rank layers.
+GROUP_ATTRIBUTE = "_lc_channel_group"
+
+
+def record_groups(groups: Sequence[ChannelGroup]) -> None:
+    """Mark every layer whose outputs are channels of one of ``groups`` (:func:`recorded_group_layers` finds them
+    again, on the model or a copy)."""
+    for group in groups:
+        for member in group.outputs():
+            if not isinstance(member.module, nn.modules.batchnorm._BatchNorm):  # the layers, not their BatchNorms
+                member.module.__dict__[GROUP_ATTRIBUTE] = True
+
+
+def recorded_group_layers(model: nn.Module) -> list[str]:
+    """Names of the layers of ``model`` whose outputs are channels of a group a technique pruned
+    (:func:`record_groups`): selecting them gives the same groups again."""
+    return [name for name, module in model.named_modules() if module.__dict__.get(GROUP_ATTRIBUTE)]
 
 
 def slices(member: Member) -> list[tuple[Any, int]]:

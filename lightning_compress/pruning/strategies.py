@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.configs import PruningConfig
 from lightning_compress.core.masks import GRADIENT_CRITERIA, compute_masks, gradient_term, random_scores, sparsity
-from lightning_compress.core.selection import match_overrides
+from lightning_compress.core.selection import LayerWeights, match_overrides
 from lightning_compress.pruning.groups import (
     ChannelGroup,
     GradientPlan,
@@ -32,6 +32,7 @@ from lightning_compress.pruning.groups import (
     group_index,
     group_keep,
     group_scores,
+    record_groups,
     weight_masks,
 )
 
@@ -42,7 +43,7 @@ Targets = Callable[[float], float]
 class PruningStrategy:
     """The masks of one kind of pruning over the selected ``weights`` (see the module's docstring)."""
 
-    def __init__(self, config: PruningConfig, selected: Sequence[tuple[str, nn.Module]], weights: dict[str, Tensor]):
+    def __init__(self, config: PruningConfig, selected: Sequence[tuple[str, nn.Module]], weights: LayerWeights):
         self.config = config
         self.selected = list(selected)
         self.weights = weights
@@ -106,7 +107,7 @@ class PruningStrategy:
 class WeightMasks(PruningStrategy):
     """Unstructured and N:M masks, one per weight."""
 
-    def __init__(self, config: PruningConfig, selected: Sequence[tuple[str, nn.Module]], weights: dict[str, Tensor]):
+    def __init__(self, config: PruningConfig, selected: Sequence[tuple[str, nn.Module]], weights: LayerWeights):
         super().__init__(config, selected, weights)
         self.scores: dict[str, Tensor] | None = None
         if config.criterion == "random":
@@ -117,10 +118,11 @@ class WeightMasks(PruningStrategy):
 
     def add_gradients(self) -> None:
         assert self.scores is not None
+        grads = {n: self.weights.grad(n) for n in self.weights}
         terms = {
-            n: gradient_term((w.detach() * w.grad).float(), self.config.criterion)
+            n: gradient_term((w.detach() * grad).float(), self.config.criterion)
             for n, w in self.weights.items()
-            if w.grad is not None
+            if (grad := grads[n]) is not None
         }
         if not math.isfinite(float(sum(t.sum() for t in terms.values()))):
             return
@@ -166,7 +168,7 @@ class ChannelGroupMasks(PruningStrategy):
     """Whole channel groups (Torch-Pruning's dependency graph), traced on one input before the first update;
     ``final_sparsity`` is the share of the groups' channels removed."""
 
-    def __init__(self, config: PruningConfig, selected: Sequence[tuple[str, nn.Module]], weights: dict[str, Tensor]):
+    def __init__(self, config: PruningConfig, selected: Sequence[tuple[str, nn.Module]], weights: LayerWeights):
         super().__init__(config, selected, weights)
         self.groups: list[ChannelGroup] = []
         self.keep: list[Tensor] = []  # per group, a bool keep-mask over its channels
@@ -189,8 +191,10 @@ class ChannelGroupMasks(PruningStrategy):
         if not self.groups:
             raise ValueError(
                 "granularity='channel': no channel group to prune (the last layer keeps its outputs; groups coupled "
-                "with excluded layers stay). Check include/exclude."
+                "with excluded layers, normalization layers or embeddings stay). Check include/exclude, or use "
+                "another granularity."
             )
+        record_groups(self.groups)  # export_compact cuts these groups, and only these
         roots = {g.root for g in self.groups}
         for pattern in self.config.per_layer:
             if not any(match_overrides(r, {pattern: 0.0}, self.selected) is not None for r in roots):
@@ -263,7 +267,7 @@ class ChannelGroupMasks(PruningStrategy):
 
 
 def strategy_for(
-    config: PruningConfig, selected: Sequence[tuple[str, nn.Module]], weights: dict[str, Tensor]
+    config: PruningConfig, selected: Sequence[tuple[str, nn.Module]], weights: LayerWeights
 ) -> PruningStrategy:
     """The strategy of ``config``'s granularity."""
     kind = ChannelGroupMasks if config.parsed_granularity.kind == "channel" else WeightMasks

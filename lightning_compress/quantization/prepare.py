@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from lightning_compress.core.compiled import accepts_compiled, unwrap_compiled
 from lightning_compress.core.configs import QATConfig, resolve_config
+from lightning_compress.core.layout import matrix_weight
 from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize, quantize
 from lightning_compress.core.selection import (
     check_overrides_match,
@@ -50,6 +51,7 @@ from lightning_compress.core.selection import (
 )
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SWAPPED: dict[tuple[type, type], type] = {}
 
 
@@ -66,7 +68,7 @@ def bn_factor(bn: Any) -> Tensor:
 def folded_weight_and_bias(layer: Any) -> tuple[Tensor, Tensor | None]:
     """The weight and bias a quantized layer computes with, its BatchNorm folded in when it has one."""
     bn = getattr(layer, "_qat_bn", None)
-    weight, bias = layer.weight, layer.bias
+    weight, bias = matrix_weight(layer), layer.bias
     if bn is None:
         return weight, bias
     factor = bn_factor(bn)
@@ -126,14 +128,14 @@ class _QATMixin(_Swapped):
         return fake_quantize(bias, grid, torch.zeros_like(grid, dtype=torch.int32), spec)
 
     def _compute(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if isinstance(self, nn.Linear):
-            return F.linear(x, weight, bias)
-        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+        if isinstance(self, _CONVS):
+            return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+        return F.linear(x, weight, bias)  # a Linear, or a Linear-like layer (its weight given in Linear layout)
 
     def forward(self, x: Tensor) -> Tensor:
         if not getattr(self, "_qat_input_shared", False):  # a shared input arrives quantized by its producer's hook
             x = self.input_quantizer(x)
-        weight: Tensor = self.weight  # type: ignore[attr-defined]
+        weight = matrix_weight(self)  # type: ignore[arg-type]
         bias: Tensor | None = self.bias  # type: ignore[attr-defined]
         bn: Any = self._qat_bn
         if not self.weight_quantizer.quantizing:
@@ -176,9 +178,17 @@ class _FoldedBatchNormMixin(_Swapped):
     _qat_conv: Any
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training and self._qat_conv.weight_quantizer.quantizing:  # type: ignore[attr-defined]
+        quantizing = self._qat_conv.weight_quantizer.quantizing
+        training: bool = self.training  # type: ignore[attr-defined]
+        if not training and quantizing:
             return x
-        return super().forward(x)  # type: ignore[misc]
+        y = super().forward(x)  # type: ignore[misc]
+        output_quantizer = getattr(self._qat_conv, "output_quantizer", None)
+        if training and quantizing and output_quantizer is not None:
+            # Training with batch statistics: the pair's output is this BatchNorm's, so the conv's output quantizer
+            # (which in evaluation quantizes the folded conv's output) observes and quantizes it here.
+            y = output_quantizer(y)
+        return y
 
 
 _MIXINS: dict[str, tuple[type, str]] = {"qat": (_QATMixin, "QAT"), "folded_bn": (_FoldedBatchNormMixin, "Folded")}
@@ -497,12 +507,12 @@ def prepare_qat(
         raise ValueError(
             f"No Conv/Linear module outside attention kernels is left to quantize in {type(model).__name__}."
         )
-    if (message := not_compressed(model, "Quantization-aware training")) is not None:
+    if (message := not_compressed(model, "Quantization-aware training", selected, writes=False)) is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
     check_overrides_match(selected, config.overrides, "layer_bits")
     names = [n for n, _ in selected]
     for name, layer in selected:
-        if config.per_channel and layer.weight.dim() < 2:  # type: ignore[operator,union-attr]
+        if config.per_channel and matrix_weight(layer).dim() < 2:
             raise ValueError(f"per_channel=True needs a channel axis, but layer {name!r} has a 1-D weight.")
     plan = quantization_plan(model, names, config.fold_bn, residuals=config.quantize_outputs)
     if config.quantize_outputs and not plan.traced:
@@ -515,7 +525,7 @@ def prepare_qat(
     if plan.float_additions:
         warnings.warn(
             f"quantize_outputs: {len(plan.float_additions)} addition(s) of quantized layers' outputs stay in float in "
-            f"the int8 export: {'; '.join(plan.float_additions[:3])}. Compute such a sum inside a module (e.g. end a "
+            f"the int8 export: {'; '.join(plan.float_additions)}. Compute such a sum inside a module (e.g. end a "
             "residual block with an nn.ReLU module, or return the sum from the block's forward).",
             UserWarning,
             stacklevel=2,
@@ -533,7 +543,7 @@ def prepare_qat(
     for name, quantizer in hosted.items():
         attach_tensor_quantizer(modules[name], quantizer)
     for name, layer in selected:
-        weight: Any = layer.weight
+        weight = matrix_weight(layer)
         bits: dict[str, Any] = {
             "weight_bits": config.weight_bits,
             "activation_bits": config.activation_bits,

@@ -101,15 +101,15 @@ class Technique(Callback):
         """:meth:`filter_modules`, a weight tied to several layers kept once, and the one frozen-layer policy of every
         technique that rewrites weights while training: a layer whose weight does not train (``requires_grad=False``)
         is left as it is, named in one warning. Layers the techniques do not compress at all (embeddings, attention
-        kernels' projections, a weight-bearing module of an unknown type such as Hugging Face's ``Conv1D``) are named
+        kernels' projections, a weight-bearing module of an unknown type) and layers tied to a selected one are named
         in another (:func:`~lightning_compress.core.selection.not_compressed`).
 
         Raises:
             ValueError: Every selected layer is frozen (named).
         """
-        if (message := not_compressed(pl_module, self.name)) is not None:
-            rank_zero_warn(message)
         selected = distinct_weights(self.filter_modules(pl_module))
+        if (message := not_compressed(pl_module, self.name, selected)) is not None:
+            rank_zero_warn(message)
         frozen = [n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor) and not w.requires_grad]
         if frozen and len(frozen) == len(selected):
             raise ValueError(

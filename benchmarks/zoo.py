@@ -1,0 +1,179 @@
+"""Speed and size on models no one here wrote (issue 19, item 5): torchvision CNNs, random weights, 96×96 inputs.
+
+Per model, in one process and one ONNX Runtime: the fp32 file (``export_float_onnx``), our default QAT export
+(``prepare_qat`` with ``QATConfig()``, ranges observed on 8 batches in training mode, then ``export_onnx``, which
+checks the file in ONNX Runtime), and the strongest peer — ONNX Runtime's own ``quant_pre_process`` +
+``quantize_static`` of the same fp32 file (QDQ, per-channel int8 weights, uint8 activations) calibrated on the same 8
+batches. All graph optimisations, 2 intra-op threads, batch 1 and batch 16, interleaved rounds: the median over the
+rounds of each round's median call time, and the speed-up over fp32 (median, lowest–highest round). The optimised
+graph's kernels say how much of the model runs in integers. Goal: ours at least as fast as the peer on every model;
+the int8 file at most 0.3× of the fp32 file.
+
+Then channel groups (``prune_(granularity="channel", round_to=8)``, share of channels chosen for about 2× fewer
+FLOPs) and ``export_compact`` on resnet18 and mobilenet_v2: the compact fp32 network against the dense one (goal
+≥ 1.6× faster). Needs torchvision (``pip install -e ".[zoo]"``, beside torch's CUDA build; runs on the CPU).
+
+    python benchmarks/zoo.py          # writes the `zoo` section of benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+from _common import interleaved_ort_medians, machine, update_results
+from ort_latency import kernel_summary
+
+from lightning_compress import QATConfig, export_compact, export_onnx, prepare_qat, prune_
+from lightning_compress.analysis.latency import ort_session
+from lightning_compress.analysis.report import flops_per_sample
+from lightning_compress.export.onnx import export_float_onnx
+
+SIZE = 96
+MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "densenet121"]
+PEER, OURS = "ONNX Runtime quantize_static (peer)", "ours: QAT export (default)"
+COMPACT = {"resnet18": 0.3, "mobilenet_v2": 0.3}  # share of channels by group (about 2x fewer FLOPs; measured below)
+
+
+def batches(n: int = 8, size: int = 16) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.rand(size, 3, SIZE, SIZE, generator=generator) for _ in range(n)]
+
+
+def build(name: str) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(num_classes=10).eval()
+
+
+def peer_int8(fp32: Path, out: Path, calibration: list[torch.Tensor]) -> Path:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = onnx.load(str(fp32)).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{name: x.numpy()} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)  # fmt: skip
+    return out
+
+
+def files(name: str, tmp: Path) -> dict[str, Path]:
+    data = batches()
+    model = build(name)
+    paths = {"fp32": export_float_onnx(model, tmp / f"{name}-fp32.onnx", data[0][:4])}
+    paths[PEER] = peer_int8(paths["fp32"], tmp / f"{name}-peer.onnx", data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare_qat(model, QATConfig())
+        model.train()
+        with torch.no_grad():
+            for x in data:
+                model(x)
+        model.eval()
+        paths[OURS] = export_onnx(model, tmp / f"{name}-ours.onnx", data[0])
+    return paths
+
+
+def compact_files(name: str, share: float, tmp: Path) -> tuple[dict[str, Path], float]:
+    x = batches(1, 4)[0]
+    model = build(name)
+    dense_flops = flops_per_sample(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_(model, final_sparsity=share, granularity="channel", round_to=8, example_input=x)
+        compact = export_compact(model, x)
+    ratio = dense_flops / flops_per_sample(compact, x)
+    return {
+        "dense fp32": export_float_onnx(build(name), tmp / f"{name}-dense.onnx", x),
+        f"compact fp32 ({share:.0%} of channels by group)": export_float_onnx(compact, tmp / f"{name}-compact.onnx", x),
+    }, ratio
+
+
+def cell(times: list[float], base: list[float], batch: int) -> str:
+    speedups = [b / t for b, t in zip(base, times, strict=True)]
+    return (f"{statistics.median(times) * 1e3:.{2 if batch == 1 else 1}f} | "
+            f"{statistics.median(speedups):.2f}× ({min(speedups):.2f}–{max(speedups):.2f})")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows, compact_rows, verdicts = [], [], []
+    timing = ((1, 30), (16, 3))
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        for name in args.models:
+            paths = files(name, tmp)
+            sessions = {k: ort_session(p, args.threads, tmp / f"{p.stem}.opt.onnx") for k, p in paths.items()}
+            rounds = interleaved_ort_medians(sessions, args.rounds, (3, SIZE, SIZE), batches=timing)
+            fp32_bytes = paths["fp32"].stat().st_size
+            ours, peer = rounds[OURS, 1], rounds[PEER, 1]
+            ratio = statistics.median(p / o for p, o in zip(peer, ours, strict=True))
+            verdicts.append(f"{name} {ratio:.2f}× ({'met' if ratio >= 1 else 'missed'}; int8 file "
+                            f"{paths[OURS].stat().st_size / fp32_bytes:.2f}× of fp32)")  # fmt: skip
+            for kind, path in paths.items():
+                cells = " | ".join(cell(rounds[kind, b], rounds["fp32", b], b) for b, _ in timing)
+                kernels = kernel_summary(tmp / f"{path.stem}.opt.onnx")
+                rows.append(f"| {name} | {kind} | {cells} | {path.stat().st_size / fp32_bytes:.2f}× | {kernels} |")
+                print(rows[-1], flush=True)
+        for name, share in COMPACT.items():
+            if name not in args.models:
+                continue
+            paths, ratio = compact_files(name, share, tmp)
+            sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
+            rounds = interleaved_ort_medians(sessions, args.rounds, (3, SIZE, SIZE), batches=timing)
+            base = next(iter(paths))
+            for kind in paths:
+                cells = " | ".join(cell(rounds[kind, b], rounds[base, b], b) for b, _ in timing)
+                flops = "1.00×" if kind == base else f"{ratio:.2f}× fewer"
+                compact_rows.append(f"| {name} | {kind} | {flops} | {cells} |")
+                print(compact_rows[-1], flush=True)
+    body = (
+        f"""## The zoo: int8 and compact speed on torchvision CNNs (random weights)
+
+`python benchmarks/zoo.py` — torchvision models with random weights, {SIZE}×{SIZE} inputs, onnxruntime
+{ort.__version__}, all graph optimisations, {args.threads} intra-op threads, {args.rounds} interleaved rounds: median
+call time (ms) and speed-up over the same model's fp32 file (median, lowest–highest round). The peer is ONNX Runtime's
+own `quant_pre_process` + `quantize_static` of the same fp32 file, calibrated on the same 8 batches our QAT observed.
+Goal: ours at least as fast as the peer; the int8 file ≤ 0.3× of the fp32 file. Machine: {machine()}.
+
+| model | file | batch 1 (ms) | vs fp32 | batch 16 (ms) | vs fp32 | size vs fp32 | kernels (ORT's optimised graph) |
+|---|---|---:|---:|---:|---:|---:|---|
+"""
+        + "\n".join(rows)
+        + f"""
+
+Our int8 against the peer at batch 1 (its time over ours, median of the rounds; goal ≥ 1): {"; ".join(verdicts)}.
+
+Channel groups + `export_compact` (goal: ≥ 1.6× faster than dense at about 2× fewer FLOPs):
+
+| model | network | FLOPs | batch 1 (ms) | vs dense | batch 16 (ms) | vs dense |
+|---|---|---:|---:|---:|---:|---:|
+"""
+        + "\n".join(compact_rows)
+    )
+    update_results("zoo", body)
+
+
+if __name__ == "__main__":
+    main()
