@@ -245,12 +245,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     proto = program.model_proto
     _insert_tensor_qdq(proto, hosts)  # first: it reads the exporter's module scopes of every node
     _insert_qdq(proto, info)
+    _fold_constant_casts(proto)
     for node in proto.graph.node:  # exporter provenance (stack traces, FX names): not needed to run the model
         del node.metadata_props[:]
         node.doc_string = ""
     onnx.checker.check_model(proto)
     path = Path(path)
-    _verify(proto, model, example_input, path)
+    last = list(info.values())[-1].output  # the last layer's output grid: integer requantization may round a tie
+    _verify(proto, model, example_input, path, 2 * last[0] if last is not None else 0.0)  # one step either way
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
     return path
@@ -311,12 +313,14 @@ def _side_by_side(proto: Any, model: nn.Module, example_input: Tensor) -> tuple[
     return ref, out.float()
 
 
-def _verify(proto: Any, model: nn.Module, example_input: Tensor, path: Path) -> None:
-    """Run the ONNX model in ONNX Runtime on ``example_input`` next to ``model``; raise when they disagree."""
+def _verify(proto: Any, model: nn.Module, example_input: Tensor, path: Path, grid: float = 0.0) -> None:
+    """Run the ONNX model in ONNX Runtime on ``example_input`` next to ``model``; raise when they disagree. ``grid``:
+    how far apart two logits may be and still swap places by rounding alone (the output's quantization steps)."""
     ref, out = (t.reshape(len(example_input), -1) for t in _side_by_side(proto, model, example_input))
     top_ref, top_out = ref.argmax(-1), out.argmax(-1)
-    # A flip between two logits closer than numerical noise is not a disagreement of the models.
-    noise = 1e-4 * float(ref.abs().max().clamp_min(1e-6))
+    # A flip between two logits closer than numerical noise (or than the output grid's rounding) is not a disagreement
+    # of the models.
+    noise = max(1e-4 * float(ref.abs().max().clamp_min(1e-6)), grid)
     margin = ref.gather(-1, top_ref[:, None]) - ref.gather(-1, top_out[:, None])
     real = int(((top_ref != top_out) & (margin.squeeze(-1) > noise)).sum())
     if 1 - real / len(ref) < PARITY_GOAL:
@@ -503,6 +507,43 @@ def _insert_qdq(proto: Any, info: Mapping[str, QuantizedLayerExport]) -> None:
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
+
+
+def _fold_constant_casts(proto: Any) -> None:
+    """Replace each ``CastLike`` of a constant (the exporter writes a ReLU6's bounds so) by an initializer of the target
+    type: ONNX Runtime cannot fold ``CastLike`` itself, and a ``Clip`` whose bounds are not constants is never dropped
+    after a ``QuantizeLinear``, which keeps the conv before it in float."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1:
+            value = helper.get_attribute_value(node.attribute[0])
+            if node.attribute[0].name == "value":
+                constants[node.output[0]] = numpy_helper.to_array(value)
+            elif node.attribute[0].name in ("value_float", "value_int", "value_floats", "value_ints"):
+                constants[node.output[0]] = np.asarray(value)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    clip_bounds = {name for n in graph.node if n.op_type == "Clip" for name in n.input[1:]}
+    folded = []
+    for node in graph.node:
+        if node.op_type != "CastLike" or node.input[0] not in constants:
+            continue
+        # the like-tensor's type where recorded; a Clip's bound otherwise takes the float32 of the export form
+        elem_type = types.get(node.input[1]) or (onnx.TensorProto.FLOAT if node.output[0] in clip_bounds else None)
+        if elem_type is None:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+        graph.initializer.append(numpy_helper.from_array(constants[node.input[0]].astype(dtype), node.output[0]))
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
 
 
 def _scopes(node: Any) -> list[str]:

@@ -320,7 +320,9 @@ class QuantizationPlan:
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ADDITIONS = {operator.add, operator.iadd, torch.add}
-_RELUS = {torch.relu, torch.relu_, F.relu}
+# Activations ONNX Runtime drops after a QuantizeLinear whose range they cannot change (Relu, Clip from 0): the tensor
+# after them is quantized, so that a conv, its activation and the quantization fuse into one integer kernel.
+_RELUS = {torch.relu, torch.relu_, F.relu, F.relu6}
 
 
 def _trace(model: nn.Module) -> Any:
@@ -420,12 +422,14 @@ def _is_addition(node: Any) -> bool:
 
 
 def _relu_after(node: Any, modules: dict[str, nn.Module]) -> Any:
-    """The ReLU that is the only reader of ``node``, or ``None``."""
+    """The ReLU (or ReLU6, or Hardtanh from 0: a Clip that keeps 0) that is the only reader of ``node``, or
+    ``None``."""
     if len(node.users) != 1:
         return None
     (user,) = node.users
     relu = (
-        (user.op == "call_module" and isinstance(modules.get(user.target), nn.ReLU))
+        (user.op == "call_module" and isinstance(module := modules.get(user.target), nn.ReLU))
+        or (user.op == "call_module" and isinstance(module, nn.Hardtanh) and module.min_val == 0)
         or (user.op == "call_function" and user.target in _RELUS)
         or (user.op == "call_method" and user.target in ("relu", "relu_"))
     )
