@@ -28,7 +28,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 from _common import interleaved_ort_medians, machine, update_results
-from ort_latency import kernel_summary
+from ort_latency import kernel_summary, ort_static_int8
 
 from lightning_compress import QATConfig, export_compact, export_onnx, prepare_qat, prune_
 from lightning_compress.analysis.latency import ort_session
@@ -54,32 +54,11 @@ def build(name: str) -> torch.nn.Module:
     return getattr(torchvision.models, name)(num_classes=10).eval()
 
 
-def peer_int8(fp32: Path, out: Path, calibration: list[torch.Tensor]) -> Path:
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    name = onnx.load(str(fp32)).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{name: x.numpy()} for x in calibration])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre))
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)  # fmt: skip
-    return out
-
-
 def files(name: str, tmp: Path) -> dict[str, Path]:
     data = batches()
     model = build(name)
     paths = {"fp32": export_float_onnx(model, tmp / f"{name}-fp32.onnx", data[0][:4])}
-    paths[PEER] = peer_int8(paths["fp32"], tmp / f"{name}-peer.onnx", data)
+    paths[PEER] = ort_static_int8(paths["fp32"], tmp / f"{name}-peer.onnx", [(x, None) for x in data], len(data))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepare_qat(model, QATConfig())

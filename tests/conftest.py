@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tests' own helpers (wandb_records)
 
@@ -72,3 +73,38 @@ def small_module(width: int = 8, hidden: int = 32, **kwargs):
     from lightning_compress.tasks import ClassificationModule, SmallCNN
 
     return ClassificationModule(SmallCNN((1, 8, 8), 10, width=width, hidden=hidden), **kwargs)
+
+
+def qat_steps(model, x, y, steps: int, lr: float = 0.05) -> None:
+    """``steps`` SGD steps of cross-entropy on one batch, the model in training mode (BatchNorm statistics moving), then
+    evaluation mode: the quickest quantization-aware training a verb user runs before exporting."""
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+class Logits(nn.Module):
+    """A Hugging Face model as a module from token ids to logits (what a LightningModule's forward returns)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).logits
+
+
+def tiny_gpt2(vocab: int = 64, tokens: int = 16):
+    """GPT-2 (Hugging Face, random weights) from a tiny config, as ids → logits: 2 blocks of 4 Conv1D layers, a
+    tied lm_head."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=tokens, n_embd=32, n_layer=2, n_head=2)
+    config.bos_token_id = config.eos_token_id = 0
+    return Logits(transformers.GPT2LMHeadModel(config))

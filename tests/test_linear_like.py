@@ -11,7 +11,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import make_trainer, tiny_gpt2
 from torch import nn
 
 from lightning_compress import (
@@ -40,22 +40,9 @@ BLOCK_LAYERS = [
 ]
 
 
-class Logits(nn.Module):
-    """A causal language model as a module from token ids to logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.m(input_ids=ids).logits
-
-
-def gpt2(seed: int = 0) -> Logits:
+def gpt2(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=TOKENS, n_embd=32, n_layer=2, n_head=2)
-    config.bos_token_id = config.eos_token_id = 0
-    return Logits(transformers.GPT2LMHeadModel(config))
+    return tiny_gpt2(VOCAB, TOKENS)
 
 
 def ids(n: int = 8, seed: int = 1) -> torch.Tensor:

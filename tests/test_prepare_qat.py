@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import qat_steps
 from torch import nn
 
 from lightning_compress import QATConfig, export_onnx, prepare_qat
@@ -29,14 +30,8 @@ def test_prepare_train_and_export_without_a_trainer(tmp_path):
     layers = prepare_qat(model, QATConfig(weight_bits=8))
     assert sorted(layers) == ["0", "4"] and all(is_quantized(m) for m in layers.values())
     assert prepare_qat(model, QATConfig(weight_bits=4)) == layers  # a second call changes nothing
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
-    model.train()
-    for _ in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    qat_steps(model, x, y, steps=3, lr=0.01)
     path = export_onnx(model, tmp_path / "m.onnx", x)
     import onnxruntime as ort
 

@@ -10,7 +10,7 @@ import warnings
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import ort_optimized_kernels
+from conftest import ort_optimized_kernels, qat_steps
 from torch import Tensor, nn
 
 from lightning_compress import QATConfig, export_onnx, prepare_qat
@@ -329,14 +329,8 @@ def test_output_quantizers_learn_while_batchnorm_trains_so_every_conv_runs_on_in
     torch.manual_seed(0)
     model = ResNet20((3, 16, 16), 10, width=4)
     prepare_qat(model, QATConfig())
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
-    model.train()
-    for _ in range(4):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    qat_steps(model, x, y, steps=4)
     kernels = ort_optimized_kernels(export_onnx(model, tmp_path / "resnet.onnx", x), tmp_path)
     assert kernels.count("QLinearConv") == 21 and kernels.count("QLinearAdd") == 9
     assert not {"Conv", "FusedConv", "Add", "Gemm"} & set(kernels)
@@ -355,14 +349,8 @@ def test_relu6_blocks_fuse_into_integer_convolutions(tmp_path):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
     )  # fmt: skip
     prepare_qat(model, QATConfig())
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(64, 3, 12, 12), torch.randint(0, 10, (64,))
-    model.train()
-    for _ in range(4):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    qat_steps(model, x, y, steps=4)
     kernels = ort_optimized_kernels(export_onnx(model, tmp_path / "relu6.onnx", x), tmp_path)
     assert kernels.count("QLinearConv") == 3 and "Conv" not in kernels and "FusedConv" not in kernels
     # the two ReLU6 between convolutions are gone; the last one, before the pooling, stays (that conv quantizes its own

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import Logits, tiny_gpt2
 from torch import nn
 
 from lightning_compress import (
@@ -35,17 +36,6 @@ from lightning_compress.core.selection import distinct_weights, inside
 from lightning_compress.export.onnx import onnx_parity
 
 torch.set_num_threads(1)
-
-
-class Logits(nn.Module):
-    """A Hugging Face model as a module from token ids to logits (what a LightningModule's forward returns)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.m(input_ids=ids).logits
 
 
 @dataclass(frozen=True)
@@ -98,11 +88,7 @@ def _bert() -> nn.Module:
 
 
 def _gpt2() -> nn.Module:
-    import transformers
-
-    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
-    config.bos_token_id = config.eos_token_id = 0
-    return Logits(transformers.GPT2LMHeadModel(config))
+    return tiny_gpt2()
 
 
 def _llama() -> nn.Module:
