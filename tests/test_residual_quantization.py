@@ -20,6 +20,7 @@ from lightning_compress.quantization.prepare import (
     float_state_dict,
     folded_batchnorms,
     quantization_plan,
+    quantized_layers,
     tensor_quantizers,
 )
 from lightning_compress.tasks import ResNet20
@@ -356,3 +357,20 @@ def test_relu6_blocks_fuse_into_integer_convolutions(tmp_path):
     # the two ReLU6 between convolutions are gone; the last one, before the pooling, stays (that conv quantizes its own
     # output, which the pooling reads through the ReLU6)
     assert kernels.count("Clip") == 1
+
+
+def test_output_quantizers_observe_during_the_observer_calibration_before_quantizing(tmp_path):
+    """QuantizationAwareTraining calibrates the observers in float before it quantizes; the output quantizers must
+    observe then too. Before, they did not — and once the observers froze, the export silently left those outputs
+    unquantized (the app's deep-compression recipe with start_epoch 3 and freeze_observers_epoch 4)."""
+    torch.manual_seed(0)
+    model = ResNet20((3, 16, 16), 10, width=4)
+    prepare_qat(model, QATConfig())
+    set_phase(model, observing=True, quantizing=False)  # the calibration phase
+    qat_steps(model, torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,)), steps=2)
+    outputs = {n: q for n, m in quantized_layers(model).items() if (q := getattr(m, "output_quantizer", None))}
+    assert outputs and all(q.initialized for q in outputs.values())
+    set_phase(model, observing=False, quantizing=True)  # frozen, quantizing: the export finds every range
+    kernels = ort_optimized_kernels(export_onnx(model, tmp_path / "calibrated.onnx", torch.randn(64, 3, 16, 16)),
+                                    tmp_path)  # fmt: skip
+    assert kernels.count("QLinearConv") == 21 and "Conv" not in kernels

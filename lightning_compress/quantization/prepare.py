@@ -150,6 +150,8 @@ class _QATMixin(_Swapped):
                 # will quantize, the layer's output with its BatchNorm applied (running statistics, never updated).
                 output_quantizer(y if bn is None else F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight,
                                                                     bn.bias, False, 0.0, bn.eps))  # fmt: skip
+            elif output_quantizer is not None and output_quantizer.observing and bn is None:
+                output_quantizer(y)  # QAT's observer calibration: the range of the output it will quantize (identity)
             return y
         if bn is None or not bn.training:
             # Exactly the integer model's computation: folded weight on its grid, bias on the int32 grid
@@ -184,9 +186,10 @@ class _FoldedBatchNormMixin(_Swapped):
             return x
         y = super().forward(x)  # type: ignore[misc]
         output_quantizer = getattr(self._qat_conv, "output_quantizer", None)
-        if training and quantizing and output_quantizer is not None:
+        if training and output_quantizer is not None and (quantizing or output_quantizer.observing):
             # Training with batch statistics: the pair's output is this BatchNorm's, so the conv's output quantizer
-            # (which in evaluation quantizes the folded conv's output) observes and quantizes it here.
+            # (which in evaluation quantizes the folded conv's output) observes and quantizes it here — and only
+            # observes it during the observer calibration that comes before quantizing.
             y = output_quantizer(y)
         return y
 
