@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import Logits, tiny_gpt2
+from conftest import Logits, ort_optimized_kernels, tiny_gpt2
 from torch import nn
 
 from lightning_compress import (
@@ -216,6 +216,13 @@ def test_qat_exports_an_int8_onnx_holding_every_quantized_layer(zoo, tmp_path):
     for name in quantized:
         assert initializers.get(f"{name}.weight_quantized") in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8), name
     assert onnx_parity(model, path, [x])["top1_agreement"] >= 0.995
+    if zoo.name in ALL_INTEGER:  # every convolution on an integer kernel in ONNX Runtime (ours were float before)
+        kernels = ort_optimized_kernels(path, tmp_path)
+        assert kernels.count("QLinearConv") == ALL_INTEGER[zoo.name] and not {"Conv", "FusedConv"} & set(kernels)
+
+
+#: Models whose every convolution ONNX Runtime runs as QLinearConv in our int8 export (their number of convolutions).
+ALL_INTEGER = {"tv_resnet18": 20, "tv_mobilenet_v2": 52, "timm_resnet18": 20}
 
 
 @params
