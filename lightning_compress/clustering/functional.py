@@ -42,8 +42,9 @@ def clustered_layers(
     selected = list(selected)
     overrides = config.per_layer
     check_overrides_match(selected, overrides, "layer_clusters")
+    weights = weights_of(selected)
     counts, constant = {}, {}
-    for name, weight in weights_of(selected).items():
+    for name, weight in weights.items():
         own = match_overrides(name, overrides, selected)
         counts[name] = config.clusters if own is None else int(own)
         if own is None and len(selected) > 1 and (distinct := distinct_nonzero(weight)) <= 1 < counts[name]:
@@ -52,7 +53,7 @@ def clustered_layers(
         check_clusters(name, weight, counts[name])
     if constant and len(constant) == len(selected):
         name = next(iter(constant))
-        check_clusters(name, weights_of(selected)[name], counts[name])  # refused, named
+        check_clusters(name, weights[name], counts[name])  # refused, named
     if constant:
         warnings.warn(
             f"{config.technique} leaves {len(constant)} constant layer(s) as they are (zero- or constant-initialised: "

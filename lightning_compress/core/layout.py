@@ -101,9 +101,3 @@ def matrix_weight(module: nn.Module) -> Tensor:
     :data:`TRANSPOSED` module its transposed view (in-place writes reach the parameter)."""
     weight: Any = module.weight
     return weight.t() if weight_layout(module) == TRANSPOSED else weight
-
-
-def in_out_features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a Linear or Linear-like module."""
-    weight = matrix_weight(module)
-    return int(weight.shape[1]), int(weight.shape[0])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,10 +327,12 @@ def warn_not_compressed(model: nn.Module, technique: str, selected: Sequence[tup
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def inside(model: nn.Module, types: tuple[type[nn.Module], ...]) -> set[str]:
-    """Names of the modules that are descendants of a module of ``types`` (e.g. a MultiheadAttention's out_proj)."""
+def inside(model: nn.Module, hosts: tuple[type[nn.Module], ...] | Callable[[nn.Module], bool]) -> set[str]:
+    """Names of the modules that are descendants of a module of the types ``hosts`` (or for which the predicate
+    ``hosts`` holds): e.g. a MultiheadAttention's out_proj."""
+    is_host = (lambda module: isinstance(module, hosts)) if isinstance(hosts, tuple) else hosts
     names: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, types) and name:
+        if is_host(module) and name:
             names.update(f"{name}.{child}" for child, _ in module.named_modules() if child)
     return names

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.layout import matrix_weight
 from lightning_compress.core.lowrank import layer_info, recorded_ranks
-from lightning_compress.core.selection import select_modules
 from lightning_compress.export.onnx import PARITY_GOAL, ExportMismatchError
 from lightning_compress.pruning.groups import (
     ChannelGroup,
     channel_groups,
     dependency_graph,
+    prunable_layers,
     recorded_group_layers,
     require_torch_pruning,
     slices,
@@ -250,8 +250,8 @@ def _cut_channels(
                 rows.setdefault(member.name, set()).update(i for c in removed for i in member.indices[c])
     if not plan:
         return {}
-    selected = [name for name, _ in select_modules(compact, include, exclude)]  # traced as channel_groups traced it
-    _, graph = dependency_graph(tp, compact, example_input, selected)
+    selected, _ = prunable_layers(compact, include, exclude)  # traced as channel_groups traced it
+    _, graph = dependency_graph(tp, compact, example_input, list(selected))
     for root, removed in plan:
         module = names[root]
         handler = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from lightning_compress.core.checks import check_number
 from lightning_compress.core.compiled import accepts_compiled
-from lightning_compress.core.selection import select_modules
+from lightning_compress.core.layout import LAYER_TYPES
+from lightning_compress.core.selection import inside, select_modules
 
 #: Layers whose per-channel parameters a group may hold; any other module with parameters in a group is refused.
 SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -105,8 +106,7 @@ def channel_groups(
     """
     tp = require_torch_pruning()
     names = {module: name for name, module in model.named_modules()}
-    selected = dict(select_modules(model, include, exclude))
-    attention = [name for name in selected if name in _attention_layers(model)]
+    selected, attention = prunable_layers(model, include, exclude)
     if attention:
         warnings.warn(
             f"channel groups: {len(attention)} attention projection(s) stay dense — removing whole attention heads is "
@@ -116,7 +116,6 @@ def channel_groups(
             UserWarning,
             stacklevel=2,
         )
-        selected = {n: m for n, m in selected.items() if n not in attention}
     was_training = model.training
     model.eval()
     try:
@@ -124,13 +123,11 @@ def channel_groups(
     finally:
         model.train(was_training)
     traced = model.get_submodule(scope) if scope else model
-    all_layers = [m for m in traced.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    all_layers = [m for m in traced.modules() if isinstance(m, LAYER_TYPES)]
     last = all_layers[-1]  # its outputs leave what is traced: they stay
     ignored = [m for m in all_layers if m is last or names[m] not in selected]
     groups, blocked = [], []
-    for group in graph.get_all_groups(
-        ignored_layers=ignored, root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    ):
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=LAYER_TYPES):
         root_module = group.items[0].dep.target.module
         root = ChannelGroup(root=names[root_module], channels=len(group.items[0].idxs))
         coupled_with_ignored = False
@@ -176,7 +173,7 @@ def dependency_graph(tp: Any, model: nn.Module, example_input: Tensor, selected:
     """Torch-Pruning's dependency graph of ``model`` — or, when the whole model cannot be traced (GPT-2, models with
     data-dependent control flow), of the smallest module holding the ``selected`` layers, on the inputs it receives.
     Returns the traced module's name (``""``: the model) and the graph."""
-    if not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in model.modules()):
+    if not any(isinstance(m, LAYER_TYPES) for m in model.modules()):
         raise ValueError("channel groups: the model has no Conv/Linear layer.")
     try:
         return "", tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
@@ -201,14 +198,22 @@ def dependency_graph(tp: Any, model: nn.Module, example_input: Tensor, selected:
     ) from failure
 
 
-def _attention_layers(model: nn.Module) -> set[str]:
-    """Names of the layers inside an attention module (``nn.MultiheadAttention``, or any module whose class name ends
-    in ``Attention``: Hugging Face's, timm's), whose output channels are attention heads."""
-    names: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention"):
-            names.update(f"{name}.{child}" if name else child for child, _ in module.named_modules() if child)
-    return names
+def _is_attention(module: nn.Module) -> bool:
+    """``nn.MultiheadAttention``, or any module whose class name ends in ``Attention`` (Hugging Face's, timm's): the
+    output channels of the layers inside it are attention heads."""
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+
+
+def prunable_layers(
+    model: nn.Module, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """The layers channel groups may be rooted at — those ``include`` / ``exclude`` select, less the layers inside
+    attention modules — and the names of those left out for being inside one. :func:`channel_groups` and the compact
+    export both select (and trace) with it."""
+    selected = dict(select_modules(model, include, exclude))
+    heads = inside(model, _is_attention)
+    attention = [name for name in selected if name in heads]
+    return {n: m for n, m in selected.items() if n not in heads}, attention
 
 
 def _scope(names: Sequence[str]) -> str:

@@ -118,11 +118,10 @@ class WeightMasks(PruningStrategy):
 
     def add_gradients(self) -> None:
         assert self.scores is not None
-        grads = {n: self.weights.grad(n) for n in self.weights}
         terms = {
             n: gradient_term((w.detach() * grad).float(), self.config.criterion)
             for n, w in self.weights.items()
-            if (grad := grads[n]) is not None
+            if (grad := self.weights.grad(n)) is not None
         }
         if not math.isfinite(float(sum(t.sum() for t in terms.values()))):
             return

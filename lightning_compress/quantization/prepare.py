@@ -51,7 +51,7 @@ from lightning_compress.core.selection import (
 )
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SWAPPED: dict[tuple[type, type], type] = {}
 
 
@@ -128,7 +128,7 @@ class _QATMixin(_Swapped):
         return fake_quantize(bias, grid, torch.zeros_like(grid, dtype=torch.int32), spec)
 
     def _compute(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if isinstance(self, _CONVS):
+        if isinstance(self, _CONV_TYPES):
             return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
         return F.linear(x, weight, bias)  # a Linear, or a Linear-like layer (its weight given in Linear layout)
 
@@ -321,7 +321,6 @@ class QuantizationPlan:
     traced: bool = True
 
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ADDITIONS = {operator.add, operator.iadd, torch.add}
 # Activations ONNX Runtime drops after a QuantizeLinear whose range they cannot change (Relu, Clip from 0): the tensor
 # after them is quantized, so that a conv, its activation and the quantization fuse into one integer kernel.
@@ -431,8 +430,13 @@ def _relu_after(node: Any, modules: dict[str, nn.Module]) -> Any:
         return None
     (user,) = node.users
     relu = (
-        (user.op == "call_module" and isinstance(module := modules.get(user.target), nn.ReLU))
-        or (user.op == "call_module" and isinstance(module, nn.Hardtanh) and module.min_val == 0)
+        (
+            user.op == "call_module"
+            and (
+                isinstance(module := modules.get(user.target), nn.ReLU)
+                or (isinstance(module, nn.Hardtanh) and module.min_val == 0)
+            )
+        )
         or (user.op == "call_function" and user.target in _RELUS)
         or (user.op == "call_method" and user.target in ("relu", "relu_"))
     )
