@@ -68,7 +68,7 @@ def test_qat_int8_on_digits_keeps_accuracy_and_exports_with_parity(tmp_path):
     # BatchNorm frozen: PyTorch computes the folded integer model itself, up to rounding ties. ONNX Runtime requantizes
     # a conv's int32 sums straight onto the next layer's input grid (QLinearConv -> QLinearConv), PyTorch rounds a
     # float sum: a tie may round the other way. The logits are then one step of their own grid apart, on few samples:
-    # how many depends on the CPU's integer kernels (3 of 360 where this was written, 6 of 360 — each exactly one step
+    # how many depends on the CPU's integer kernels (under 1 % where this was written, 6 of 360 — each exactly one step
     # — on an AVX512-VNNI EPYC with ONNX Runtime 1.32). More than one step, anywhere, is a wrong export.
     logit_step = float(module.net.classifier[3].output_quantizer.qparams()[0])
     differs = onnx_logit_differences(module, path, dm.test_dataloader())
