@@ -59,7 +59,7 @@ def test_quantized_model_artifact_stores_the_export_integers(tmp_path):
     make_trainer(tmp_path, callbacks=callbacks, max_epochs=2).fit(module, DigitsDataModule())
     size = save_compressed(module, tmp_path / "q.lcz", deploy=True)  # the deploy form: the integer model
     loaded = load_compressed(tmp_path / "q.lcz")
-    _, info = export_form(module)
+    _, info, _ = export_form(module)
     for name, data in info.items():
         assert loaded[f"{name}.weight"].dtype == torch.int8
         assert torch.equal(loaded[f"{name}.weight"], data.weight_int)

@@ -268,3 +268,39 @@ def test_clustering_shares_values_in_every_layer_it_selects(zoo):
     for name in books:
         weight = model.get_submodule(name).weight
         assert torch.unique(weight[weight != 0]).numel() <= 16, name  # zeros stay zeros (a random init holds a few)
+
+
+LANGUAGE = [z for z in MODELS if z.library == "transformers"]
+
+
+@pytest.mark.parametrize("zoo", LANGUAGE, ids=[z.name for z in LANGUAGE])
+def test_named_embeddings_are_pruned_quantized_to_int8_rows_and_clustered(zoo, tmp_path):
+    import onnx
+
+    everything = ["@Linear", "@Embedding"]
+    model, x = model_and_input(zoo)
+    tables = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    assert tables
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masks = prune_(copy.deepcopy(model), final_sparsity=0.5, scope="layer", include=everything)
+        books = cluster_weights_(copy.deepcopy(model), clusters=16, include=everything)
+        quantized = prepare_qat(model, QATConfig(include=everything))
+    for name in tables:  # a table tied to a selected layer (GPT-2's wte and lm_head) is compressed once, under one
+        assert name in masks or any(model.get_submodule(name).weight is model.get_submodule(n).weight for n in masks)
+        assert name in books or any(model.get_submodule(name).weight is model.get_submodule(n).weight for n in books)
+        assert name in quantized, name
+    for mask in masks.values():
+        assert abs(float((~mask).float().mean()) - 0.5) <= 1 / mask.numel()
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    model.eval()
+    path = export_onnx(model, tmp_path / f"{zoo.name}.int8.onnx", x)
+    initializers = onnx.load(str(path)).graph.initializer
+    for name in tables:
+        assert {i.name: i.data_type for i in initializers}[f"{name}.weight_quantized"] == onnx.TensorProto.INT8
+    floats = [i.name for i in initializers if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+    assert not floats, floats  # no weight matrix left in float
+    assert onnx_parity(model, path, [x])["top1_agreement"] >= 0.995

@@ -58,6 +58,7 @@ from lightning_compress.export.onnx import export_form
 from lightning_compress.quantization.prepare import (
     bn_factor,
     find_conv_bn_pairs,
+    quantized_embeddings,
     quantized_layers,
     weight_integers,
 )
@@ -91,7 +92,7 @@ def model_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, dict[str
         keys_of[id(value)] = keys_of.get(id(value), 0) + 1
     integers = {
         name: weight_integers(layer)  # first: an observing weight quantizer reads the current weight, as a forward
-        for name, layer in quantized_layers(model).items()
+        for name, layer in {**quantized_layers(model), **quantized_embeddings(model)}.items()
         if layer.weight_quantizer.quantizing
         and layer.weight_quantizer.initialized  # else the weight is used in float
         and keys_of.get(id(layer.weight), 1) == 1
@@ -114,8 +115,8 @@ def model_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, dict[str
 def deploy_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The deploy form (see the module's docstring): the integer model of a quantized model, or a float model with
     every Conv → BatchNorm pair folded."""
-    if quantized_layers(model):
-        form, info = export_form(model)
+    if quantized_layers(model) or quantized_embeddings(model):
+        form, info, tables = export_form(model)
         state = _state_dict(form)
         for name, data in info.items():
             state[f"{name}.weight"] = data.weight_int
@@ -127,7 +128,11 @@ def deploy_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             if data.output is not None:
                 state[f"{name}.output_scale"] = torch.tensor(data.output[0])
                 state[f"{name}.output_zero_point"] = torch.tensor(data.output[1], dtype=torch.int32)
-        return state, {"integer_model": sorted(info)}
+        for name, table in tables.items():  # weight only: the rows' integers and scales
+            state[f"{name}.weight"], state[f"{name}.weight_scale"] = table.weight_int, table.weight_scale
+            if not table.weight_spec.symmetric:
+                state[f"{name}.weight_zero_point"] = table.weight_zero_point
+        return state, {"integer_model": sorted(info), "integer_tables": sorted(tables)}
     return _fold_batchnorms(model)
 
 

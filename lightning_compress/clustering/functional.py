@@ -16,8 +16,7 @@ from lightning_compress.core.configs import ClusteringConfig, resolve_config
 from lightning_compress.core.selection import (
     check_overrides_match,
     match_overrides,
-    select_modules,
-    warn_not_compressed,
+    select_for,
     weights_of,
 )
 
@@ -37,8 +36,7 @@ def clustered_layers(
             weights than its own ``layer_clusters`` (named), or every selected layer constant.
     """
     if selected is None:  # the verb (a callback passes the layers it selected, and has said what it leaves)
-        selected = select_modules(model, config.include, config.exclude)
-        warn_not_compressed(model, config.technique, selected)
+        selected = select_for(model, config)
     selected = list(selected)
     overrides = config.per_layer
     check_overrides_match(selected, overrides, "layer_clusters")

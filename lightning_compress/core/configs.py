@@ -51,7 +51,7 @@ from lightning_compress.core.clustering import ClusterInit
 from lightning_compress.core.lowrank import Budget
 from lightning_compress.core.masks import GRADIENT_CRITERIA, Granularity, parse_granularity
 from lightning_compress.core.quantizers import check_bits
-from lightning_compress.core.selection import as_patterns, load_layer_values
+from lightning_compress.core.selection import EMBEDDINGS_REFUSED, as_patterns, load_layer_values
 
 ScopeName = Literal["global", "layer"]
 CriterionName = Literal["magnitude", "random", "threshold", "taylor", "movement"]
@@ -111,8 +111,19 @@ class TechniqueConfig:
     def per_layer(self) -> dict[str, Any]:
         """The per-layer overrides (``layer_sparsity``, ``layer_rank``, ``layer_clusters``, ``layer_bits``), read and
         checked: ``{pattern: value}`` (empty for a config without them)."""
-        field_name = next((n for n in fields_of(type(self)) if n.startswith("layer_")), None)
+        field_name = self.per_layer_field
         return dict(getattr(self, field_name) or {}) if field_name else {}
+
+    @property
+    def per_layer_field(self) -> str | None:
+        """The name of the per-layer overrides' field (``"layer_sparsity"``, ...), for messages."""
+        return next((n for n in fields_of(type(self)) if n.startswith("layer_")), None)
+
+    @property
+    def embeddings_refused(self) -> str | None:
+        """Why this technique, so configured, cannot compress an embedding (``None``: it can, when ``include`` names
+        it; see :func:`~lightning_compress.core.selection.select_modules`)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values (what ``from_dict`` reads back into an equal config)."""
@@ -246,6 +257,10 @@ class PruningConfig(TechniqueConfig):
                 "`round_to` rounds the channels each group keeps: it needs granularity='channel' and scope='layer'."
             )
 
+    @property
+    def embeddings_refused(self) -> str | None:
+        return EMBEDDINGS_REFUSED.get(self.parsed_granularity.kind)
+
 
 # --------------------------------------------------------------------------- low rank
 @technique_config
@@ -277,6 +292,10 @@ class LowRankConfig(TechniqueConfig):
             for p, r in _layer_values(self.layer_rank, "layer_rank").items()
         }
         _patterns(self)
+
+    @property
+    def embeddings_refused(self) -> str | None:
+        return EMBEDDINGS_REFUSED["low_rank"]
 
 
 # --------------------------------------------------------------------------- clustering

@@ -31,7 +31,7 @@ LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.
 _PROBED: dict[type, str | None] = {}
 
 
-def _own_class(module: nn.Module) -> type:
+def own_class(module: nn.Module) -> type:
     """The module's class before a technique swapped it (quantization-aware training subclasses a layer's class)."""
     return getattr(module, "_original_class", type(module))
 
@@ -82,7 +82,7 @@ def weight_layout(module: nn.Module) -> str | None:
         return LINEAR
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvTransposeNd)):
         return None
-    cls = _own_class(module)
+    cls = own_class(module)
     if cls not in _PROBED:
         layout = _probe(module)
         if layout is None and module._parameters.get("weight") is None:

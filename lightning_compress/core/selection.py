@@ -11,6 +11,12 @@ Patterns that mean the same on any model (for recipes that travel between models
 * ``@Conv2d``, ``@Linear``, ... — every candidate of that module class (by class name, subclasses included).
 
 They are accepted wherever a layer pattern is: ``include``, ``exclude``, ``layer_sparsity``, ``layer_bits``.
+
+Embeddings (``nn.Embedding``) are never selected by default — they are lookup tables, often half of a language
+model's weights, and compressing them costs more accuracy per byte than the layers around them — but a pattern of
+``include`` that names one selects it: ``include=["@Linear", "@Embedding"]`` (or the embedding's name). Unstructured
+pruning, quantization (int8 rows, weight only) and clustering compress them; a technique that cannot (N:M and channel
+pruning, low rank) refuses them, saying why (:data:`EMBEDDINGS_REFUSED`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_compress.core.checks import ArgumentTypeError
-from lightning_compress.core.layout import LAYER_TYPES, TRANSPOSED, linear_like, weight_layout
+from lightning_compress.core.layout import LAYER_TYPES, TRANSPOSED, linear_like, own_class, weight_layout
 
 #: Module types whose ``weight`` the techniques compress by default — and, with ``nn.Linear``, every Linear-like
 #: module (:func:`~lightning_compress.core.layout.linear_like`, e.g. Hugging Face's ``Conv1D``).
@@ -33,6 +39,9 @@ COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = LAYER_TYPES
 
 
 SELECTORS = ("@first", "@last")
+
+#: Lookup tables: selected only when a pattern of ``include`` names them (see the module's docstring).
+EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding,)
 
 #: Module types that hold weights no technique compresses yet, and why. A model that has them gets a message at setup
 #: naming each such layer (never a silent dense layer).
@@ -43,8 +52,8 @@ NOT_COMPRESSED: dict[type[nn.Module], str] = {
     nn.ConvTranspose2d: "transposed convolutions are not supported yet",
     nn.ConvTranspose3d: "transposed convolutions are not supported yet",
     nn.RNNBase: "recurrent weights (LSTM, GRU, RNN) are not supported yet",
-    nn.Embedding: "embeddings are not supported yet",
-    nn.EmbeddingBag: "embeddings are not supported yet",
+    nn.EmbeddingBag: "embedding bags are read by the embedding_bag kernel (an nn.Embedding is compressed when "
+    "`include` names it)",
 }
 
 
@@ -95,10 +104,9 @@ def matches(pattern: str, name: str, candidates: Sequence[tuple[str, nn.Module]]
         >>> [matches(p, "3", cands) for p in ("@first", "@last", "@Linear", "^3$", "@Conv1d")]
         [False, True, True, True, False]
     """
-    if pattern == "@first":
-        return bool(candidates) and candidates[0][0] == name
-    if pattern == "@last":
-        return bool(candidates) and candidates[-1][0] == name
+    if pattern in SELECTORS:  # the first / last Conv or Linear: an embedding is never one
+        layers = [n for n, m in candidates if not isinstance(m, EMBEDDING_TYPES)]
+        return bool(layers) and layers[0 if pattern == "@first" else -1] == name
     if pattern.startswith("@"):
         module = dict(candidates).get(name)
         return module is not None and pattern[1:] in _types_named(module)
@@ -116,35 +124,46 @@ def select_modules(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     types: tuple[type[nn.Module], ...] = COMPRESSIBLE_TYPES,
+    refuse_embeddings: str | None = None,
 ) -> list[tuple[str, nn.Module]]:
-    """Return ``(name, module)`` for every module of ``types`` selected by ``include`` / ``exclude``.
+    """Return ``(name, module)`` for every module of ``types`` selected by ``include`` / ``exclude`` — and every
+    embedding that a pattern of ``include`` names (never one by default).
 
     Args:
         model: The model to search (a LightningModule or any ``nn.Module``).
         include: Regular expression(s); when given, a module is kept only if one of them is found in its
-            name. Every pattern must match at least one module of ``types``.
+            name. Every pattern must match at least one module of ``types`` (or an embedding).
         exclude: Regular expression(s); a module whose name one of them is found in is dropped.
         types: The module classes that can be selected; with ``nn.Linear`` among them, Linear-like modules too
             (:func:`~lightning_compress.core.layout.linear_like`: Hugging Face's ``Conv1D``).
+        refuse_embeddings: Why the technique cannot compress an embedding (:data:`EMBEDDINGS_REFUSED`), if it cannot:
+            an embedding that ``include`` names is then refused with this reason.
 
     Raises:
         ValueError: An ``include`` pattern matches no module of ``types`` (the message lists candidates),
-            or nothing is left to select.
+            nothing is left to select, or an embedding is selected for a technique that ``refuse_embeddings``.
 
     Example:
         >>> from torch import Tensor, nn
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> [name for name, _ in select_modules(net, exclude=r"^2$")] == ["0"]
         True
+        >>> lm = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+        >>> [n for n, _ in select_modules(lm)], [n for n, _ in select_modules(lm, include=["@Linear", "@Embedding"])]
+        (['1'], ['0', '1'])
     """
     include_patterns = as_patterns("include", include)
     exclude_patterns = as_patterns("exclude", exclude)
     linear = nn.Linear in types
+    lookups = bool(include_patterns)  # an embedding is a candidate only where `include` can name it
     candidates = [
-        (name, m) for name, m in model.named_modules() if name and (isinstance(m, types) or (linear and linear_like(m)))
+        (name, m)
+        for name, m in model.named_modules()
+        if name
+        and (isinstance(m, types) or (linear and linear_like(m)) or (lookups and isinstance(m, EMBEDDING_TYPES)))
     ]
     names = [name for name, _ in candidates]
-    type_names = "/".join(t.__name__ for t in types)
+    type_names = "/".join(t.__name__ for t in (*types, *(EMBEDDING_TYPES if lookups else ())))
     for pattern in include_patterns:
         if not any(matches(pattern, name, candidates) for name in names):
             raise ValueError(
@@ -163,7 +182,32 @@ def select_modules(
             f"(include={include_patterns or None}, exclude={exclude_patterns or None}). "
             f"Candidates: {_candidates(names) or 'none'}."
         )
+    tables = [name for name, m in selected if isinstance(m, EMBEDDING_TYPES)]
+    if tables and refuse_embeddings is not None:
+        raise ValueError(
+            f"`include` selects the embedding{'s' if len(tables) > 1 else ''} {_candidates(tables)}, which "
+            f"{refuse_embeddings}. Leave {'them' if len(tables) > 1 else 'it'} out: "
+            f"exclude={[*exclude_patterns, *(f'^{re.escape(n)}$' for n in tables)]!r}."
+        )
     return selected
+
+
+#: Why a technique cannot compress an embedding (the refusal's words; see :func:`select_modules`).
+EMBEDDINGS_REFUSED = {
+    "nm": "N:M sparsity cannot speed up: its kernels multiply matrices, and an embedding's rows are looked up, not "
+    "multiplied (prune an embedding with granularity='unstructured')",
+    "channel": "channel pruning cannot cut: an embedding's columns are the width of every layer after it, and its "
+    "rows are the vocabulary (prune an embedding with granularity='unstructured')",
+    "low_rank": "low-rank factorization does not factorize: a lookup reads one row per token whatever the table's "
+    "rank (prune, quantize or cluster an embedding instead)",
+}
+
+
+def embedding_advice(model: nn.Module) -> str:
+    """The ``include`` that selects ``model``'s default layers and its embeddings, for messages."""
+    layers = [m for n, m in model.named_modules() if n and (isinstance(m, LAYER_TYPES) or linear_like(m))]
+    kinds = sorted({"@Linear" if linear_like(m) else f"@{own_class(m).__name__}" for m in layers})
+    return f"include={[*kinds, '@Embedding']!r}"
 
 
 class LayerWeights(Mapping[str, Tensor]):
@@ -202,12 +246,29 @@ def weights_of(selected: Sequence[tuple[str, nn.Module]]) -> LayerWeights:
     return LayerWeights(selected)
 
 
-def distinct_weights(selected: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+def distinct_weights(
+    selected: Sequence[tuple[str, nn.Module]], overrides: Mapping[str, Any] | None = None, argument: str = "overrides"
+) -> list[tuple[str, nn.Module]]:
     """The selected layers with a weight shared by several of them (tied weights) kept once, under its first name: one
-    parameter is ranked, counted and compressed once."""
+    parameter is ranked, counted and compressed once.
+
+    Raises:
+        ValueError: The per-layer ``overrides`` (``argument``, e.g. ``layer_sparsity``) give two layers that share a
+            weight different values (both named): one weight cannot be compressed two ways.
+    """
     unique: dict[int, tuple[str, nn.Module]] = {}
     for name, module in selected:
-        unique.setdefault(id(getattr(module, "weight", module)), (name, module))
+        key = id(getattr(module, "weight", module))
+        if key in unique and overrides:
+            first = unique[key][0]
+            mine, theirs = match_overrides(name, overrides, selected), match_overrides(first, overrides, selected)
+            if mine != theirs:
+                raise ValueError(
+                    f"{first!r} and {name!r} share one weight (tied), but `{argument}` gives them {theirs!r} and "
+                    f"{mine!r}: one weight is compressed once. Give both the same value (or leave one out of the "
+                    "pattern that sets it)."
+                )
+        unique.setdefault(key, (name, module))
     return list(unique.values())
 
 
@@ -271,25 +332,39 @@ def _unknown_layer(module: nn.Module) -> bool:
 
 
 def not_compressed(
-    model: nn.Module, technique: str, selected: Sequence[tuple[str, nn.Module]] = (), writes: bool = True
+    model: nn.Module,
+    technique: str,
+    selected: Sequence[tuple[str, nn.Module]] = (),
+    writes: bool = True,
+    embeddings: str | None = None,
 ) -> str | None:
     """A message naming every layer of ``model`` whose weights ``technique`` leaves as they are (types in
     :data:`NOT_COMPRESSED`, and any other module with a weight matrix of its own that is neither a Conv/Linear nor
     Linear-like), or ``None`` when there is none.
 
-    Such a layer whose weight is tied to one of the ``selected`` layers (GPT-2's token embedding and its ``lm_head``)
+    An embedding that is not selected is named with the ``include`` that selects it — or, for a technique that
+    cannot compress embeddings, with the reason ``embeddings`` (:data:`EMBEDDINGS_REFUSED`). Such a layer whose
+    weight is tied to one of the ``selected`` layers (GPT-2's token embedding and its ``lm_head``)
     is named apart: a technique that ``writes`` the weights (pruning, clustering, low rank) compresses it with that
     layer; quantization does not (the embedding reads the float weight).
 
     Example:
         >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
         >>> print(not_compressed(net, "MagnitudePruning"))  # doctest: +ELLIPSIS
-        MagnitudePruning does not compress 1 layer, which keeps its weights as they are: '0' (Embedding: ...). ...
+        MagnitudePruning does not compress 1 layer, which keeps its weights as they are: '0' (Embedding: ... \
+include=['@Linear', '@Embedding']). ...
     """
     owners = {id(w): n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor)}
+    chosen = {id(m) for _, m in selected}
     found, tied = [], []
     for name, module in model.named_modules():
+        if id(module) in chosen:
+            continue
         reason = next((why for cls, why in NOT_COMPRESSED.items() if isinstance(module, cls)), None)
+        if reason is None and isinstance(module, EMBEDDING_TYPES):
+            reason = embeddings or (
+                f"embeddings are compressed only when `include` names them: {embedding_advice(model)}"
+            )
         if reason is None and _unknown_layer(module):
             reason = UNKNOWN_LAYER
         if reason is None or not name:
@@ -315,16 +390,31 @@ def not_compressed(
                 f"which {technique} compresses once, through the selected layer: both use the compressed weight."
                 if writes
                 else f"which {technique} quantizes for the selected layer only: the other reads it in float (the "
-                "int8 export keeps a float copy of it for that layer)."
+                "int8 export keeps a float copy of it for that layer). Name the other in `include` to quantize it "
+                f"too ({embedding_advice(model)})."
             )
         )
     return " ".join(parts) or None
 
 
-def warn_not_compressed(model: nn.Module, technique: str, selected: Sequence[tuple[str, nn.Module]] = ()) -> None:
+def warn_not_compressed(
+    model: nn.Module, technique: str, selected: Sequence[tuple[str, nn.Module]] = (), embeddings: str | None = None
+) -> None:
     """:func:`not_compressed`'s message as a warning, for the verbs (the callbacks warn on rank zero only)."""
-    if (message := not_compressed(model, technique, selected)) is not None:
-        warnings.warn(message, UserWarning, stacklevel=3)
+    if (message := not_compressed(model, technique, selected, embeddings=embeddings)) is not None:
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def select_for(model: nn.Module, config: Any) -> list[tuple[str, nn.Module]]:
+    """The layers a verb compresses as ``config`` (a technique config) asks, in the callbacks' words: selected
+    (embeddings only when ``include`` names them, and only for a technique that can compress them), a weight tied to
+    several layers kept once (per-layer overrides giving it two values refused), and what is left out said in one
+    warning (:func:`warn_not_compressed`)."""
+    why = config.embeddings_refused
+    layers = select_modules(model, config.include, config.exclude, refuse_embeddings=why)
+    selected = distinct_weights(layers, config.per_layer, config.per_layer_field or "")
+    warn_not_compressed(model, config.technique, selected, why)
+    return selected
 
 
 def inside(model: nn.Module, hosts: tuple[type[nn.Module], ...] | Callable[[nn.Module], bool]) -> set[str]:

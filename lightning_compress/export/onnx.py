@@ -38,7 +38,9 @@ from lightning_compress.core.metrics import top1
 from lightning_compress.core.quantizers import QuantSpec
 from lightning_compress.quantization.prepare import (
     detach,
+    detach_embedding,
     folded_weight_and_bias,
+    quantized_embeddings,
     quantized_layers,
     tensor_quantizers,
     weight_integers,
@@ -71,22 +73,38 @@ class QuantizedLayerExport:
     output: tuple[float, int, QuantSpec] | None  #: the layer's output grid (scale, zero-point, spec), if quantized
 
 
+@dataclass(frozen=True)
+class QuantizedTableExport:
+    """What the integer model holds for one quantized embedding: its table's integers, a scale (and zero-point) per
+    row; the export looks up the integer rows and dequantizes only those (``Gather`` → ``Cast`` → ``Mul``)."""
+
+    weight_int: Tensor  #: int8 (symmetric) or uint8 (affine) integers of the table, (rows, dim)
+    weight_scale: Tensor  #: float32, one per row (or one)
+    weight_zero_point: Tensor  #: like ``weight_int`` (zeros when symmetric)
+    weight_spec: QuantSpec
+
+
 @torch.no_grad()
-def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, QuantizedLayerExport]]:
+def export_form(
+    model: nn.Module,
+) -> tuple[nn.Module, dict[str, QuantizedLayerExport], dict[str, QuantizedTableExport]]:
     """A float copy of ``model`` that computes what the integer model computes, and each layer's integers.
 
     Returns the copy (BatchNorms that were folded replaced by ``nn.Identity``, quantizers removed, each quantized
     layer's weight set to its dequantized grid values and its bias to the folded bias; a tensor quantizer replaced by
-    its parameters, :class:`TensorQParams`, which the ONNX rewrite turns into Q/DQ) and, per layer name, the int
-    weights, their scales, the folded bias and the activation quantization parameters.
+    its parameters, :class:`TensorQParams`, which the ONNX rewrite turns into Q/DQ); per layer name, the int
+    weights, their scales, the folded bias and the activation quantization parameters; and per quantized embedding,
+    its table's integers and scales.
     """
     layers = quantized_layers(model)
-    if not layers:
+    tables = quantized_embeddings(model)
+    if not layers and not tables:
         raise ValueError(
             "export_onnx: the model has no quantized layers. Train it with QuantizationAwareTraining first."
         )
     hosts = tensor_quantizers(model)
     not_ready = [n for n, m in layers.items() if not (m.input_quantizer.initialized and m.weight_quantizer.initialized)]
+    not_ready += [n for n, m in tables.items() if not m.weight_quantizer.initialized]
     not_ready += [n for n, q in hosts.items() if not q.initialized]
     not_ready += [n for n, m in layers.items() if (q := getattr(m, "output_quantizer", None)) and not q.initialized]
     if not_ready:
@@ -119,6 +137,10 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, QuantizedLayerEx
         )
         if layer._qat_bn is not None:
             bn_names[name] = module_names[id(layer._qat_bn)]
+    rows = {}
+    for name, table in tables.items():
+        ints, w_scale, w_zp = weight_integers(table)
+        rows[name] = QuantizedTableExport(ints, w_scale.clone(), w_zp.clone(), table.weight_quantizer.spec)
     model.train(was_training)
 
     form = _copy_module(model).eval()
@@ -128,19 +150,28 @@ def export_form(model: nn.Module) -> tuple[nn.Module, dict[str, QuantizedLayerEx
         detach(layer)
         if weight_layout(layer) == TRANSPOSED:  # a Linear-like layer (Hugging Face's Conv1D) is written as a Linear
             layer = modules[name] = _as_linear(form, name, layer)
-        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        ints = data.weight_int.float() - data.weight_zero_point.float().reshape(shape)
-        layer.weight.data = (ints * data.weight_scale.reshape(shape)).to(layer.weight.dtype)
+        layer.weight.data = _dequantized(data).to(layer.weight.dtype)
         if data.bias is not None:
             layer.bias = nn.Parameter(data.bias.to(layer.weight.dtype))
         if name in bn_names:
             parent_name, _, child = bn_names[name].rpartition(".")
             setattr(modules[parent_name] if parent_name else form, child, nn.Identity())
+    for name, row_data in rows.items():
+        table = modules[name]
+        detach_embedding(table)
+        table.weight.data = _dequantized(row_data).to(table.weight.dtype)
     for name, quantizer in hosts.items():  # tensor quantizers: their parameters; the ONNX rewrite inserts them
         scale, zero_point = quantizer.qparams()
         params = TensorQParams(float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]), quantizer.spec)
         modules[name].output_quantizer = params
-    return form, info
+    return form, info, rows
+
+
+def _dequantized(data: QuantizedLayerExport | QuantizedTableExport) -> Tensor:
+    """The float values of a quantized weight, ``(q − zero_point) · scale`` per output channel (per row)."""
+    shape = (-1,) + (1,) * (data.weight_int.dim() - 1)
+    ints = data.weight_int.float() - data.weight_zero_point.float().reshape(shape)
+    return ints * data.weight_scale.reshape(shape)
 
 
 def _as_linear(form: nn.Module, name: str, layer: nn.Module) -> nn.Linear:
@@ -226,7 +257,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
             f"export_onnx: `example_input` must be a torch.Tensor batch, got {type(example_input).__name__} "
             "(convert it with torch.as_tensor)."
         )
-    form, info = export_form(model)
+    form, info, tables = export_form(model)
     example_input = example_input.detach().to(next(form.parameters()).device)
     _check_input(form, example_input)
     batch = torch.export.Dim("batch", min=1)
@@ -245,13 +276,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     proto = program.model_proto
     _insert_tensor_qdq(proto, hosts)  # first: it reads the exporter's module scopes of every node
     _insert_qdq(proto, info)
+    _insert_lookups(proto, tables)
     _fold_constant_casts(proto)
     for node in proto.graph.node:  # exporter provenance (stack traces, FX names): not needed to run the model
         del node.metadata_props[:]
         node.doc_string = ""
     onnx.checker.check_model(proto)
     path = Path(path)
-    last = list(info.values())[-1].output  # the last layer's output grid: integer requantization may round a tie
+    last = list(info.values())[-1].output if info else None  # integer requantization may round a tie on its grid
     _verify(proto, model, example_input, path, 2 * last[0] if last is not None else 0.0)  # one step either way
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
@@ -504,6 +536,80 @@ def _insert_qdq(proto: Any, info: Mapping[str, QuantizedLayerExport]) -> None:
     _splice(graph, graph.node, before, after, dropped)
     # The float weights and biases are no longer read. (Removed only now: the exporter may share one initializer
     # between layers whose values are equal, e.g. two all-zero folded biases.)
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def _lookup(name: str, ids: str, out: str, at: str, per_row: bool, affine: bool) -> list[Any]:
+    """The nodes that look up rows ``ids`` of quantized table ``name`` into ``out``: ``Gather`` of the integers →
+    ``Cast`` → [``Sub`` of the rows' zero-points] → ``Mul`` by the rows' scales (see :func:`_insert_lookups`)."""
+    from onnx import TensorProto, helper
+
+    nodes: list[Any] = []
+
+    def op(kind: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        nodes.append(helper.make_node(kind, inputs, [output], name=f"{at}/{output.rpartition('/')[2]}", **attrs))
+        return output
+
+    def per_row_value(table: str, what: str) -> str:  # the looked-up rows' scales (zero-points), as a column
+        if not per_row:
+            return table
+        return op("Unsqueeze", [op("Gather", [table, ids], f"{at}/{what}"), f"{name}.last_axis"], f"{at}/{what}_col")
+
+    rows = op("Cast", [op("Gather", [f"{name}.weight_quantized", ids], f"{at}/ints")], f"{at}/rows",
+              to=TensorProto.FLOAT)  # fmt: skip
+    if affine:
+        rows = op("Sub", [rows, per_row_value(f"{name}.weight_zero_point", "zero")], f"{at}/centred")
+    op("Mul", [rows, per_row_value(f"{name}.weight_scale", "scale")], out)
+    return nodes
+
+
+def _insert_lookups(proto: Any, tables: Mapping[str, QuantizedTableExport]) -> None:
+    """Every ``Gather`` of a quantized embedding's table reads its integer rows instead: ``Gather`` (int8 table) →
+    ``Cast`` → ``Mul`` by the rows' scales (``Gather`` of the scales; ``Sub`` of the zero-points first for an affine
+    table). Only the looked-up rows are dequantized — the same values as ``DequantizeLinear`` of the whole table,
+    without dequantizing it on every run (ONNX Runtime does not fold a ``DequantizeLinear``)."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    reads: dict[str, list[Any]] = {}
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in inits:
+            reads.setdefault(node.input[0], []).append(node)
+    before: dict[int, tuple[Any, list[Any]]] = {}
+    for name, data in tables.items():
+        ints = data.weight_int.numpy()
+        matches = [k for k in reads if inits[k].dims == list(ints.shape) and k.endswith(".weight")]
+        mine = f"{name}.weight" if f"{name}.weight" in reads else None
+        source = mine or next(
+            (k for k in matches if np.array_equal(numpy_helper.to_array(inits[k]), _dequantized(data).numpy())), None
+        )
+        if source is None:
+            raise ValueError(
+                f"export_onnx: could not find the Gather that looks up embedding {name!r}; leave it out of "
+                "quantization with `exclude`."
+            )
+        per_row = data.weight_scale.numel() > 1
+        added = [numpy_helper.from_array(ints, f"{name}.weight_quantized"),
+                 numpy_helper.from_array(data.weight_scale.numpy().astype(np.float32).reshape(-1 if per_row else ()),
+                                         f"{name}.weight_scale")]  # fmt: skip
+        affine = not data.weight_spec.symmetric
+        if affine:
+            zero = data.weight_zero_point.numpy().astype(np.float32).reshape(-1 if per_row else ())
+            added.append(numpy_helper.from_array(zero, f"{name}.weight_zero_point"))
+        graph.initializer.extend(added)
+        for k, node in enumerate(reads.pop(source)):
+            lookup = _lookup(name, node.input[1], node.output[0], f"{name}/lookup{k}", per_row, affine)
+            before[id(node)] = (node, lookup)  # the node kept alive: its id names it
+        if per_row:
+            graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{name}.last_axis"))
+    kept = []
+    for node in graph.node:
+        kept += before[id(node)][1] if id(node) in before else [node]
+    del graph.node[:]
+    graph.node.extend(kept)
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)

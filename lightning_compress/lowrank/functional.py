@@ -25,8 +25,7 @@ from lightning_compress.core.selection import (
     check_overrides_match,
     inside,
     match_overrides,
-    select_modules,
-    warn_not_compressed,
+    select_for,
     weights_of,
 )
 
@@ -76,8 +75,7 @@ def low_rank_layers(
             layer's break-even, a FLOPs budget without an example input, a ratio that rank 1 everywhere cannot meet.
     """
     if selected is None:  # the verb (a callback passes the layers it selected, and has said what it leaves)
-        selected = select_modules(model, config.include, config.exclude)
-        warn_not_compressed(model, config.technique, selected)
+        selected = select_for(model, config)
     selected = list(selected)
     grouped = [name for name, m in selected if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1]
     if grouped and len(grouped) < len(selected):  # every layer grouped: refused below, naming the first

@@ -15,9 +15,7 @@ from lightning_compress.core.masks import GRADIENT_CRITERIA, check_nm_shapes, co
 from lightning_compress.core.schedules import sparsity_at
 from lightning_compress.core.selection import (
     check_overrides_match,
-    distinct_weights,
-    select_modules,
-    warn_not_compressed,
+    select_for,
     weights_of,
 )
 from lightning_compress.pruning.strategies import PruningStrategy, strategy_for
@@ -69,8 +67,7 @@ def pruned(model: nn.Module, config: PruningConfig, example_input: Tensor | None
             f"steps. Use MagnitudePruning(criterion={config.criterion!r}) while training, or criterion='magnitude' "
             "here."
         )
-    selected = distinct_weights(select_modules(model, config.include, config.exclude))
-    warn_not_compressed(model, config.technique, selected)
+    selected = select_for(model, config)
     check_overrides_match(selected, config.per_layer, "layer_sparsity")
     weights = weights_of(selected)
     check_nm_shapes(weights, config.parsed_granularity)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from lightning_compress.core.checks import check_number
 from lightning_compress.core.compiled import accepts_compiled
 from lightning_compress.core.layout import LAYER_TYPES
-from lightning_compress.core.selection import inside, select_modules
+from lightning_compress.core.selection import EMBEDDINGS_REFUSED, inside, select_modules
 
 #: Layers whose per-channel parameters a group may hold; any other module with parameters in a group is refused.
 SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -210,7 +210,7 @@ def prunable_layers(
     """The layers channel groups may be rooted at — those ``include`` / ``exclude`` select, less the layers inside
     attention modules — and the names of those left out for being inside one. :func:`channel_groups` and the compact
     export both select (and trace) with it."""
-    selected = dict(select_modules(model, include, exclude))
+    selected = dict(select_modules(model, include, exclude, refuse_embeddings=EMBEDDINGS_REFUSED["channel"]))
     heads = inside(model, _is_attention)
     attention = [name for name in selected if name in heads]
     return {n: m for n, m in selected.items() if n not in heads}, attention

@@ -310,7 +310,8 @@ class QuantizationAwareTraining(Technique):
                 bn.eval()  # Lightning puts the module back in train mode at every epoch start
         measure = quantizing and (g % self.log_every_n_steps == 0)
         for layer in self._layers.values():
-            layer.input_quantizer.measure_clipping = measure
+            if (quantizer := getattr(layer, "input_quantizer", None)) is not None:  # an embedding's input is ids
+                quantizer.measure_clipping = measure
 
     @override
     def on_train_batch_end(
@@ -322,7 +323,7 @@ class QuantizationAwareTraining(Technique):
             return
         metrics = {}
         for name, layer in self._layers.items():
-            clip = getattr(layer.input_quantizer, "last_clip_fraction", None)
+            clip = getattr(getattr(layer, "input_quantizer", None), "last_clip_fraction", None)
             if clip is not None and layer.input_quantizer.measure_clipping:
                 metrics[f"qat/clip_fraction/{name}"] = clip
                 metrics[f"qat/act_scale/{name}"] = float(layer.input_quantizer.qparams()[0].mean())

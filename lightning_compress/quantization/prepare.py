@@ -43,7 +43,9 @@ from lightning_compress.core.configs import QATConfig, resolve_config
 from lightning_compress.core.layout import matrix_weight
 from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize, quantize
 from lightning_compress.core.selection import (
+    EMBEDDING_TYPES,
     check_overrides_match,
+    distinct_weights,
     inside,
     match_overrides,
     not_compressed,
@@ -68,7 +70,7 @@ def bn_factor(bn: Any) -> Tensor:
 def folded_weight_and_bias(layer: Any) -> tuple[Tensor, Tensor | None]:
     """The weight and bias a quantized layer computes with, its BatchNorm folded in when it has one."""
     bn = getattr(layer, "_qat_bn", None)
-    weight, bias = matrix_weight(layer), layer.bias
+    weight, bias = matrix_weight(layer), getattr(layer, "bias", None)  # an embedding has no bias
     if bn is None:
         return weight, bias
     factor = bn_factor(bn)
@@ -194,7 +196,23 @@ class _FoldedBatchNormMixin(_Swapped):
         return y
 
 
-_MIXINS: dict[str, tuple[type, str]] = {"qat": (_QATMixin, "QAT"), "folded_bn": (_FoldedBatchNormMixin, "Folded")}
+class _QATEmbeddingMixin(_Swapped):
+    """Forward of an embedding whose table is fake-quantized: weight only, a scale per row (per token) — its input is
+    token ids, its output the rows it looks up, which the layers reading them quantize as their input."""
+
+    weight_quantizer: FakeQuantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        e: Any = self
+        return F.embedding(x, self.weight_quantizer(e.weight), e.padding_idx, e.max_norm, e.norm_type,
+                           e.scale_grad_by_freq, e.sparse)  # fmt: skip
+
+
+_MIXINS: dict[str, tuple[type, str]] = {
+    "qat": (_QATMixin, "QAT"),
+    "folded_bn": (_FoldedBatchNormMixin, "Folded"),
+    "qat_embedding": (_QATEmbeddingMixin, "QAT"),
+}
 
 
 def _swapped_class(cls: type, mixin: type, prefix: str) -> type:
@@ -213,8 +231,29 @@ def _swapped_class(cls: type, mixin: type, prefix: str) -> type:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer that :func:`prepare_qat` fake-quantizes."""
+    """Whether ``module`` is a Conv/Linear layer that :func:`prepare_qat` fake-quantizes."""
     return isinstance(module, _QATMixin)
+
+
+def quantized_embeddings(model: nn.Module) -> dict[str, Any]:
+    """Name → embedding for every embedding whose table :func:`prepare_qat` fake-quantizes (weight only)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QATEmbeddingMixin)}
+
+
+def attach_embedding(embedding: nn.Module, weight_quantizer: FakeQuantizer) -> None:
+    """Make ``embedding`` look up rows of its fake-quantized table. Idempotent."""
+    if isinstance(embedding, _QATEmbeddingMixin):
+        return
+    embedding.__class__ = _swapped_class(type(embedding), _QATEmbeddingMixin, "QAT")
+    embedding.add_module("weight_quantizer", weight_quantizer)
+    weight_quantizer.train(embedding.training)
+
+
+def detach_embedding(embedding: nn.Module) -> None:
+    """Undo :func:`attach_embedding`."""
+    if isinstance(embedding, _QATEmbeddingMixin):
+        embedding.__class__ = embedding._original_class  # type: ignore[assignment]
+        del embedding.weight_quantizer
 
 
 def attach(
@@ -486,7 +525,8 @@ def _pairs_in_sequentials(modules: dict[str, nn.Module], wanted: set[str]) -> di
 
 
 def quantized_layers(model: nn.Module) -> dict[str, Any]:
-    """Name → layer for every fake-quantized layer of ``model``."""
+    """Name → layer for every fake-quantized Conv/Linear layer of ``model`` (embeddings:
+    :func:`quantized_embeddings`)."""
     return {n: m for n, m in model.named_modules() if is_quantized(m)}
 
 
@@ -507,20 +547,31 @@ def prepare_qat(
         ValueError: A pattern selects nothing, ``per_channel`` meets a 1-D weight, or an argument is out of range.
     """
     config = resolve_config(QATConfig, config, "weight_bits", fields)
-    already = quantized_layers(model)
+    already = {**quantized_layers(model), **quantized_embeddings(model)}
     if already:
         return already
     # A MultiheadAttention's out_proj is a Linear that the attention kernel reads directly (its forward never runs),
     # so it cannot be fake-quantized: it is left out, and named with the other layers that stay in float.
     attention = inside(model, (nn.MultiheadAttention,))
-    selected = [(n, m) for n, m in select_modules(model, config.include, config.exclude) if n not in attention]
-    if not selected:
+    chosen = [(n, m) for n, m in select_modules(model, config.include, config.exclude) if n not in attention]
+    distinct_weights(chosen, config.overrides, "layer_bits")  # a tied weight given two widths is refused
+    tables = [(n, m) for n, m in chosen if isinstance(m, EMBEDDING_TYPES)]
+    selected = [(n, m) for n, m in chosen if not isinstance(m, EMBEDDING_TYPES)]
+    if not chosen:
         raise ValueError(
             f"No Conv/Linear module outside attention kernels is left to quantize in {type(model).__name__}."
         )
-    if (message := not_compressed(model, "Quantization-aware training", selected, writes=False)) is not None:
+    if (message := not_compressed(model, "Quantization-aware training", chosen, writes=False)) is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
-    check_overrides_match(selected, config.overrides, "layer_bits")
+    check_overrides_match(chosen, config.overrides, "layer_bits")
+    for name, table in tables:
+        width = (match_overrides(name, config.overrides, chosen) or {}).get("weight_bits", config.weight_bits)
+        spec = QuantSpec(width, config.weight_symmetric, config.per_channel, axis=0)  # a scale per row (per token)
+        table_weight: Tensor = table.weight  # type: ignore[assignment]
+        quantizer = FakeQuantizer(spec, config.observer, channels=table_weight.shape[0], weight=True)
+        attach_embedding(table, quantizer.to(table_weight.device))
+    if not selected:
+        return dict(tables)
     names = [n for n, _ in selected]
     for name, layer in selected:
         if config.per_channel and matrix_weight(layer).dim() < 2:
@@ -592,7 +643,7 @@ def prepare_qat(
         # directly and so would skip their fake quantization; a forward pre-hook keeps it on the Python path.
         if isinstance(module, nn.TransformerEncoderLayer) and _python_path not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(_python_path)
-    return dict(selected)
+    return {**dict(tables), **dict(selected)}
 
 
 def _python_path(module: nn.Module, args: Any) -> None:
@@ -600,14 +651,16 @@ def _python_path(module: nn.Module, args: Any) -> None:
 
 
 def layer_quantizers(layer: Any) -> list[FakeQuantizer]:
-    """A prepared layer's quantizers: input, weight and (with ``quantize_outputs``) output."""
-    return [q for q in (layer.input_quantizer, layer.weight_quantizer, getattr(layer, "output_quantizer", None)) if q]
+    """A prepared layer's quantizers: input, weight and (with ``quantize_outputs``) output; an embedding's weight."""
+    found = (getattr(layer, "input_quantizer", None), layer.weight_quantizer, getattr(layer, "output_quantizer", None))
+    return [q for q in found if q is not None]
 
 
 def all_quantizers(model: nn.Module) -> list[FakeQuantizer]:
-    """Every quantizer of a prepared model, once each: its layers' and its tensor quantizers (a quantizer that a
-    layer shares as its input is listed once)."""
-    found = [q for layer in quantized_layers(model).values() for q in layer_quantizers(layer)]
+    """Every quantizer of a prepared model, once each: its layers' and embeddings' and its tensor quantizers (a
+    quantizer that a layer shares as its input is listed once)."""
+    layers = {**quantized_layers(model), **quantized_embeddings(model)}
+    found = [q for layer in layers.values() for q in layer_quantizers(layer)]
     found += list(tensor_quantizers(model).values())
     return list({id(q): q for q in found}.values())
 
@@ -647,6 +700,8 @@ def unprepare(model: nn.Module) -> None:
     """Take every quantizer off ``model``: its layers are plain Conv/Linear (and BatchNorm) modules again."""
     for layer in quantized_layers(model).values():
         detach(layer)
+    for embedding in quantized_embeddings(model).values():
+        detach_embedding(embedding)
     for name in tensor_quantizers(model):
         detach_tensor_quantizer(model.get_submodule(name))
     for module in model.modules():

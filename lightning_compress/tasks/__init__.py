@@ -4,7 +4,7 @@ The compression core does not depend on this package; a user's own LightningModu
 """
 
 from lightning_compress.tasks.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, MNIST1DDataModule
-from lightning_compress.tasks.models import CNN1D, MLP, ResNet20, SmallCNN, torchvision_classifier
+from lightning_compress.tasks.models import CNN1D, MLP, PixelTransformer, ResNet20, SmallCNN, torchvision_classifier
 from lightning_compress.tasks.module import ClassificationModule
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "DigitsDataModule",
     "ImageFolderDataModule",
     "MNIST1DDataModule",
+    "PixelTransformer",
     "ResNet20",
     "SmallCNN",
     "torchvision_classifier",

@@ -1,4 +1,5 @@
-"""Models the CLI trains: a small CNN for digits, an MLP and a CIFAR-style ResNet-20.
+"""Models the CLI trains: a small CNN for digits, an MLP, a CIFAR-style ResNet-20 and a small transformer over pixel
+tokens.
 
 Every model takes ``input_shape`` (C, H, W) and ``num_classes``, which the CLI reads from the data module.
 """
@@ -143,6 +144,81 @@ class CNN1D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written with four ``nn.Linear`` projections (``q``, ``k``, ``v``, ``o``), as Hugging
+    Face's BERT and Llama write it: every projection is an ordinary layer the techniques see (an
+    ``nn.MultiheadAttention`` reads its ``in_proj`` weight inside its kernel)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"`dim` ({dim}) must be a multiple of `heads` ({heads}).")
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        def split(t: Tensor) -> Tensor:  # (batch, heads, tokens, head_dim)
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        y = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm encoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))`` (GELU, ``mlp_ratio`` wide)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = SelfAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PixelTransformer(nn.Module):
+    """A small transformer classifier that reads an image as a sequence of pixel tokens — a language model's anatomy
+    (token and position embeddings, attention, MLPs, LayerNorm) on data that is here.
+
+    Each pixel in [0, 1] becomes the token ``round(value · levels)`` (``levels + 1`` tokens; token 0, a blank pixel,
+    is the embedding's ``padding_idx``: its row stays zero). Then position embeddings, ``depth`` pre-norm blocks
+    (:class:`TransformerBlock`), a final LayerNorm, the mean over tokens and a Linear classifier.
+
+    Example:
+        >>> PixelTransformer((1, 8, 8), 10)(torch.rand(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 8, 8),
+        num_classes: int = 10,
+        dim: int = 32,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        levels: int = 16,
+    ) -> None:
+        super().__init__()
+        tokens = 1
+        for size in input_shape:
+            tokens *= int(size)
+        self.levels = levels
+        self.tokens = nn.Embedding(levels + 1, dim, padding_idx=0)
+        self.positions = nn.Embedding(tokens, dim)
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.register_buffer("position_ids", torch.arange(tokens), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = (x.flatten(1) * self.levels).round().clamp(0, self.levels).long()
+        h = self.blocks(self.tokens(ids) + self.positions(self.position_ids))
+        return self.head(self.norm(h).mean(1))
 
 
 def torchvision_classifier(

@@ -95,7 +95,7 @@ class Technique(Callback):
     # ------------------------------------------------------------------ selection
     def filter_modules(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
         """The ``(name, module)`` pairs the technique acts on. Override for another selection."""
-        return select_modules(pl_module, self.include, self.exclude)
+        return select_modules(pl_module, self.include, self.exclude, refuse_embeddings=self.config.embeddings_refused)
 
     def select(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
         """:meth:`filter_modules`, a weight tied to several layers kept once, and the one frozen-layer policy of every
@@ -107,8 +107,10 @@ class Technique(Callback):
         Raises:
             ValueError: Every selected layer is frozen (named).
         """
-        selected = distinct_weights(self.filter_modules(pl_module))
-        if (message := not_compressed(pl_module, self.name, selected)) is not None:
+        config = self.config
+        selected = distinct_weights(self.filter_modules(pl_module), config.per_layer, config.per_layer_field or "")
+        message = not_compressed(pl_module, self.name, selected, embeddings=config.embeddings_refused)
+        if message is not None:
             rank_zero_warn(message)
         frozen = [n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor) and not w.requires_grad]
         if frozen and len(frozen) == len(selected):
