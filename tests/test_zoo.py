@@ -196,6 +196,17 @@ def test_channel_groups_prune_and_the_compact_export_cuts_them(zoo):
         compact = export_compact(model, x)  # what the pruning accepted, the export cuts: never refused
     assert compact.max_abs_difference <= 1e-4
     assert sum(p.numel() for p in compact.parameters()) < dense
+    for name in HEADS.get(zoo.name, []):  # attention heads removed: their query rows are gone
+        query = compact.get_submodule(name)
+        assert query.out_features < query.in_features, name
+
+
+#: The query projections whose heads channel pruning removes (q/k/v as three Linears; the other models' attention
+#: fuses them or runs in a kernel, and keeps its heads, named in a warning).
+HEADS = {
+    "hf_bert": [f"m.bert.encoder.layer.{i}.attention.self.query" for i in range(2)],
+    "hf_llama": [f"m.model.layers.{i}.self_attn.q_proj" for i in range(2)],
+}
 
 
 @params

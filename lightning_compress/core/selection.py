@@ -356,7 +356,8 @@ include=['@Linear', '@Embedding']). ...
     """
     owners = {id(w): n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor)}
     chosen = {id(m) for _, m in selected}
-    found, tied = [], []
+    alike: dict[tuple[str, str], list[str]] = {}  # layers of one type left out for one reason, named together
+    tied = []
     for name, module in model.named_modules():
         if id(module) in chosen:
             continue
@@ -373,12 +374,14 @@ include=['@Linear', '@Embedding']). ...
         if owner is not None:
             tied.append(f"{name!r} ({type(module).__name__}) with {owner!r}")
         else:
-            found.append(f"{name!r} ({type(module).__name__}: {reason})")
+            alike.setdefault((type(module).__name__, reason), []).append(repr(name))
+    found = [f"{', '.join(names)} ({kind}: {reason})" for (kind, reason), names in alike.items()]
+    count = sum(len(names) for names in alike.values())
     parts = []
     if found:
-        many = len(found) > 1
+        many = count > 1
         parts.append(
-            f"{technique} does not compress {len(found)} layer{'s' if many else ''}, which keep{'' if many else 's'} "
+            f"{technique} does not compress {count} layer{'s' if many else ''}, which keep{'' if many else 's'} "
             f"{'their' if many else 'its'} weights as they are: {', '.join(found)}. The Conv/Linear "
             f"layers around {'them' if many else 'it'} are compressed as usual; nothing to do unless "
             f"{'they hold' if many else 'it holds'} most of the weights."

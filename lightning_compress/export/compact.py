@@ -24,6 +24,7 @@ from lightning_compress.core.layout import matrix_weight
 from lightning_compress.core.lowrank import layer_info, recorded_ranks
 from lightning_compress.export.onnx import PARITY_GOAL, ExportMismatchError
 from lightning_compress.pruning.groups import (
+    HEAD_COUNTS,
     ChannelGroup,
     channel_groups,
     dependency_graph,
@@ -238,22 +239,51 @@ def _cut_channels(
     (by module name)."""
     tp = require_torch_pruning()
     names = dict(compact.named_modules())
-    plan = []
+    plan, heads = [], []
     rows: dict[str, set[int]] = {}
     for group in channel_groups(compact, example_input, include, exclude):
         removed = _removed_channels(group)
         if len(removed) == group.channels:
             raise ValueError(f"export_compact: every channel of {group.root!r} is zero; a layer cannot be emptied.")
         if removed:
-            plan.append((group.root, removed))
+            (heads if group.host is not None else plan).append((group, removed))
             for member in group.outputs():
                 rows.setdefault(member.name, set()).update(i for c in removed for i in member.indices[c])
-    if not plan:
-        return {}
-    selected, _ = prunable_layers(compact, include, exclude)  # traced as channel_groups traced it
-    _, graph = dependency_graph(tp, compact, example_input, list(selected))
-    for root, removed in plan:
-        module = names[root]
-        handler = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
-        graph.get_pruning_group(module, handler, removed).prune()
+    if plan:
+        selected, _ = prunable_layers(compact, include, exclude)  # traced as channel_groups traced it
+        _, graph = dependency_graph(tp, compact, example_input, list(selected))
+        for group, removed in plan:
+            module = names[group.root]
+            handler = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+            graph.get_pruning_group(module, handler, removed).prune()
+    for group, removed in heads:
+        _cut_heads(compact, group, removed)
     return {name: sorted(found) for name, found in rows.items()}
+
+
+@torch.no_grad()
+def _cut_heads(compact: nn.Module, group: ChannelGroup, removed: Sequence[int]) -> None:
+    """Remove the ``removed`` heads of an attention module in place: their rows of the query, key and value
+    projections, their columns of the output projection, and the module's head count (and total head width) where
+    it keeps them (:data:`~lightning_compress.pruning.groups.HEAD_COUNTS`, ``all_head_size``)."""
+    kept = [h for h in range(group.channels) if h not in set(removed)]
+    width = sum(len(i) for i in group.members[0].indices)
+    for member in group.members:
+        module: Any = member.module
+        keep = torch.tensor([i for h in kept for i in member.indices[h]], dtype=torch.long, device=module.weight.device)
+        dim = 0 if member.side == "out" else 1
+        module.weight = nn.Parameter(module.weight.index_select(dim, keep), module.weight.requires_grad)
+        if member.side == "out":
+            if module.bias is not None:
+                module.bias = nn.Parameter(module.bias.index_select(0, keep), module.bias.requires_grad)
+            module.out_features = len(keep)
+        else:
+            module.in_features = len(keep)
+    new_width = width * len(kept) // group.channels
+    assert group.host is not None
+    for module in compact.get_submodule(group.host).modules():
+        for attr in HEAD_COUNTS:
+            if getattr(module, attr, None) == group.channels and not isinstance(getattr(module, attr), bool):
+                setattr(module, attr, len(kept))
+        if getattr(module, "all_head_size", None) == width:
+            module.all_head_size = new_width

@@ -61,11 +61,14 @@ class Member:
 
 @dataclass
 class ChannelGroup:
-    """The channels of ``root`` (a Conv/Linear) and every parameter slice coupled to them."""
+    """The channels of ``root`` (a Conv/Linear) and every parameter slice coupled to them. For the heads of an
+    attention module (``host``: its name), the channels are its heads: each one's rows of the query, key and value
+    projections and its columns of the output projection."""
 
     root: str
     channels: int
     members: list[Member] = field(default_factory=list)
+    host: str | None = None
 
     def outputs(self) -> list[Member]:
         return [m for m in self.members if m.side == "out"]
@@ -98,7 +101,8 @@ def channel_groups(
     A group whose channels reach a module with parameters that cannot be cut one channel at a time — a LayerNorm or
     RMSNorm (the residual width of a transformer or ConvNeXt: its statistics would change), an embedding, an attention
     kernel — is left out, all such groups named in one warning; the others (a transformer's MLP hidden neurons, a
-    CNN's inner channels) are offered as usual.
+    CNN's inner channels) are offered as usual, and so are the heads of the attention modules holding selected layers
+    (:func:`head_groups`: one group per module, one channel per head).
 
     Raises:
         ValueError: A model the dependency graph cannot trace (whole, or the smallest module holding the selected
@@ -107,15 +111,17 @@ def channel_groups(
     tp = require_torch_pruning()
     names = {module: name for name, module in model.named_modules()}
     selected, attention = prunable_layers(model, include, exclude)
-    if attention:
+    heads, dense = head_groups(model, example_input, attention)
+    if dense:
         warnings.warn(
-            f"channel groups: {len(attention)} attention projection(s) stay dense — removing whole attention heads is "
-            f"not supported yet, and channels cut one by one inside a head would not be exact through rotary "
-            f"embeddings: {', '.join(map(repr, attention[:8]))}{' …' if len(attention) > 8 else ''}. The other "
-            "layers (a transformer's MLP hidden neurons) are pruned as usual.",
+            f"channel groups: {len(dense)} attention module(s) keep all their heads: {'; '.join(dense[:8])}"
+            f"{' …' if len(dense) > 8 else ''}. Their projections stay dense; the other layers (a transformer's MLP "
+            "hidden neurons) are pruned as usual.",
             UserWarning,
             stacklevel=2,
         )
+    if not selected:
+        return heads
     was_training = model.training
     model.eval()
     try:
@@ -166,7 +172,117 @@ def channel_groups(
             f"{f' and {len(blocked) - 10} more' if len(blocked) > 10 else ''}."
         )
         warnings.warn(message + " The other groups are pruned as usual.", UserWarning, stacklevel=2)
-    return groups
+    return groups + heads
+
+
+#: Attributes that hold an attention module's number of heads, or the size of one head (Hugging Face's, timm's, ours).
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+HEAD_DIMS = ("head_dim", "attention_head_size", "head_size")
+
+
+def _attention_hosts(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    """The outermost attention modules holding some of ``layers``."""
+    hosts = [n for n, m in model.named_modules() if n and _is_attention(m)]
+    outer = [h for h in hosts if not any(h.startswith(f"{o}.") for o in hosts)]
+    return [h for h in outer if any(n.startswith(f"{h}.") for n in layers)]
+
+
+Call = tuple[str, nn.Module, Tensor]
+
+
+def _calls(model: nn.Module, hosts: Sequence[str], example_input: Tensor) -> dict[str, list[Call]]:
+    """Per host, the Linear layers inside it in the order they run on ``example_input`` (one forward, in evaluation),
+    each with its name in the host and its input (first call)."""
+    seen: dict[str, list[Call]] = {h: [] for h in hosts}
+    handles = []
+    for host in hosts:
+        for name, module in model.get_submodule(host).named_modules():
+            if isinstance(module, nn.Linear):
+
+                def record(m: nn.Module, args: tuple[Any, ...], host: str = host, name: str = name) -> None:
+                    if args and isinstance(args[0], Tensor) and all(n != name for n, _, _ in seen[host]):
+                        seen[host].append((name, m, args[0]))
+
+                handles.append(module.register_forward_pre_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _head_count(host: nn.Module, width: int) -> int | None:
+    """The number of heads of an attention module whose projections are ``width`` wide, read from its attributes (or
+    its config's): a head count, or a head size."""
+    for module in (*host.modules(), getattr(host, "config", None)):
+        for attr, per_head in [(a, False) for a in HEAD_COUNTS] + [(a, True) for a in HEAD_DIMS]:
+            value = getattr(module, attr, None)
+            if attr == "heads" and isinstance(value, nn.Module):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= width and width % value == 0:
+                return width // value if per_head else value
+    config = getattr(host, "config", None)
+    count = getattr(config, "num_attention_heads", None)
+    return count if isinstance(count, int) and count > 0 and width % count == 0 else None
+
+
+def head_groups(model: nn.Module, example_input: Tensor, layers: Sequence[str]) -> tuple[list[ChannelGroup], list[str]]:
+    """The heads of the attention modules holding the selected ``layers``, as channel groups (one channel per head:
+    its rows of the query, key and value projections — three ``nn.Linear`` reading the same input — and its columns
+    of the output projection, the Linear that then reads their heads' output), and the attention modules whose heads
+    stay, each with why: fused q/k/v projections (GPT-2's ``c_attn``, timm's ``qkv``), an attention kernel that reads
+    its weights itself (``nn.MultiheadAttention``), grouped-query attention (keys and values shared by several query
+    heads), an unknown number of heads, or projections not all selected.
+
+    Removing a head is exact: its query, key and value rows and its output columns go together, and an attention
+    module that splits its projections with ``reshape(…, -1, head_dim)`` (Hugging Face's BERT, Llama) computes with
+    the heads that remain (:func:`~lightning_compress.export.compact.export_compact` updates head counts it finds
+    and checks the compact network)."""
+    groups: list[ChannelGroup] = []
+    dense: list[str] = []
+    chosen = set(layers)
+    hosts = _attention_hosts(model, layers)
+    kernels = [h for h in hosts if isinstance(model.get_submodule(h), nn.MultiheadAttention)]
+    dense += [f"{h!r} (nn.MultiheadAttention: its kernel reads the q/k/v weights itself)" for h in kernels]
+    traced = _calls(model, [h for h in hosts if h not in kernels], example_input) if len(hosts) > len(kernels) else {}
+    for host_name, calls in traced.items():
+        host = model.get_submodule(host_name)
+        by_input: dict[int, list[tuple[str, nn.Module, Tensor]]] = {}
+        for call in calls:
+            by_input.setdefault(id(call[2]), []).append(call)
+        qkv = next((c for c in by_input.values() if len(c) == 3), None)
+        if qkv is None:
+            dense.append(f"{host_name!r} (no three q/k/v projections reading one input: fused or unrecognised)")
+            continue
+        widths = {m.out_features for _, m, _ in qkv}  # type: ignore[attr-defined]
+        width = qkv[0][1].out_features  # type: ignore[attr-defined]
+        if len(widths) > 1:
+            dense.append(f"{host_name!r} (grouped-query attention: keys and values serve several query heads)")
+            continue
+        last = max(i for i, c in enumerate(calls) if any(c is q for q in qkv))
+        out = next((c for c in calls[last + 1 :] if c[1].in_features == width), None)  # type: ignore[attr-defined]
+        heads = _head_count(host, width)
+        full = [f"{host_name}.{n}" for n, _, _ in qkv]
+        if out is None or heads is None or heads < 2:
+            dense.append(
+                f"{host_name!r} ({'no output projection found' if out is None else 'number of heads unknown'})"
+            )
+            continue
+        if not set(full) <= chosen:
+            dense.append(f"{host_name!r} (its q/k/v projections are not all selected: {sorted(set(full) - chosen)})")
+            continue
+        size = width // heads
+        rows = [list(range(h * size, (h + 1) * size)) for h in range(heads)]
+        group = ChannelGroup(root=full[0], channels=heads, host=host_name)
+        group.members = [Member(n, m, "out", rows) for n, (_, m, _) in zip(full, qkv, strict=True)]
+        group.members.append(Member(f"{host_name}.{out[0]}", out[1], "in", rows))
+        groups.append(group)
+    return groups, dense
 
 
 def dependency_graph(tp: Any, model: nn.Module, example_input: Tensor, selected: Sequence[str]) -> tuple[str, Any]:

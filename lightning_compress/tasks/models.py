@@ -155,12 +155,12 @@ class SelfAttention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"`dim` ({dim}) must be a multiple of `heads` ({heads}).")
-        self.heads = heads
+        self.heads, self.head_dim = heads, dim // heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
-        def split(t: Tensor) -> Tensor:  # (batch, heads, tokens, head_dim)
-            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        def split(t: Tensor) -> Tensor:  # (batch, heads, tokens, head_dim): as many heads as the projections hold
+            return t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
         y = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
         return self.o(y.transpose(1, 2).flatten(2))
