@@ -116,16 +116,19 @@ def cubic_amounts(final: float, end_epoch: int, initial: float = 0.0):
 
 
 def interleaved_ort_medians(
-    sessions: dict, rounds: int, sample_shape: tuple[int, ...], batches=((1, 100), (256, 3))
+    sessions: dict, rounds: int, sample_shape: tuple[int, ...], batches=((1, 100), (256, 3)), vocabulary: int = 0
 ) -> dict[tuple[str, int], list[float]]:
     """Per (model, batch size): the median call time of each round; within a round every model runs in turn, so that
-    all see the same machine load. ``batches``: (batch size, calls per round)."""
+    all see the same machine load. ``batches``: (batch size, calls per round). ``vocabulary``: the inputs are token
+    ids (int64) below it instead of floats in [0, 1)."""
     import numpy as np
 
     medians: dict[tuple[str, int], list[float]] = {(k, b): [] for k in sessions for b, _ in batches}
     for _ in range(rounds):
         for batch, repeats in batches:
-            inputs = np.random.default_rng(0).random((batch, *sample_shape), dtype=np.float32)
+            rng = np.random.default_rng(0)
+            shape = (batch, *sample_shape)
+            inputs = rng.integers(0, vocabulary, shape) if vocabulary else rng.random(shape, dtype=np.float32)
             for kind, session in sessions.items():
                 name = session.get_inputs()[0].name
                 session.run(None, {name: inputs})

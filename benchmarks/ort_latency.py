@@ -60,9 +60,10 @@ def qat_module(width: int, loader, quantize_outputs: bool, batches: int = 8, cha
 
 def kernel_summary(path: Path) -> str:
     kernels = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
-    integer = sum(v for k, v in kernels.items() if k.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger")))
-    floating = kernels.get("Conv", 0) + kernels.get("FusedConv", 0) + kernels.get("Gemm", 0)
-    listed = ", ".join(f"{k} {v}" for k, v in sorted(kernels.items()) if k.startswith("Q"))
+    integer_kinds = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention")
+    integer = sum(v for k, v in kernels.items() if k.startswith(integer_kinds))
+    floating = sum(kernels.get(k, 0) for k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul"))
+    listed = ", ".join(f"{k} {v}" for k, v in sorted(kernels.items()) if k.startswith(("Q", *integer_kinds[2:])))
     return f"{integer} integer ({listed}), {floating} float"
 
 

@@ -10,6 +10,12 @@ rounds of each round's median call time, and the speed-up over fp32 (median, low
 graph's kernels say how much of the model runs in integers. Goal: ours at least as fast as the peer on every model;
 the int8 file at most 0.3× of the fp32 file.
 
+Then BERT (Hugging Face ``BertForSequenceClassification``, random weights, hidden 256, 4 layers of 4 heads,
+intermediate 1024, vocabulary 1000, 64 tokens): our QAT export with the embeddings (``include=["@Linear",
+"@Embedding"]``; the same short QAT run on fixed labels) against ONNX Runtime's own int8 of its fp32 file, both ways
+it offers — ``quantize_static`` (calibrated on the same 8 batches) and ``quantize_dynamic`` (int8 weights, activations
+quantized on the fly: its recommendation for transformers). Goal: ours at least as fast as the faster of the two.
+
 Then channel groups (``prune_(granularity="channel", round_to=8)``, share of channels chosen for about 2× fewer
 FLOPs) and ``export_compact`` on resnet18 and mobilenet_v2: the compact fp32 network against the dense one (goal
 ≥ 1.6× faster). Needs torchvision (``pip install -e ".[zoo]"``, beside torch's CUDA build; runs on the CPU).
@@ -40,6 +46,8 @@ EPOCHS = 3
 MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "densenet121"]
 PEER, OURS = "ONNX Runtime quantize_static (peer)", "ours: QAT export (default)"
 COMPACT = {"resnet18": 0.3, "mobilenet_v2": 0.3}  # share of channels by group (about 2x fewer FLOPs; measured below)
+TOKENS, VOCABULARY = 64, 1000
+DYNAMIC = "ONNX Runtime quantize_dynamic (peer)"
 
 
 def batches(n: int = 8, size: int = 16) -> list[torch.Tensor]:
@@ -75,6 +83,53 @@ def files(name: str, tmp: Path) -> dict[str, Path]:
     return paths
 
 
+class Logits(torch.nn.Module):
+    """A Hugging Face classifier as token ids → logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=ids).logits
+
+
+def bert() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCABULARY, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=1024, max_position_embeddings=TOKENS, num_labels=10)  # fmt: skip
+    return Logits(transformers.BertForSequenceClassification(config)).eval()
+
+
+def bert_files(tmp: Path) -> dict[str, Path]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, VOCABULARY, (16, TOKENS), generator=generator) for _ in range(8)]
+    model = bert()
+    paths = {"fp32": export_float_onnx(model, tmp / "bert-fp32.onnx", data[0][:4])}
+    paths[PEER] = ort_static_int8(paths["fp32"], tmp / "bert-peer.onnx", [(x, None) for x in data], len(data))
+    pre = tmp / "bert-fp32.pre.onnx"  # written by ort_static_int8's pre-processing
+    paths[DYNAMIC] = tmp / "bert-dynamic.onnx"
+    quantize_dynamic(str(pre), str(paths[DYNAMIC]), per_channel=True, weight_type=QuantType.QInt8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare_qat(model, QATConfig(include=["@Linear", "@Embedding"]))
+        model.train()
+        labels = torch.randint(0, 10, (len(data), len(data[0])), generator=torch.Generator().manual_seed(1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        for _ in range(EPOCHS):
+            for x, y in zip(data, labels, strict=True):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+        model.eval()
+        paths[OURS] = export_onnx(model, tmp / "bert-ours.onnx", data[0])
+    return paths
+
+
 def compact_files(name: str, share: float, tmp: Path) -> tuple[dict[str, Path], float]:
     x = batches(1, 4)[0]
     model = build(name)
@@ -90,6 +145,25 @@ def compact_files(name: str, share: float, tmp: Path) -> tuple[dict[str, Path], 
     }, ratio
 
 
+def bert_table(tmp: Path, args: argparse.Namespace, timing: tuple) -> tuple[list[str], str]:
+    """BERT's rows (every file's speed and kernels) and the verdict against the faster of ONNX Runtime's two int8."""
+    paths = bert_files(tmp)
+    sessions = {k: ort_session(p, args.threads, tmp / f"{p.stem}.opt.onnx") for k, p in paths.items()}
+    rounds = interleaved_ort_medians(sessions, args.rounds, (TOKENS,), batches=timing, vocabulary=VOCABULARY)
+    fp32_bytes = paths["fp32"].stat().st_size
+    best = min((PEER, DYNAMIC), key=lambda k: statistics.median(rounds[k, 1]))
+    ratio = statistics.median(p / o for p, o in zip(rounds[best, 1], rounds[OURS, 1], strict=True))
+    verdict = (f"{ratio:.2f}× against {best.split(' (')[0]}, the faster peer ({'met' if ratio >= 1 else 'missed'}; "
+               f"int8 file {paths[OURS].stat().st_size / fp32_bytes:.2f}× of fp32)")  # fmt: skip
+    rows = []
+    for kind, path in paths.items():
+        cells = " | ".join(cell(rounds[kind, b], rounds["fp32", b], b) for b, _ in timing)
+        kernels = kernel_summary(tmp / f"{path.stem}.opt.onnx")
+        rows.append(f"| bert | {kind} | {cells} | {path.stat().st_size / fp32_bytes:.2f}× | {kernels} |")
+        print(rows[-1], flush=True)
+    return rows, verdict
+
+
 def cell(times: list[float], base: list[float], batch: int) -> str:
     speedups = [b / t for b, t in zip(base, times, strict=True)]
     return (f"{statistics.median(times) * 1e3:.{2 if batch == 1 else 1}f} | "
@@ -98,16 +172,16 @@ def cell(times: list[float], base: list[float], batch: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--models", nargs="+", default=[*MODELS, "bert"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rows, compact_rows, verdicts = [], [], []
+    rows, compact_rows, verdicts, bert_rows, bert_verdict = [], [], [], [], ""
     timing = ((1, 30), (16, 3))
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        for name in args.models:
+        for name in [m for m in args.models if m != "bert"]:
             paths = files(name, tmp)
             sessions = {k: ort_session(p, args.threads, tmp / f"{p.stem}.opt.onnx") for k, p in paths.items()}
             rounds = interleaved_ort_medians(sessions, args.rounds, (3, SIZE, SIZE), batches=timing)
@@ -121,6 +195,8 @@ def main() -> None:
                 kernels = kernel_summary(tmp / f"{path.stem}.opt.onnx")
                 rows.append(f"| {name} | {kind} | {cells} | {path.stat().st_size / fp32_bytes:.2f}× | {kernels} |")
                 print(rows[-1], flush=True)
+        if "bert" in args.models:
+            bert_rows, bert_verdict = bert_table(tmp, args, timing)
         for name, share in COMPACT.items():
             if name not in args.models:
                 continue
@@ -157,7 +233,26 @@ Channel groups + `export_compact` (goal: ≥ 1.6× faster than dense at about 2�
 """
         + "\n".join(compact_rows)
     )
-    update_results("zoo", body)
+    if rows:
+        update_results("zoo", body)
+    if bert_rows:
+        update_results(
+            "zoo_bert",
+            f"""## The zoo: BERT int8 against ONNX Runtime's own int8 (random weights)
+
+`python benchmarks/zoo.py --models bert` — Hugging Face `BertForSequenceClassification` from a config (hidden 256, 4
+layers of 4 heads, intermediate 1024, vocabulary {VOCABULARY}), random weights, {TOKENS} tokens, onnxruntime
+{ort.__version__}, {args.threads} intra-op threads, {args.rounds} interleaved rounds: median call time (ms) and
+speed-up over fp32 (median, lowest–highest round). Ours: `QATConfig(include=["@Linear", "@Embedding"])`, a short QAT
+run on fixed labels, `export_onnx`. Peers: ONNX Runtime's `quantize_static` (QDQ, calibrated on the same 8 batches)
+and `quantize_dynamic` of the same fp32 file. Machine: {machine()}.
+
+| model | file | batch 1 (ms) | vs fp32 | batch 16 (ms) | vs fp32 | size vs fp32 | kernels (ORT's optimised graph) |
+|---|---|---:|---:|---:|---:|---:|---|
+"""
+            + "\n".join(bert_rows)
+            + f"\n\nOurs against the faster peer at batch 1 (its time over ours; goal ≥ 1): {bert_verdict}.",
+        )
 
 
 if __name__ == "__main__":
