@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -354,9 +355,47 @@ def test_relu6_blocks_fuse_into_integer_convolutions(tmp_path):
     qat_steps(model, x, y, steps=4)
     kernels = ort_optimized_kernels(export_onnx(model, tmp_path / "relu6.onnx", x), tmp_path)
     assert kernels.count("QLinearConv") == 3 and "Conv" not in kernels and "FusedConv" not in kernels
-    # the two ReLU6 between convolutions are gone; the last one, before the pooling, stays (that conv quantizes its own
-    # output, which the pooling reads through the ReLU6)
-    assert kernels.count("Clip") == 1
+    # every ReLU6 is gone — also the last one, before the pooling: the tensor after it is quantized (by the ReLU6
+    # module), not the conv's output before it, which left a float Clip after a DequantizeLinear
+    assert "Clip" not in kernels
+
+
+class Bottleneck(nn.Module):
+    """MobileNetV2's inverted residual: expand, activate, project — no activation after the projection (a linear
+    bottleneck) — and the input added back when ``residual``."""
+
+    def __init__(self, channels: int, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.conv = nn.Sequential(nn.Conv2d(channels, 2 * channels, 1), nn.BatchNorm2d(2 * channels), nn.ReLU6(),
+                                  nn.Conv2d(2 * channels, channels, 1), nn.BatchNorm2d(channels))  # fmt: skip
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+def test_a_block_output_read_by_the_next_conv_and_an_addition_is_quantized_once(tmp_path):
+    """A block without a residual feeding a block with one: its output is an addition's input (quantized on its own
+    grid) and the next conv's input. The next conv reads it on that grid — before, it quantized it again, and ONNX
+    Runtime ran a DequantizeLinear → QuantizeLinear round trip between the two integer convolutions (5 of them in
+    torchvision's mobilenet_v2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), Bottleneck(8, False),
+                          Bottleneck(8, True), Bottleneck(8, True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))  # fmt: skip
+    prepare_qat(model, QATConfig())
+    x, y = torch.randn(64, 3, 12, 12), torch.randint(0, 10, (64,))
+    qat_steps(model, x, y, steps=4)
+    assert model[4].conv[0].input_quantizer is model[3].conv[3].output_quantizer
+    path = export_onnx(model, tmp_path / "bottleneck.onnx", x)
+    kernels = ort_optimized_kernels(path, tmp_path)
+    graph = onnx.load(tmp_path / "optimized.onnx").graph
+    readers = {name: [n.op_type for n in graph.node if name in n.input] for n in graph.node for name in n.output}
+    round_trips = [
+        n.name for n in graph.node if n.op_type == "DequantizeLinear" and readers[n.output[0]] == ["QuantizeLinear"]
+    ]
+    assert not round_trips
+    assert kernels.count("QLinearConv") == 7 and kernels.count("QLinearAdd") == 2 and "Conv" not in kernels
 
 
 def test_output_quantizers_observe_during_the_observer_calibration_before_quantizing(tmp_path):

@@ -439,17 +439,32 @@ def quantization_plan(
         plan.tensor_hosts.update({host: f"residual addition {node}" for host in found.values()})  # type: ignore[misc]
         feeds_addition.update(ends[a] for a in node.args[:2] if a in ends)
     layer_nodes = {n.target: n for n in nodes if n.op == "call_module" and n.target in ends.values()}
-    for name, node in layer_nodes.items():
-        if node.args and node.args[0] in hosts:
-            plan.shared_inputs[name] = hosts[node.args[0]]
     for end, name in ends.items():
-        tensor = _relu_after(end, modules) or end
+        relu = _relu_after(end, modules)
+        tensor = relu or end
         readers = list(tensor.users)
         only_quantizers = tensor in hosts or all(
             u.op == "call_module" and u.target in layer_nodes and u.args[0] is tensor for u in readers
         )
         if readers and only_quantizers and name not in feeds_addition:
             plan.plain_outputs.add(name)
+        elif relu is not None and name not in feeds_addition and relu.op == "call_module" and calls[relu.target] == 1:
+            # Read by something other than layers (a pooling, a flatten): quantized after its ReLU/ReLU6 module, so
+            # that ONNX Runtime fuses conv, activation and quantization into one integer kernel (quantized before
+            # the activation, the activation would run in float after a DequantizeLinear).
+            hosts[relu] = relu.target
+            plan.tensor_hosts[relu.target] = f"output of {name} after its activation"
+            plan.plain_outputs.add(name)
+    for name, node in layer_nodes.items():
+        if not node.args:
+            continue
+        if node.args[0] in hosts:
+            plan.shared_inputs[name] = hosts[node.args[0]]
+        elif (producer := ends.get(node.args[0])) is not None and producer not in plan.plain_outputs:
+            # A layer that reads another layer's quantized output directly (a block's last conv feeding the next
+            # block and a residual addition) reads it on that grid: quantizing it again would add a
+            # DequantizeLinear → QuantizeLinear round trip between two integer kernels.
+            plan.shared_inputs[name] = producer
     return plan
 
 
@@ -604,6 +619,14 @@ def prepare_qat(
     hosted = {name: activation_quantizer(out_bits) for name in plan.tensor_hosts}
     for name, quantizer in hosted.items():
         attach_tensor_quantizer(modules[name], quantizer)
+    # A layer's own output quantizer (made before the loop: a layer later in the model may read that output on it).
+    outputs = {
+        name: activation_quantizer(out_bits)
+        for name in names
+        if config.quantize_outputs
+        and name not in plan.plain_outputs
+        and (match_overrides(name, config.overrides, selected) or {}).get("activation_bits", config.activation_bits) > 1
+    }
     for name, layer in selected:
         weight = matrix_weight(layer)
         bits: dict[str, Any] = {
@@ -615,7 +638,8 @@ def prepare_qat(
         w_spec = QuantSpec(bits["weight_bits"], config.weight_symmetric, config.per_channel, axis=0)
         fixed = bits["activation_range"]
         a_spec = QuantSpec(bits["activation_bits"], config.activation_symmetric and fixed is None, per_channel=False)
-        shared = hosted.get(plan.shared_inputs.get(name, ""))
+        source = plan.shared_inputs.get(name, "")
+        shared = hosted.get(source) or outputs.get(source)
         if shared is not None and (fixed is not None or shared.spec != a_spec):
             shared = None  # the layer's own activation settings: it quantizes its input again, as configured
         input_quantizer = shared or FakeQuantizer(
@@ -624,11 +648,9 @@ def prepare_qat(
             averaging_constant=config.averaging_constant,
             fixed_range=fixed,
         )
-        output_quantizer = None
         # A layer with a binary input computes on no integer grid (exported with Where, its bias in float): ONNX Runtime
         # has no integer kernel for it, and quantizing its output there cost ONNX parity (99.2 % in a test): not done.
-        if config.quantize_outputs and bits["activation_bits"] > 1 and name not in plan.plain_outputs:
-            output_quantizer = activation_quantizer(out_bits)
+        output_quantizer = outputs.get(name)
         attach(
             layer,
             FakeQuantizer(w_spec, config.observer, channels=weight.shape[0], weight=True).to(weight.device),
