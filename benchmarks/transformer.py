@@ -39,6 +39,7 @@ import torch
 from _common import interleaved_ort_medians, machine, mean_std, update_results
 from mnist1d_accuracy import verdict
 from ort_latency import ort_static_int8
+from ptq import ort_accuracy
 
 from lightning_compress import (
     KnowledgeDistillation,
@@ -92,17 +93,6 @@ def fit(seed: int, epochs: int, callbacks=()) -> tuple[ClassificationModule, Dig
     return module, dm
 
 
-def onnx_accuracy(path: Path, loader) -> float:
-    session = ort_session(path, threads=2)
-    name = session.get_inputs()[0].name
-    right = total = 0
-    for x, y in loader:
-        logits = session.run(None, {name: x.numpy()})[0]
-        right += int((logits.argmax(1) == y.numpy()).sum())
-        total += len(y)
-    return right / total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
@@ -130,7 +120,7 @@ def main() -> None:
         measured["params_dense"] = sum(p.numel() for p in dense.net.parameters())
         fp32 = export_float_onnx(dense.net, tmp / f"dense{seed}.onnx", example)
         ort_int8 = ort_static_int8(fp32, tmp / f"ort{seed}.onnx", dm.train_dataloader())
-        results["ort_int8"].append(100 * onnx_accuracy(ort_int8, dm.test_dataloader()))
+        results["ort_int8"].append(ort_accuracy(ort_int8, dm.test_dataloader()))
 
         ways = {
             "layer": [MagnitudePruning(final_sparsity=share, granularity="channel", scope="layer", end_epoch=ramp)],

@@ -111,7 +111,7 @@ def bert_files(tmp: Path) -> dict[str, Path]:
     model = bert()
     paths = {"fp32": export_float_onnx(model, tmp / "bert-fp32.onnx", data[0][:4])}
     paths[PEER] = ort_static_int8(paths["fp32"], tmp / "bert-peer.onnx", [(x, None) for x in data], len(data))
-    pre = tmp / "bert-fp32.pre.onnx"  # written by ort_static_int8's pre-processing
+    pre = tmp / "bert-peer.pre.onnx"  # written by ort_static_int8's pre-processing
     paths[DYNAMIC] = tmp / "bert-dynamic.onnx"
     quantize_dynamic(str(pre), str(paths[DYNAMIC]), per_channel=True, weight_type=QuantType.QInt8)
     with warnings.catch_warnings():

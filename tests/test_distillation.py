@@ -72,6 +72,37 @@ def test_kd_loss_over_tokens_is_the_mean_per_token_and_a_mask_leaves_padding_out
         kd_loss(s, t, 2.0, mask[:, :8])
 
 
+def test_vocabulary_sized_logits_are_distilled_by_chunks_keeping_no_float_copy_of_them(monkeypatch):
+    """A language model's logits (batch × tokens × vocabulary) are taken in chunks, each recomputed in the backward
+    pass: what autograd keeps for the backward is the logits themselves (views of them), no float32 copy — the loss
+    and its gradient are those of the loss in one piece."""
+    from lightning_compress.core import losses
+
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 64, 3000)  # 384,000 values: 12 chunks of 32,768 (a chunk: 10 predictions)
+    student = torch.randn(shape, generator=g, dtype=torch.bfloat16).requires_grad_()
+    teacher = torch.randn(shape, generator=g, dtype=torch.bfloat16)
+    mask = (torch.rand(shape[:2], generator=g) > 0.25).long()
+    monkeypatch.setattr(losses, "CHUNK", 1 << 15)
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: kept.append(x) or x, lambda x: x):
+        chunked = kd_loss(student, teacher, 2.0, mask)
+    storages = {student.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
+    copies = [x for x in kept if x.untyped_storage().data_ptr() not in storages and x.numel() > 1 << 15]
+    assert not copies, [(tuple(x.shape), x.dtype) for x in copies]
+    chunked.backward()
+    by_chunks = student.grad.clone()
+    student.grad = None
+    monkeypatch.setattr(losses, "CHUNK", 1 << 62)
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: kept.append(x) or x, lambda x: x):
+        whole = kd_loss(student, teacher, 2.0, mask)
+    assert [x for x in kept if x.numel() == student.numel() and x.dtype == torch.float32]  # the copies it avoids
+    whole.backward()
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(by_chunks, student.grad)
+
+
 # --------------------------------------------------------------------------- the teacher drives learning
 class ShuffledLabels(DigitsDataModule):
     """Digits whose training labels are a random permutation: nothing to learn from them."""

@@ -23,6 +23,7 @@ from lightning_compress.quantization.prepare import (
     float_state_dict,
     qat_state_dict,
     quantized_layers,
+    unprepare,
 )
 from lightning_compress.tasks import ClassificationModule, DigitsDataModule, ResNet20
 
@@ -292,7 +293,9 @@ def test_detach_restores_the_plain_layer():
     qat.setup(make_trainer(".", max_epochs=1), module, "fit")
     for layer in quantized_layers(module).values():
         detach(layer)
-    assert not quantized_layers(module) and module.state_dict().keys() == before.keys()
+    assert not quantized_layers(module)
+    unprepare(module)  # the tensor quantizers too (the ReLUs before the pooling and the flatten host one each)
+    assert module.state_dict().keys() == before.keys()
     assert type(module.net.features[0]) is nn.Conv2d
 
 
@@ -438,10 +441,13 @@ def test_quantized_outputs_export_qdq_after_every_layer_with_parity(tmp_path):
     qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, quantize_outputs=True)
     trainer, module, dm = fit(tmp_path, [qat], max_epochs=4)
     # features.0 -> BatchNorm -> ReLU -> features.3 and classifier.1 -> ReLU -> classifier.3: the next layer's input
-    # quantizer quantizes those outputs (once); every other layer quantizes its own
-    plain = {"net.features.0", "net.classifier.1"}
+    # quantizer quantizes those outputs (once); features.3 -> ... -> ReLU -> MaxPool -> features.7 and features.7 ->
+    # ... -> ReLU -> Flatten -> classifier.1: the ReLU module quantizes them (its output is what the integer kernel
+    # writes; the max pooling keeps that grid); the last layer quantizes its own
+    plain = {"net.features.0", "net.features.3", "net.features.7", "net.classifier.1"}
     assert {n for n, m in quantized_layers(module).items() if not hasattr(m, "output_quantizer")} == plain
-    assert module.net.features[3].output_quantizer.initialized
+    assert module.net.features[5].output_quantizer.initialized and module.net.features[9].output_quantizer.initialized
+    assert module.net.features[7].input_quantizer.source is module.net.features[5].output_quantizer  # pooled: its grid
     path = export_onnx(module, tmp_path / "m.onnx", torch.zeros(2, 1, 8, 8))
     graph = onnx.load(path).graph
     producers = {o: n for n in graph.node for o in n.output}
@@ -450,7 +456,10 @@ def test_quantized_outputs_export_qdq_after_every_layer_with_parity(tmp_path):
         if name in plain:
             (layer,) = [n for n in graph.node if f"{name}.weight_dequantized" in n.input]
             (relu,) = consumers[layer.output[0]]
-            assert relu.op_type == "Relu" and [n.op_type for n in consumers[relu.output[0]]] == ["QuantizeLinear"]
+            after = consumers[relu.output[0]]
+            if [n.op_type for n in after] == ["Identity"]:  # a tensor quantizer's host: its output, then the pair
+                after = consumers[after[0].output[0]]
+            assert relu.op_type == "Relu" and [n.op_type for n in after] == ["QuantizeLinear"]
             continue
         conv = producers[f"{name}.output_float"]
         assert conv.op_type in ("Conv", "Gemm")

@@ -144,6 +144,16 @@ def kernel_read(model: nn.Module) -> set[str]:
     return inside(model, (nn.MultiheadAttention,))
 
 
+def observed_and_exported(model: nn.Module, x: torch.Tensor, path) -> object:
+    """Two forward passes in training mode (every quantizer observes its range), then the int8 export."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    model.eval()
+    return export_onnx(model, path, x)
+
+
 params = pytest.mark.parametrize("zoo", MODELS, ids=[z.name for z in MODELS])
 
 
@@ -217,12 +227,7 @@ def test_qat_exports_an_int8_onnx_holding_every_quantized_layer(zoo, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = prepare_qat(model, QATConfig())
-        model.train()
-        with torch.no_grad():
-            for _ in range(2):
-                model(x)
-        model.eval()
-        path = export_onnx(model, tmp_path / f"{zoo.name}.int8.onnx", x)
+        path = observed_and_exported(model, x, tmp_path / f"{zoo.name}.int8.onnx")
     initializers = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
     for name in quantized:
         assert initializers.get(f"{name}.weight_quantized") in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8), name
@@ -303,12 +308,7 @@ def test_named_embeddings_are_pruned_quantized_to_int8_rows_and_clustered(zoo, t
         assert name in quantized, name
     for mask in masks.values():
         assert abs(float((~mask).float().mean()) - 0.5) <= 1 / mask.numel()
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(x)
-    model.eval()
-    path = export_onnx(model, tmp_path / f"{zoo.name}.int8.onnx", x)
+    path = observed_and_exported(model, x, tmp_path / f"{zoo.name}.int8.onnx")
     initializers = onnx.load(str(path)).graph.initializer
     for name in tables:
         assert {i.name: i.data_type for i in initializers}[f"{name}.weight_quantized"] == onnx.TensorProto.INT8

@@ -25,7 +25,9 @@ def kd_loss(
     Computed in float32 whatever the inputs' precision (under fp16 / bf16 mixed precision the softmax of scaled
     logits would lose the small probabilities the soft targets carry), with log-probabilities on both sides so
     that it stays finite even where a probability underflows to 0. The T² factor keeps the gradient's size
-    independent of the temperature.
+    independent of the temperature. A language model's vocabulary-sized logits are taken :data:`CHUNK` values at a
+    time, each chunk recomputed in the backward pass instead of kept: the loss holds no float32 copy of the logits,
+    only chunks of them.
 
     Example:
         >>> s = torch.tensor([[2.0, 0.0, -1.0]])
@@ -46,15 +48,43 @@ def kd_loss(
     if torch.is_autocast_enabled(device):
         with torch.autocast(device_type=device, enabled=False):
             return kd_loss(student_logits, teacher_logits, temperature, mask)
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_prediction = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
+    per_prediction = _per_prediction_kl(student_logits, teacher_logits, temperature)
     if mask is None:
         kl = per_prediction.mean()
     else:
         keep = mask.to(per_prediction.dtype)
         kl = (per_prediction * keep).sum() / keep.sum().clamp_min(1.0)
     return kl * temperature**2
+
+
+#: Logit values the KL divergence works on at a time (4 Mi: 16 MiB in float32). Logits up to this size are computed in
+#: one piece; larger ones (a language model's batch × tokens × vocabulary) by chunks of predictions.
+CHUNK = 1 << 22
+
+
+def _kl_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``KL(softmax(teacher / T) ‖ softmax(student / T))`` of each row of ``(rows, classes)`` logits, in float32."""
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
+
+
+def _per_prediction_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """:func:`_kl_rows` of every prediction (the logits' shape without the last dimension): in one piece up to
+    :data:`CHUNK` values, else by chunks of rows, each one checkpointed (its float32 intermediates recomputed in the
+    backward pass, never kept for all rows at once)."""
+    classes = student_logits.shape[-1]
+    student, teacher = student_logits.reshape(-1, classes), teacher_logits.reshape(-1, classes)
+    if student.numel() <= CHUNK:
+        return _kl_rows(student, teacher, temperature).reshape(student_logits.shape[:-1])
+    from torch.utils.checkpoint import checkpoint
+
+    rows = max(1, CHUNK // classes)
+    parts = [
+        checkpoint(_kl_rows, s, t, temperature, use_reentrant=False)
+        for s, t in zip(student.split(rows), teacher.split(rows), strict=True)
+    ]
+    return torch.cat(parts).reshape(student_logits.shape[:-1])
 
 
 def feature_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:

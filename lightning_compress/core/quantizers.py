@@ -282,3 +282,45 @@ class FakeQuantizer(nn.Module):
         if self.fixed_range is not None:
             return f"bits={s.bits}, {'binary' if self.binary else 'affine'}, fixed range {self.fixed_range}"
         return f"bits={s.bits}, {'symmetric' if s.symmetric else 'affine'}, {kind}, observer={self.observer}"
+
+
+class MirroredQuantizer(nn.Module):
+    """The grid of another quantizer, for a tensor whose values are already on it: a max pooling of a quantized tensor
+    (the maximum of values on a grid is on that grid). The identity in the model, with no state of its own; the
+    export quantizes the tensor with the source's scale and zero-point, which lets ONNX Runtime run the pooling on the
+    integers (a pooling between two different grids would run in float between a DequantizeLinear and a
+    QuantizeLinear)."""
+
+    source: Any
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "source", source)  # a reference, not a child: the source is registered where it is
+        self.observing = self.quantizing = self.calibrating = self.measure_clipping = False
+        self.binary = self.is_weight = False  # read by a layer that takes it as its input quantizer
+        self.fixed_range: tuple[float, float] | None = None
+        self.last_clip_fraction: float | None = None
+
+    @property
+    def spec(self) -> QuantSpec:
+        spec: QuantSpec = self.source.spec
+        return spec
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.source.initialized)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        scale, zero_point = self.source.qparams()
+        return scale, zero_point
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("min_val", "max_val", "scale", "zero_point"):  # the source's range and grid, read-only
+            return getattr(self.source, name)
+        return super().__getattr__(name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return "the grid of the quantizer of the tensor it pools"

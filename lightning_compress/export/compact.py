@@ -239,7 +239,8 @@ def _cut_channels(
     (by module name)."""
     tp = require_torch_pruning()
     names = dict(compact.named_modules())
-    plan, heads = [], []
+    plan: list[tuple[ChannelGroup, list[int]]] = []
+    heads: list[tuple[ChannelGroup, list[int]]] = []
     rows: dict[str, set[int]] = {}
     for group in channel_groups(compact, example_input, include, exclude):
         removed = _removed_channels(group)

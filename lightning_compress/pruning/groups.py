@@ -259,8 +259,8 @@ def head_groups(model: nn.Module, example_input: Tensor, layers: Sequence[str]) 
         if qkv is None:
             dense.append(f"{host_name!r} (no three q/k/v projections reading one input: fused or unrecognised)")
             continue
-        widths = {m.out_features for _, m, _ in qkv}  # type: ignore[attr-defined]
-        width = qkv[0][1].out_features  # type: ignore[attr-defined]
+        widths = {int(m.out_features) for _, m, _ in qkv}  # type: ignore[arg-type]
+        width = int(qkv[0][1].out_features)  # type: ignore[arg-type]
         if len(widths) > 1:
             dense.append(f"{host_name!r} (grouped-query attention: keys and values serve several query heads)")
             continue

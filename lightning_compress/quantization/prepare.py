@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from lightning_compress.core.compiled import accepts_compiled, unwrap_compiled
 from lightning_compress.core.configs import QATConfig, resolve_config
 from lightning_compress.core.layout import matrix_weight
-from lightning_compress.core.quantizers import FakeQuantizer, QuantSpec, fake_quantize, quantize
+from lightning_compress.core.quantizers import FakeQuantizer, MirroredQuantizer, QuantSpec, fake_quantize, quantize
 from lightning_compress.core.selection import (
     EMBEDDING_TYPES,
     check_overrides_match,
@@ -53,6 +53,14 @@ from lightning_compress.core.selection import (
 )
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_MAX_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SWAPPED: dict[tuple[type, type], type] = {}
 
@@ -346,6 +354,8 @@ class QuantizationPlan:
         tensor_hosts: Module name → why its output is quantized: the inputs and outputs of residual additions. Such
             a tensor is quantized once, by a forward hook on the module that produces it, for every reader.
         shared_inputs: Layer name → the module whose output quantizer is its input quantizer (already applied).
+        mirrors: Tensor host → the host or layer whose quantizer's grid its tensor is already on (a max pooling of a
+            quantized tensor): quantized there with that grid, by a :class:`MirroredQuantizer`.
         float_additions: Additions of a quantized layer's output that stay in float (a tensor no module produces
             alone, e.g. a function's result at the model's top level), as ``"node (reason)"``.
         traced: Whether the model could be traced (without a trace: every layer's output is quantized, additions
@@ -356,6 +366,7 @@ class QuantizationPlan:
     plain_outputs: set[str] = field(default_factory=set)
     tensor_hosts: dict[str, str] = field(default_factory=dict)
     shared_inputs: dict[str, str] = field(default_factory=dict)
+    mirrors: dict[str, str] = field(default_factory=dict)
     float_additions: list[str] = field(default_factory=list)
     traced: bool = True
 
@@ -446,26 +457,53 @@ def quantization_plan(
         only_quantizers = tensor in hosts or all(
             u.op == "call_module" and u.target in layer_nodes and u.args[0] is tensor for u in readers
         )
-        if readers and only_quantizers and name not in feeds_addition:
+        if readers and only_quantizers and name not in feeds_addition and (len(readers) == 1 or tensor in hosts):
             plan.plain_outputs.add(name)
         elif relu is not None and name not in feeds_addition and relu.op == "call_module" and calls[relu.target] == 1:
-            # Read by something other than layers (a pooling, a flatten): quantized after its ReLU/ReLU6 module, so
-            # that ONNX Runtime fuses conv, activation and quantization into one integer kernel (quantized before
-            # the activation, the activation would run in float after a DequantizeLinear).
+            # Read by something other than layers (a pooling, a flatten), or by several layers (which must read one
+            # grid: ONNX Runtime fuses a conv with its QuantizeLinear only when that is its one reader): quantized
+            # after its ReLU/ReLU6 module, so that conv, activation and quantization fuse into one integer kernel
+            # (quantized before the activation, the activation would run in float after a DequantizeLinear).
             hosts[relu] = relu.target
             plan.tensor_hosts[relu.target] = f"output of {name} after its activation"
             plan.plain_outputs.add(name)
+    for node, host in hosts.items():
+        if node.op == "call_module" and isinstance(modules.get(node.target), _MAX_POOLS) and node.args:
+            source = node.args[0]
+            if source in hosts:
+                plan.mirrors[host] = hosts[source]
+            elif source in ends and ends[source] not in plan.plain_outputs:
+                plan.mirrors[host] = ends[source]
     for name, node in layer_nodes.items():
         if not node.args:
             continue
         if node.args[0] in hosts:
             plan.shared_inputs[name] = hosts[node.args[0]]
+        elif _pooled(node.args[0], modules, calls, hosts):
+            # A max pooling between a quantized tensor and this layer (a CNN's stage boundary): quantized on the
+            # grid of what it pools (a mirror) and shared, so that ONNX Runtime pools the integers.
+            pool = node.args[0]
+            plan.mirrors[pool.target] = hosts[pool.args[0]]
+            hosts[pool] = pool.target
+            plan.tensor_hosts[pool.target] = f"max pooling of the output of {plan.mirrors[pool.target]}"
+            plan.shared_inputs[name] = pool.target
         elif (producer := ends.get(node.args[0])) is not None and producer not in plan.plain_outputs:
             # A layer that reads another layer's quantized output directly (a block's last conv feeding the next
             # block and a residual addition) reads it on that grid: quantizing it again would add a
             # DequantizeLinear → QuantizeLinear round trip between two integer kernels.
             plan.shared_inputs[name] = producer
     return plan
+
+
+def _pooled(node: Any, modules: dict[str, nn.Module], calls: Mapping[Any, int], hosts: Mapping[Any, str]) -> bool:
+    """Whether ``node`` is a max pooling module (called once) of a tensor that a host quantizes."""
+    return (
+        node.op == "call_module"
+        and isinstance(modules.get(node.target), _MAX_POOLS)
+        and calls[node.target] == 1
+        and bool(node.args)
+        and node.args[0] in hosts
+    )
 
 
 def _is_addition(node: Any) -> bool:
@@ -616,9 +654,9 @@ def prepare_qat(
         spec = QuantSpec(bits, config.activation_symmetric)
         return FakeQuantizer(spec, config.observer, averaging_constant=config.averaging_constant).to(device)
 
-    hosted = {name: activation_quantizer(out_bits) for name in plan.tensor_hosts}
-    for name, quantizer in hosted.items():
-        attach_tensor_quantizer(modules[name], quantizer)
+    hosted: dict[str, nn.Module] = {
+        name: activation_quantizer(out_bits) for name in plan.tensor_hosts if name not in plan.mirrors
+    }
     # A layer's own output quantizer (made before the loop: a layer later in the model may read that output on it).
     outputs = {
         name: activation_quantizer(out_bits)
@@ -627,6 +665,10 @@ def prepare_qat(
         and name not in plan.plain_outputs
         and (match_overrides(name, config.overrides, selected) or {}).get("activation_bits", config.activation_bits) > 1
     }
+    for name, source in plan.mirrors.items():  # a max pooling of a quantized tensor: already on its grid
+        hosted[name] = MirroredQuantizer(hosted.get(source) or outputs[source])
+    for name in plan.tensor_hosts:
+        attach_tensor_quantizer(modules[name], hosted[name])
     for name, layer in selected:
         weight = matrix_weight(layer)
         bits: dict[str, Any] = {
@@ -639,7 +681,7 @@ def prepare_qat(
         fixed = bits["activation_range"]
         a_spec = QuantSpec(bits["activation_bits"], config.activation_symmetric and fixed is None, per_channel=False)
         source = plan.shared_inputs.get(name, "")
-        shared = hosted.get(source) or outputs.get(source)
+        shared: Any = hosted.get(source) or outputs.get(source)
         if shared is not None and (fixed is not None or shared.spec != a_spec):
             shared = None  # the layer's own activation settings: it quantizes its input again, as configured
         input_quantizer = shared or FakeQuantizer(
@@ -675,7 +717,7 @@ def _python_path(module: nn.Module, args: Any) -> None:
 def layer_quantizers(layer: Any) -> list[FakeQuantizer]:
     """A prepared layer's quantizers: input, weight and (with ``quantize_outputs``) output; an embedding's weight."""
     found = (getattr(layer, "input_quantizer", None), layer.weight_quantizer, getattr(layer, "output_quantizer", None))
-    return [q for q in found if q is not None]
+    return [q for q in found if isinstance(q, FakeQuantizer)]  # a mirror (a pooled tensor's grid) has no state
 
 
 def all_quantizers(model: nn.Module) -> list[FakeQuantizer]:
@@ -683,7 +725,7 @@ def all_quantizers(model: nn.Module) -> list[FakeQuantizer]:
     quantizer that a layer shares as its input is listed once)."""
     layers = {**quantized_layers(model), **quantized_embeddings(model)}
     found = [q for layer in layers.values() for q in layer_quantizers(layer)]
-    found += list(tensor_quantizers(model).values())
+    found += [q for q in tensor_quantizers(model).values() if isinstance(q, FakeQuantizer)]  # a mirror has no state
     return list({id(q): q for q in found}.values())
 
 

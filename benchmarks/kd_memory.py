@@ -1,0 +1,78 @@
+"""Peak memory of the distillation loss on a language model's vocabulary-sized logits: chunked (the default,
+`lightning_compress.core.losses.CHUNK` values at a time, each chunk recomputed in the backward pass) against the same
+loss in one piece. Logits (batch 4, 512 tokens, GPT-2's vocabulary 50257) in bf16, student and teacher, forward and
+backward on the CPU; each variant in a fresh process, its peak resident memory (`ru_maxrss`) above what it held once
+the logits and their gradient were allocated; 3 processes each.
+
+    python benchmarks/kd_memory.py      # writes the `kd_memory` section of benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from _common import machine, update_results
+
+SHAPE = (4, 512, 50257)
+
+
+def child(chunked: bool) -> None:
+    from lightning_compress.core import losses
+
+    if not chunked:
+        losses.CHUNK = 1 << 62
+    torch.manual_seed(0)
+    student = torch.randn(SHAPE, dtype=torch.bfloat16, requires_grad=True)
+    teacher = torch.randn(SHAPE, dtype=torch.bfloat16)
+    student.grad = torch.zeros_like(student)
+    mask = torch.ones(SHAPE[:-1])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    loss = losses.kd_loss(student, teacher, 2.0, mask)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak - base) * 1024, seconds, float(loss))
+
+
+def main() -> None:
+    if len(sys.argv) > 1:
+        child(sys.argv[1] == "chunked")
+        return
+    logits = torch.Size(SHAPE).numel() * 2
+    rows = []
+    for label, variant in (("chunked (default)", "chunked"), ("one piece", "whole")):
+        runs = []
+        for _ in range(3):
+            out = subprocess.run([sys.executable, __file__, variant], capture_output=True, text=True, check=True)
+            extra, seconds, loss = map(float, out.stdout.split())
+            runs.append((extra, seconds, loss))
+        extra = statistics.median(r[0] for r in runs)
+        rows.append(
+            f"| {label} | {extra / 2**20:.0f} MiB ({extra / logits:.2f}× the bf16 logits) | "
+            f"{statistics.median(r[1] for r in runs) * 1e3:.0f} ms | {runs[0][2]:.6f} |"
+        )
+        print(rows[-1], flush=True)
+    update_results(
+        "kd_memory",
+        f"""## Distillation of vocabulary-sized logits: memory
+
+`python benchmarks/kd_memory.py` — `kd_loss` forward and backward on bf16 logits of shape {SHAPE} (a batch of 512-token
+sequences over GPT-2's vocabulary: {logits / 2**20:.0f} MiB each, student and teacher), on the CPU, each variant in 3
+fresh processes: the peak resident memory above what the process held with the logits and their gradient allocated
+(median), and the time. Goal: no more than one extra copy of the logits. Machine: {machine()}.
+
+| loss | peak memory above the logits | forward + backward | loss |
+|---|---:|---:|---:|
+"""
+        + "\n".join(rows),
+    )
+
+
+if __name__ == "__main__":
+    main()
