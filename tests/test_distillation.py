@@ -73,9 +73,9 @@ def test_kd_loss_over_tokens_is_the_mean_per_token_and_a_mask_leaves_padding_out
 
 
 def test_vocabulary_sized_logits_are_distilled_by_chunks_keeping_no_float_copy_of_them(monkeypatch):
-    """A language model's logits (batch × tokens × vocabulary) are taken in chunks, each recomputed in the backward
-    pass: what autograd keeps for the backward is the logits themselves (views of them), no float32 copy — the loss
-    and its gradient are those of the loss in one piece."""
+    """A language model's logits (batch × tokens × vocabulary) are taken in chunks, the gradient written as it goes:
+    what autograd keeps for the backward is that gradient (the student's shape and type: the copy every loss makes),
+    no float32 copy of the logits — and the loss and its gradient are those of the loss in one piece."""
     from lightning_compress.core import losses
 
     g = torch.Generator().manual_seed(0)
@@ -87,11 +87,12 @@ def test_vocabulary_sized_logits_are_distilled_by_chunks_keeping_no_float_copy_o
     kept: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: kept.append(x) or x, lambda x: x):
         chunked = kd_loss(student, teacher, 2.0, mask)
-    storages = {student.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
-    copies = [x for x in kept if x.untyped_storage().data_ptr() not in storages and x.numel() > 1 << 15]
-    assert not copies, [(tuple(x.shape), x.dtype) for x in copies]
-    chunked.backward()
+    large = [(tuple(x.shape), x.dtype) for x in kept if x.numel() > 1 << 15]
+    assert large == [((128, 3000), torch.bfloat16)]  # the gradient, nothing else of the logits' size
+    chunked.backward(retain_graph=True)
     by_chunks = student.grad.clone()
+    with pytest.raises(RuntimeError, match="a second backward through it"):
+        chunked.backward()  # its gradient was scaled in place: refused, not silently doubled
     student.grad = None
     monkeypatch.setattr(losses, "CHUNK", 1 << 62)
     kept.clear()
@@ -101,6 +102,10 @@ def test_vocabulary_sized_logits_are_distilled_by_chunks_keeping_no_float_copy_o
     whole.backward()
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(by_chunks, student.grad)
+    trained_teacher = teacher.clone().requires_grad_()  # a teacher that takes a gradient: checkpointed chunks
+    monkeypatch.setattr(losses, "CHUNK", 1 << 15)
+    kd_loss(student, trained_teacher, 2.0, mask).backward()
+    assert trained_teacher.grad is not None and torch.isfinite(trained_teacher.grad.float()).all()
 
 
 # --------------------------------------------------------------------------- the teacher drives learning

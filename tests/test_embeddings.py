@@ -155,6 +155,7 @@ def test_quantized_embeddings_are_int8_rows_in_the_onnx_file_looked_up_as_intege
 
 
 def test_gpt2_with_its_embeddings_quantized_keeps_no_float_weight_matrix(tmp_path):
+    pytest.importorskip("transformers")
     from conftest import tiny_gpt2
 
     torch.manual_seed(0)
@@ -179,6 +180,7 @@ def test_gpt2_with_its_embeddings_quantized_keeps_no_float_weight_matrix(tmp_pat
 
 
 def test_a_tied_weight_given_two_settings_is_refused_naming_both():
+    pytest.importorskip("transformers")
     from conftest import tiny_gpt2
 
     with pytest.raises(ValueError, match=r"'m.transformer.wte' and 'm.lm_head' share one weight \(tied\), but "

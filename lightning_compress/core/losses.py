@@ -25,9 +25,9 @@ def kd_loss(
     Computed in float32 whatever the inputs' precision (under fp16 / bf16 mixed precision the softmax of scaled
     logits would lose the small probabilities the soft targets carry), with log-probabilities on both sides so
     that it stays finite even where a probability underflows to 0. The T² factor keeps the gradient's size
-    independent of the temperature. A language model's vocabulary-sized logits are taken :data:`CHUNK` values at a
-    time, each chunk recomputed in the backward pass instead of kept: the loss holds no float32 copy of the logits,
-    only chunks of them.
+    independent of the temperature. A language model's vocabulary-sized logits (above :data:`CHUNK` values) are taken
+    a chunk at a time, the gradient written as it goes: the loss makes no copy of the logits beyond the gradient the
+    student gets anyway (a second backward through it, ``retain_graph=True``, is refused).
 
     Example:
         >>> s = torch.tensor([[2.0, 0.0, -1.0]])
@@ -69,17 +69,53 @@ def _kl_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
 
 
+class _ChunkedKL(torch.autograd.Function):
+    """Per-row ``KL(softmax(teacher / T) ‖ softmax(student / T))`` of ``(rows, classes)`` logits, computed
+    ``chunk`` rows at a time, with its gradient ``(softmax(student / T) − softmax(teacher / T)) / T`` written into one
+    tensor of the student's shape and type as it goes: the only copy of the logits the loss makes is the gradient the
+    student gets anyway (the backward scales it in place)."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Tensor, temperature: float, chunk: int) -> Tensor:
+        gradient = torch.empty_like(student)
+        kl = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+        for start in range(0, student.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            log_p_student = F.log_softmax(student[rows].float() / temperature, dim=-1)
+            log_p_teacher = F.log_softmax(teacher[rows].float() / temperature, dim=-1)
+            p_teacher = log_p_teacher.exp()
+            kl[rows] = (p_teacher * (log_p_teacher - log_p_student)).sum(-1)
+            gradient[rows] = ((log_p_student.exp() - p_teacher) / temperature).to(gradient.dtype)
+        ctx.save_for_backward(gradient)
+        ctx.consumed = False
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        if ctx.consumed:
+            raise RuntimeError(
+                "kd_loss on logits of more than lightning_compress.core.losses.CHUNK values keeps one gradient and "
+                "scales it in place: a second backward through it (retain_graph=True) is not supported."
+            )
+        ctx.consumed = True
+        (gradient,) = ctx.saved_tensors
+        return gradient.mul_(grad_output.reshape(-1, 1).to(gradient.dtype)), None, None, None
+
+
 def _per_prediction_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """:func:`_kl_rows` of every prediction (the logits' shape without the last dimension): in one piece up to
-    :data:`CHUNK` values, else by chunks of rows, each one checkpointed (its float32 intermediates recomputed in the
-    backward pass, never kept for all rows at once)."""
+    :data:`CHUNK` values, else :class:`_ChunkedKL` by chunks of rows (a teacher that itself takes a gradient: each
+    chunk checkpointed, its float32 intermediates recomputed in the backward pass)."""
     classes = student_logits.shape[-1]
     student, teacher = student_logits.reshape(-1, classes), teacher_logits.reshape(-1, classes)
     if student.numel() <= CHUNK:
         return _kl_rows(student, teacher, temperature).reshape(student_logits.shape[:-1])
+    rows = max(1, CHUNK // classes)
+    if not teacher.requires_grad:
+        kl: Tensor = _ChunkedKL.apply(student, teacher.detach(), temperature, rows)
+        return kl.reshape(student_logits.shape[:-1])
     from torch.utils.checkpoint import checkpoint
 
-    rows = max(1, CHUNK // classes)
     parts = [
         checkpoint(_kl_rows, s, t, temperature, use_reentrant=False)
         for s, t in zip(student.split(rows), teacher.split(rows), strict=True)
