@@ -683,11 +683,18 @@ def _insert_tensor_qdq(proto: Any, tensors: Mapping[str, TensorQParams]) -> None
     for module, quantizer in tensors.items():
         inside = [n for n in nodes if module in scopes[id(n)]]
         read_outside = {name for n in nodes if module not in scopes[id(n)] for name in n.input} | outputs
-        leaving = [(n, slot) for n in inside for slot, out in enumerate(n.output) if out in read_outside]
+        leaving = [  # a constant the exporter made once inside the module and shares is no output of it
+            (n, slot)
+            for n in inside
+            if n.op_type != "Constant"
+            for slot, out in enumerate(n.output)
+            if out in read_outside
+        ]
         if len(leaving) != 1:
             raise ValueError(
                 f"export_onnx: could not find the output of module {module!r} in the exported graph (found "
-                f"{len(leaving)} tensors leaving it), so its quantizer cannot be written. Please report the model."
+                f"{len(leaving)} tensors leaving it: {', '.join(f'{n.op_type} {n.output[i]}' for n, i in leaving)}), "
+                "so its quantizer cannot be written. Please report the model."
             )
         producer, slot = leaving[0]
         inits, qdq = _quantize_output(producer, slot, f"{module}.output", *quantizer.qparams, quantizer.spec)

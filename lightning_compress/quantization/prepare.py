@@ -216,10 +216,22 @@ class _QATEmbeddingMixin(_Swapped):
                            e.scale_grad_by_freq, e.sparse)  # fmt: skip
 
 
+class _GatedSiLUMixin(_Swapped):
+    """``x · sigmoid(x)`` with the sigmoid computed by a child ``gate`` (an ``nn.Sigmoid``) whose output a tensor
+    quantizer quantizes: the form ONNX Runtime runs as ``QLinearSigmoid`` → ``QLinearMul`` (SiLU, EfficientNet's
+    activation) — computed in one float function, it would run between a DequantizeLinear and a QuantizeLinear."""
+
+    gate: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
+
+
 _MIXINS: dict[str, tuple[type, str]] = {
     "qat": (_QATMixin, "QAT"),
     "folded_bn": (_FoldedBatchNormMixin, "Folded"),
     "qat_embedding": (_QATEmbeddingMixin, "QAT"),
+    "gated_silu": (_GatedSiLUMixin, "Gated"),
 }
 
 
@@ -356,6 +368,9 @@ class QuantizationPlan:
         shared_inputs: Layer name → the module whose output quantizer is its input quantizer (already applied).
         mirrors: Tensor host → the host or layer whose quantizer's grid its tensor is already on (a max pooling of a
             quantized tensor): quantized there with that grid, by a :class:`MirroredQuantizer`.
+        gates: SiLU modules of a quantized tensor, computed as ``x · gate(x)`` with the sigmoid ``gate`` a child
+            module whose output is quantized (its name + ``.gate`` is a tensor host).
+        unit_range: Tensor hosts whose tensor lies in [0, 1] (sigmoids): quantized on that fixed range.
         float_additions: Additions of a quantized layer's output that stay in float (a tensor no module produces
             alone, e.g. a function's result at the model's top level), as ``"node (reason)"``.
         traced: Whether the model could be traced (without a trace: every layer's output is quantized, additions
@@ -367,6 +382,8 @@ class QuantizationPlan:
     tensor_hosts: dict[str, str] = field(default_factory=dict)
     shared_inputs: dict[str, str] = field(default_factory=dict)
     mirrors: dict[str, str] = field(default_factory=dict)
+    gates: set[str] = field(default_factory=set)
+    unit_range: set[str] = field(default_factory=set)
     float_additions: list[str] = field(default_factory=list)
     traced: bool = True
 
@@ -467,6 +484,7 @@ def quantization_plan(
             hosts[relu] = relu.target
             plan.tensor_hosts[relu.target] = f"output of {name} after its activation"
             plan.plain_outputs.add(name)
+    _plan_gates(plan, nodes, modules, calls, ends, hosts, scopes)
     for node, host in hosts.items():
         if node.op == "call_module" and isinstance(modules.get(node.target), _MAX_POOLS) and node.args:
             source = node.args[0]
@@ -493,6 +511,57 @@ def quantization_plan(
             # DequantizeLinear → QuantizeLinear round trip between two integer kernels.
             plan.shared_inputs[name] = producer
     return plan
+
+
+_MULTIPLICATIONS = {operator.mul, operator.imul, torch.mul}
+
+
+def _plan_gates(
+    plan: QuantizationPlan,
+    nodes: Sequence[Any],
+    modules: dict[str, nn.Module],
+    calls: Mapping[Any, int],
+    ends: Mapping[Any, str],
+    hosts: dict[Any, str],
+    scopes: Mapping[Any, set[str]],
+) -> None:
+    """Quantize the tensors of the gates ONNX Runtime runs on integers when each is quantized — in model order, so
+    that a gate's quantized output makes the next one's input quantized: a SiLU of a quantized tensor (its sigmoid and
+    its product: ``QLinearSigmoid``, ``QLinearMul``), and a sigmoid module of one that scales another quantized tensor
+    (squeeze-and-excitation's ``scale * input``: the sigmoid and the product)."""
+
+    def quantized(node: Any) -> bool:
+        node = _through_identities(node, modules) if hasattr(node, "op") else node
+        return node in hosts or (node in ends and ends[node] not in plan.plain_outputs)
+
+    for node in nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        once = module is not None and calls[node.target] == 1 and bool(node.args)
+        if once and isinstance(module, nn.SiLU) and quantized(node.args[0]):
+            plan.gates.add(node.target)
+            plan.tensor_hosts[f"{node.target}.gate"] = f"the sigmoid of SiLU {node.target}"
+            plan.unit_range.add(f"{node.target}.gate")
+            plan.tensor_hosts[node.target] = f"output of SiLU {node.target}"
+            hosts[node] = node.target
+        elif once and isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)) and quantized(node.args[0]):
+            # a sigmoid's quantized output pays only where an integer multiplication reads it: squeeze-and-excitation's
+            # ``scale * input`` with the input quantized (else it would add a requantization, not remove one)
+            (user, *more) = list(node.users) or [None]
+            other = [a for a in (user.args[:2] if _is_multiplication(user) and not more else ()) if a is not node]
+            host = _host(user, modules, calls, ends, scopes) if other and quantized(other[0]) else None
+            if host is not None and host not in plan.tensor_hosts:
+                plan.tensor_hosts[node.target] = f"output of sigmoid {node.target}"
+                plan.unit_range.add(node.target)
+                hosts[node] = node.target
+                plan.tensor_hosts[host] = f"product {user}"
+                hosts[user] = host
+
+
+def _is_multiplication(node: Any) -> bool:
+    return node is not None and (
+        (node.op == "call_function" and node.target in _MULTIPLICATIONS)
+        or (node.op == "call_method" and node.target in ("mul", "mul_"))
+    ) and len(node.args) >= 2 and all(hasattr(a, "op") for a in node.args[:2])  # fmt: skip
 
 
 def _pooled(node: Any, modules: dict[str, nn.Module], calls: Mapping[Any, int], hosts: Mapping[Any, str]) -> bool:
@@ -654,8 +723,18 @@ def prepare_qat(
         spec = QuantSpec(bits, config.activation_symmetric)
         return FakeQuantizer(spec, config.observer, averaging_constant=config.averaging_constant).to(device)
 
+    for name in plan.gates:  # x · gate(x): the sigmoid a module of its own, whose output is quantized
+        silu = modules[name]
+        silu.__class__ = _swapped_class(type(silu), _GatedSiLUMixin, "Gated")
+        silu.add_module("gate", nn.Sigmoid())
+    modules = dict(model.named_modules())
+    unit = QuantSpec(out_bits, symmetric=False)
     hosted: dict[str, nn.Module] = {
-        name: activation_quantizer(out_bits) for name in plan.tensor_hosts if name not in plan.mirrors
+        name: FakeQuantizer(unit, fixed_range=(0.0, 1.0)).to(device)
+        if name in plan.unit_range
+        else activation_quantizer(out_bits)
+        for name in plan.tensor_hosts
+        if name not in plan.mirrors
     }
     # A layer's own output quantizer (made before the loop: a layer later in the model may read that output on it).
     outputs = {
@@ -768,6 +847,10 @@ def unprepare(model: nn.Module) -> None:
         detach_embedding(embedding)
     for name in tensor_quantizers(model):
         detach_tensor_quantizer(model.get_submodule(name))
+    for module in model.modules():
+        if isinstance(module, _GatedSiLUMixin):
+            module.__class__ = module._original_class  # type: ignore[assignment]
+            del module.gate
     for module in model.modules():
         for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _python_path]:
             del module._forward_pre_hooks[key]
