@@ -231,6 +231,15 @@ def test_qat_exports_an_int8_onnx_holding_every_quantized_layer(zoo, tmp_path):
     initializers = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
     for name in quantized:
         assert initializers.get(f"{name}.weight_quantized") in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8), name
+        # and no float copy of it (DenseNet's concatenations read its Shape: that kept 11 MB of float weights) — unless
+        # a layer left in float reads the same weight (GPT-2's token embedding, tied to lm_head: named at setup)
+        weight = quantized[name].weight
+        tied = any(
+            m.weight is weight
+            for n, m in model.named_modules()
+            if n != name and isinstance(getattr(m, "weight", None), torch.Tensor)
+        )
+        assert tied or f"{name}.weight" not in initializers, name
     assert onnx_parity(model, path, [x])["top1_agreement"] >= 0.995
     if zoo.name in ALL_INTEGER:  # every convolution on an integer kernel in ONNX Runtime (ours were float before)
         kernels = ort_optimized_kernels(path, tmp_path)

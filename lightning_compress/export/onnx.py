@@ -476,6 +476,10 @@ def _insert_qdq(proto: Any, info: Mapping[str, QuantizedLayerExport]) -> None:
     before: dict[int, list[Any]] = {}
     after: dict[int, list[Any]] = {}
     dropped: set[int] = set()
+    shapes: dict[str, list[Any]] = {}  # initializer → the Shape nodes that read it
+    for reader in graph.node:
+        if reader.op_type == "Shape" and reader.input:
+            shapes.setdefault(reader.input[0], []).append(reader)
     for layer, place in places.items():
         data, prefix, node = info[layer], layer, place["node"]
         added: list[Any] = []
@@ -490,6 +494,9 @@ def _insert_qdq(proto: Any, info: Mapping[str, QuantizedLayerExport]) -> None:
         )
         added.append(dq)
         node.input[1] = dq.output[0]
+        if not place["transposed"]:  # a Shape of the float weight (DenseNet's concatenations): the int8 one's is equal
+            for reader in shapes.get(f"{layer}.weight", []):
+                reader.input[0] = f"{prefix}.weight_quantized"
         a_spec, a_scale, a_zp = data.input_spec, data.input_scale, data.input_zero_point
         if a_spec.bits == 1:  # binary activation: GreaterOrEqual -> Where (no integer grid; the bias stays float)
             assert data.input_range is not None
