@@ -70,7 +70,7 @@ def main() -> None:
 
 `python benchmarks/kd_memory.py` — `kd_loss` forward and backward on bf16 logits of shape {SHAPE} (a batch of 512-token
 sequences over GPT-2's vocabulary: {logits / 2**20:.0f} MiB each, student and teacher), on the CPU, each variant in 3
-fresh processes: the peak resident memory above what the process held with the logits and their gradient allocated
+fresh processes: the peak resident memory above what the process held with the logits allocated
 (median; the gradient, one copy of the logits, included), and the time. Resident memory is live memory here: the
 children map every tensor above 1 MiB (`MALLOC_MMAP_THRESHOLD_=1048576`). Goal: no more than one copy of the logits
 beyond the gradient. Machine: {machine()}.
