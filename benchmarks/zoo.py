@@ -62,18 +62,21 @@ def build(name: str) -> torch.nn.Module:
     return getattr(torchvision.models, name)(num_classes=10).eval()
 
 
-def files(name: str, tmp: Path) -> dict[str, Path]:
-    data = batches()
-    model = build(name)
+def int8_files(
+    name: str, model: torch.nn.Module, data: list[torch.Tensor], config: QATConfig, tmp: Path
+) -> dict[str, Path]:
+    """The fp32 file of ``model``, ONNX Runtime's ``quantize_static`` of it calibrated on ``data`` (the peer), and our
+    export after a short QAT run (``config``) on ``data`` with fixed labels: ranges observed, and logits no longer
+    near-tied (a random network's are)."""
     paths = {"fp32": export_float_onnx(model, tmp / f"{name}-fp32.onnx", data[0][:4])}
     paths[PEER] = ort_static_int8(paths["fp32"], tmp / f"{name}-peer.onnx", [(x, None) for x in data], len(data))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepare_qat(model, QATConfig())
+        prepare_qat(model, config)
         model.train()
         labels = torch.randint(0, 10, (len(data), len(data[0])), generator=torch.Generator().manual_seed(1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        for _ in range(EPOCHS):  # a short QAT run on fixed labels: ranges observed, and logits no longer near-tied
+        for _ in range(EPOCHS):
             for x, y in zip(data, labels, strict=True):
                 optimizer.zero_grad()
                 torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -108,26 +111,11 @@ def bert_files(tmp: Path) -> dict[str, Path]:
 
     generator = torch.Generator().manual_seed(0)
     data = [torch.randint(0, VOCABULARY, (16, TOKENS), generator=generator) for _ in range(8)]
-    model = bert()
-    paths = {"fp32": export_float_onnx(model, tmp / "bert-fp32.onnx", data[0][:4])}
-    paths[PEER] = ort_static_int8(paths["fp32"], tmp / "bert-peer.onnx", [(x, None) for x in data], len(data))
+    paths = int8_files("bert", bert(), data, QATConfig(include=["@Linear", "@Embedding"]), tmp)
     pre = tmp / "bert-peer.pre.onnx"  # written by ort_static_int8's pre-processing
     paths[DYNAMIC] = tmp / "bert-dynamic.onnx"
     quantize_dynamic(str(pre), str(paths[DYNAMIC]), per_channel=True, weight_type=QuantType.QInt8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepare_qat(model, QATConfig(include=["@Linear", "@Embedding"]))
-        model.train()
-        labels = torch.randint(0, 10, (len(data), len(data[0])), generator=torch.Generator().manual_seed(1))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        for _ in range(EPOCHS):
-            for x, y in zip(data, labels, strict=True):
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-        model.eval()
-        paths[OURS] = export_onnx(model, tmp / "bert-ours.onnx", data[0])
-    return paths
+    return {k: paths[k] for k in ("fp32", PEER, DYNAMIC, OURS)}  # the peers first, as in the table
 
 
 def compact_files(name: str, share: float, tmp: Path) -> tuple[dict[str, Path], float]:
@@ -145,23 +133,27 @@ def compact_files(name: str, share: float, tmp: Path) -> tuple[dict[str, Path], 
     }, ratio
 
 
-def bert_table(tmp: Path, args: argparse.Namespace, timing: tuple) -> tuple[list[str], str]:
-    """BERT's rows (every file's speed and kernels) and the verdict against the faster of ONNX Runtime's two int8."""
-    paths = bert_files(tmp)
+def timed(name: str, paths: dict[str, Path], shape: tuple[int, ...], args: argparse.Namespace, timing: tuple,
+          tmp: Path, vocabulary: int = 0) -> tuple[list[str], dict, float]:  # fmt: skip
+    """Every file's row (speed against fp32, size, ONNX Runtime's kernels), the rounds' medians, and the fp32 file's
+    size."""
     sessions = {k: ort_session(p, args.threads, tmp / f"{p.stem}.opt.onnx") for k, p in paths.items()}
-    rounds = interleaved_ort_medians(sessions, args.rounds, (TOKENS,), batches=timing, vocabulary=VOCABULARY)
+    rounds = interleaved_ort_medians(sessions, args.rounds, shape, batches=timing, vocabulary=vocabulary)
     fp32_bytes = paths["fp32"].stat().st_size
-    best = min((PEER, DYNAMIC), key=lambda k: statistics.median(rounds[k, 1]))
-    ratio = statistics.median(p / o for p, o in zip(rounds[best, 1], rounds[OURS, 1], strict=True))
-    verdict = (f"{ratio:.2f}× against {best.split(' (')[0]}, the faster peer ({'met' if ratio >= 1 else 'missed'}; "
-               f"int8 file {paths[OURS].stat().st_size / fp32_bytes:.2f}× of fp32)")  # fmt: skip
     rows = []
     for kind, path in paths.items():
         cells = " | ".join(cell(rounds[kind, b], rounds["fp32", b], b) for b, _ in timing)
         kernels = kernel_summary(tmp / f"{path.stem}.opt.onnx")
-        rows.append(f"| bert | {kind} | {cells} | {path.stat().st_size / fp32_bytes:.2f}× | {kernels} |")
+        rows.append(f"| {name} | {kind} | {cells} | {path.stat().st_size / fp32_bytes:.2f}× | {kernels} |")
         print(rows[-1], flush=True)
-    return rows, verdict
+    return rows, rounds, fp32_bytes
+
+
+def verdict(paths: dict[str, Path], rounds: dict, peer: str, fp32_bytes: float, against: str = "") -> str:
+    """Our int8 against ``peer`` at batch 1 (its time over ours, median of the rounds), and the int8 file's size."""
+    ratio = statistics.median(p / o for p, o in zip(rounds[peer, 1], rounds[OURS, 1], strict=True))
+    return (f"{ratio:.2f}×{against} ({'met' if ratio >= 1 else 'missed'}; int8 file "
+            f"{paths[OURS].stat().st_size / fp32_bytes:.2f}× of fp32)")  # fmt: skip
 
 
 def cell(times: list[float], base: list[float], batch: int) -> str:
@@ -182,21 +174,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for name in [m for m in args.models if m != "bert"]:
-            paths = files(name, tmp)
-            sessions = {k: ort_session(p, args.threads, tmp / f"{p.stem}.opt.onnx") for k, p in paths.items()}
-            rounds = interleaved_ort_medians(sessions, args.rounds, (3, SIZE, SIZE), batches=timing)
-            fp32_bytes = paths["fp32"].stat().st_size
-            ours, peer = rounds[OURS, 1], rounds[PEER, 1]
-            ratio = statistics.median(p / o for p, o in zip(peer, ours, strict=True))
-            verdicts.append(f"{name} {ratio:.2f}× ({'met' if ratio >= 1 else 'missed'}; int8 file "
-                            f"{paths[OURS].stat().st_size / fp32_bytes:.2f}× of fp32)")  # fmt: skip
-            for kind, path in paths.items():
-                cells = " | ".join(cell(rounds[kind, b], rounds["fp32", b], b) for b, _ in timing)
-                kernels = kernel_summary(tmp / f"{path.stem}.opt.onnx")
-                rows.append(f"| {name} | {kind} | {cells} | {path.stat().st_size / fp32_bytes:.2f}× | {kernels} |")
-                print(rows[-1], flush=True)
+            paths = int8_files(name, build(name), batches(), QATConfig(), tmp)
+            model_rows, rounds, fp32_bytes = timed(name, paths, (3, SIZE, SIZE), args, timing, tmp)
+            rows += model_rows
+            verdicts.append(f"{name} {verdict(paths, rounds, PEER, fp32_bytes)}")
         if "bert" in args.models:
-            bert_rows, bert_verdict = bert_table(tmp, args, timing)
+            paths = bert_files(tmp)
+            bert_rows, rounds, fp32_bytes = timed("bert", paths, (TOKENS,), args, timing, tmp, VOCABULARY)
+            best = min((PEER, DYNAMIC), key=lambda k: statistics.median(rounds[k, 1]))
+            bert_verdict = verdict(paths, rounds, best, fp32_bytes, f" against {best.split(' (')[0]}, the faster peer")
         for name, share in COMPACT.items():
             if name not in args.models:
                 continue

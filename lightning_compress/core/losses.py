@@ -62,10 +62,14 @@ def kd_loss(
 CHUNK = 1 << 22
 
 
+def _log_probabilities(student: Tensor, teacher: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``log softmax(student / T)`` and ``log softmax(teacher / T)`` over the last dimension, in float32."""
+    return (F.log_softmax(student.float() / temperature, dim=-1), F.log_softmax(teacher.float() / temperature, dim=-1))
+
+
 def _kl_rows(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """``KL(softmax(teacher / T) ‖ softmax(student / T))`` of each row of ``(rows, classes)`` logits, in float32."""
-    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    log_p_student, log_p_teacher = _log_probabilities(student, teacher, temperature)
     return F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
 
 
@@ -81,8 +85,7 @@ class _ChunkedKL(torch.autograd.Function):
         kl = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
         for start in range(0, student.shape[0], chunk):
             rows = slice(start, start + chunk)
-            log_p_student = F.log_softmax(student[rows].float() / temperature, dim=-1)
-            log_p_teacher = F.log_softmax(teacher[rows].float() / temperature, dim=-1)
+            log_p_student, log_p_teacher = _log_probabilities(student[rows], teacher[rows], temperature)
             p_teacher = log_p_teacher.exp()
             kl[rows] = (p_teacher * (log_p_teacher - log_p_student)).sum(-1)
             gradient[rows] = ((log_p_student.exp() - p_teacher) / temperature).to(gradient.dtype)

@@ -400,23 +400,24 @@ include=['@Linear', '@Embedding']). ...
     return " ".join(parts) or None
 
 
-def warn_not_compressed(
-    model: nn.Module, technique: str, selected: Sequence[tuple[str, nn.Module]] = (), embeddings: str | None = None
-) -> None:
-    """:func:`not_compressed`'s message as a warning, for the verbs (the callbacks warn on rank zero only)."""
-    if (message := not_compressed(model, technique, selected, embeddings=embeddings)) is not None:
-        warnings.warn(message, UserWarning, stacklevel=4)
+def settled(
+    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], config: Any, technique: str
+) -> tuple[list[tuple[str, nn.Module]], str | None]:
+    """The ``layers`` selected for ``config`` (a technique config) with a weight tied to several of them kept once
+    (per-layer overrides giving it two values refused), and the message naming what ``technique`` leaves out
+    (:func:`not_compressed`), or ``None`` — what the verbs and the callbacks both say, each in its own way."""
+    selected = distinct_weights(layers, config.per_layer, config.per_layer_field or "")
+    return selected, not_compressed(model, technique, selected, embeddings=config.embeddings_refused)
 
 
 def select_for(model: nn.Module, config: Any) -> list[tuple[str, nn.Module]]:
     """The layers a verb compresses as ``config`` (a technique config) asks, in the callbacks' words: selected
     (embeddings only when ``include`` names them, and only for a technique that can compress them), a weight tied to
-    several layers kept once (per-layer overrides giving it two values refused), and what is left out said in one
-    warning (:func:`warn_not_compressed`)."""
-    why = config.embeddings_refused
-    layers = select_modules(model, config.include, config.exclude, refuse_embeddings=why)
-    selected = distinct_weights(layers, config.per_layer, config.per_layer_field or "")
-    warn_not_compressed(model, config.technique, selected, why)
+    several layers kept once, and what is left out said in one warning (:func:`settled`)."""
+    layers = select_modules(model, config.include, config.exclude, refuse_embeddings=config.embeddings_refused)
+    selected, message = settled(model, layers, config, config.technique)
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=3)
     return selected
 
 

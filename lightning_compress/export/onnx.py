@@ -543,6 +543,11 @@ def _insert_qdq(proto: Any, info: Mapping[str, QuantizedLayerExport]) -> None:
     _splice(graph, graph.node, before, after, dropped)
     # The float weights and biases are no longer read. (Removed only now: the exporter may share one initializer
     # between layers whose values are equal, e.g. two all-zero folded biases.)
+    _drop_unused_initializers(graph)
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    """Remove the initializers no node and no graph output reads (the float weights a rewrite replaced)."""
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
@@ -580,12 +585,13 @@ def _insert_lookups(proto: Any, tables: Mapping[str, QuantizedTableExport]) -> N
     from onnx import numpy_helper
 
     graph = proto.graph
+    nodes = list(graph.node)  # held, so that id() names each node for the whole rewrite
     inits = {i.name: i for i in graph.initializer}
     reads: dict[str, list[Any]] = {}
-    for node in graph.node:
+    for node in nodes:
         if node.op_type == "Gather" and node.input[0] in inits:
             reads.setdefault(node.input[0], []).append(node)
-    before: dict[int, tuple[Any, list[Any]]] = {}
+    before: dict[int, list[Any]] = {}
     for name, data in tables.items():
         ints = data.weight_int.numpy()
         matches = [k for k in reads if inits[k].dims == list(ints.shape) and k.endswith(".weight")]
@@ -608,18 +614,11 @@ def _insert_lookups(proto: Any, tables: Mapping[str, QuantizedTableExport]) -> N
             added.append(numpy_helper.from_array(zero, f"{name}.weight_zero_point"))
         graph.initializer.extend(added)
         for k, node in enumerate(reads.pop(source)):
-            lookup = _lookup(name, node.input[1], node.output[0], f"{name}/lookup{k}", per_row, affine)
-            before[id(node)] = (node, lookup)  # the node kept alive: its id names it
+            before[id(node)] = _lookup(name, node.input[1], node.output[0], f"{name}/lookup{k}", per_row, affine)
         if per_row:
             graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{name}.last_axis"))
-    kept = []
-    for node in graph.node:
-        kept += before[id(node)][1] if id(node) in before else [node]
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _splice(graph, nodes, before, {}, dropped=set(before))  # each float Gather replaced by its integer lookup
+    _drop_unused_initializers(graph)
 
 
 def _fold_constant_casts(proto: Any) -> None:
@@ -729,8 +728,10 @@ def _splice(
     dropped: AbstractSet[int] = frozenset(),
 ) -> None:
     """Replace ``graph``'s nodes by ``nodes`` (by ``id``) with the nodes ``before`` / ``after`` each placed around it,
-    leaving out the ``dropped`` ones."""
-    spliced = [m for n in nodes if id(n) not in dropped for m in (*before.get(id(n), []), n, *after.get(id(n), []))]
+    leaving out the ``dropped`` ones (a dropped node's ``before`` / ``after`` stay: they may replace it)."""
+    spliced = [
+        m for n in nodes for m in (*before.get(id(n), []), *(() if id(n) in dropped else (n,)), *after.get(id(n), []))
+    ]
     del graph.node[:]
     graph.node.extend(spliced)
 

@@ -226,9 +226,7 @@ def _head_count(host: nn.Module, width: int) -> int | None:
                 continue
             if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= width and width % value == 0:
                 return width // value if per_head else value
-    config = getattr(host, "config", None)
-    count = getattr(config, "num_attention_heads", None)
-    return count if isinstance(count, int) and count > 0 and width % count == 0 else None
+    return None
 
 
 def head_groups(model: nn.Module, example_input: Tensor, layers: Sequence[str]) -> tuple[list[ChannelGroup], list[str]]:
@@ -252,7 +250,7 @@ def head_groups(model: nn.Module, example_input: Tensor, layers: Sequence[str]) 
     traced = _calls(model, [h for h in hosts if h not in kernels], example_input) if len(hosts) > len(kernels) else {}
     for host_name, calls in traced.items():
         host = model.get_submodule(host_name)
-        by_input: dict[int, list[tuple[str, nn.Module, Tensor]]] = {}
+        by_input: dict[int, list[Call]] = {}
         for call in calls:
             by_input.setdefault(id(call[2]), []).append(call)
         qkv = next((c for c in by_input.values() if len(c) == 3), None)

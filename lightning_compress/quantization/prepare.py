@@ -486,12 +486,9 @@ def quantization_plan(
             plan.plain_outputs.add(name)
     _plan_gates(plan, nodes, modules, calls, ends, hosts, scopes)
     for node, host in hosts.items():
-        if node.op == "call_module" and isinstance(modules.get(node.target), _MAX_POOLS) and node.args:
-            source = node.args[0]
-            if source in hosts:
-                plan.mirrors[host] = hosts[source]
-            elif source in ends and ends[source] not in plan.plain_outputs:
-                plan.mirrors[host] = ends[source]
+        pooled = _max_pooled(node, modules)
+        if pooled is not None and (source := _quantizer_of(pooled, hosts, ends, plan)) is not None:
+            plan.mirrors[host] = source
     for name, node in layer_nodes.items():
         if not node.args:
             continue
@@ -531,8 +528,7 @@ def _plan_gates(
     (squeeze-and-excitation's ``scale * input``: the sigmoid and the product)."""
 
     def quantized(node: Any) -> bool:
-        node = _through_identities(node, modules) if hasattr(node, "op") else node
-        return node in hosts or (node in ends and ends[node] not in plan.plain_outputs)
+        return hasattr(node, "op") and _quantizer_of(_through_identities(node, modules), hosts, ends, plan) is not None
 
     for node in nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
@@ -564,15 +560,23 @@ def _is_multiplication(node: Any) -> bool:
     ) and len(node.args) >= 2 and all(hasattr(a, "op") for a in node.args[:2])  # fmt: skip
 
 
+def _quantizer_of(node: Any, hosts: Mapping[Any, str], ends: Mapping[Any, str], plan: QuantizationPlan) -> str | None:
+    """The module whose quantizer quantizes the tensor ``node`` (a tensor host, or a layer with an output quantizer of
+    its own), or ``None``."""
+    if node in hosts:
+        return hosts[node]
+    return ends[node] if node in ends and ends[node] not in plan.plain_outputs else None
+
+
+def _max_pooled(node: Any, modules: dict[str, nn.Module]) -> Any:
+    """The input of ``node`` when it is a max pooling module's call, else ``None``."""
+    pooling = node.op == "call_module" and isinstance(modules.get(node.target), _MAX_POOLS) and node.args
+    return node.args[0] if pooling else None
+
+
 def _pooled(node: Any, modules: dict[str, nn.Module], calls: Mapping[Any, int], hosts: Mapping[Any, str]) -> bool:
     """Whether ``node`` is a max pooling module (called once) of a tensor that a host quantizes."""
-    return (
-        node.op == "call_module"
-        and isinstance(modules.get(node.target), _MAX_POOLS)
-        and calls[node.target] == 1
-        and bool(node.args)
-        and node.args[0] in hosts
-    )
+    return _max_pooled(node, modules) in hosts and calls[node.target] == 1
 
 
 def _is_addition(node: Any) -> bool:
@@ -686,9 +690,14 @@ def prepare_qat(
     if (message := not_compressed(model, "Quantization-aware training", chosen, writes=False)) is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
     check_overrides_match(chosen, config.overrides, "layer_bits")
+
+    def bits_of(name: str) -> dict[str, Any]:  # the config's widths and range, with the layer's own overrides
+        own = match_overrides(name, config.overrides, chosen) or {}
+        return {"weight_bits": config.weight_bits, "activation_bits": config.activation_bits,
+                "activation_range": config.activation_range, **own}  # fmt: skip
+
     for name, table in tables:
-        width = (match_overrides(name, config.overrides, chosen) or {}).get("weight_bits", config.weight_bits)
-        spec = QuantSpec(width, config.weight_symmetric, config.per_channel, axis=0)  # a scale per row (per token)
+        spec = QuantSpec(bits_of(name)["weight_bits"], config.weight_symmetric, config.per_channel, axis=0)  # per row
         table_weight: Tensor = table.weight  # type: ignore[assignment]
         quantizer = FakeQuantizer(spec, config.observer, channels=table_weight.shape[0], weight=True)
         attach_embedding(table, quantizer.to(table_weight.device))
@@ -740,9 +749,7 @@ def prepare_qat(
     outputs = {
         name: activation_quantizer(out_bits)
         for name in names
-        if config.quantize_outputs
-        and name not in plan.plain_outputs
-        and (match_overrides(name, config.overrides, selected) or {}).get("activation_bits", config.activation_bits) > 1
+        if config.quantize_outputs and name not in plan.plain_outputs and bits_of(name)["activation_bits"] > 1
     }
     for name, source in plan.mirrors.items():  # a max pooling of a quantized tensor: already on its grid
         hosted[name] = MirroredQuantizer(hosted.get(source) or outputs[source])
@@ -750,12 +757,7 @@ def prepare_qat(
         attach_tensor_quantizer(modules[name], hosted[name])
     for name, layer in selected:
         weight = matrix_weight(layer)
-        bits: dict[str, Any] = {
-            "weight_bits": config.weight_bits,
-            "activation_bits": config.activation_bits,
-            "activation_range": config.activation_range,
-        }
-        bits.update(match_overrides(name, config.overrides, selected) or {})
+        bits = bits_of(name)
         w_spec = QuantSpec(bits["weight_bits"], config.weight_symmetric, config.per_channel, axis=0)
         fixed = bits["activation_range"]
         a_spec = QuantSpec(bits["activation_bits"], config.activation_symmetric and fixed is None, per_channel=False)
@@ -851,7 +853,6 @@ def unprepare(model: nn.Module) -> None:
         if isinstance(module, _GatedSiLUMixin):
             module.__class__ = module._original_class  # type: ignore[assignment]
             del module.gate
-    for module in model.modules():
         for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _python_path]:
             del module._forward_pre_hooks[key]
 

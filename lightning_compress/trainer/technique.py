@@ -37,7 +37,7 @@ from lightning_compress.core.checks import (
     same_kind_order,
 )
 from lightning_compress.core.configs import TechniqueConfig
-from lightning_compress.core.selection import distinct_weights, not_compressed, select_modules
+from lightning_compress.core.selection import select_modules, settled
 from lightning_compress.trainer.progress import (
     callback_state,
     check_optimizers,
@@ -102,14 +102,12 @@ class Technique(Callback):
         technique that rewrites weights while training: a layer whose weight does not train (``requires_grad=False``)
         is left as it is, named in one warning. Layers the techniques do not compress at all (embeddings, attention
         kernels' projections, a weight-bearing module of an unknown type) and layers tied to a selected one are named
-        in another (:func:`~lightning_compress.core.selection.not_compressed`).
+        in another (:func:`~lightning_compress.core.selection.settled`).
 
         Raises:
             ValueError: Every selected layer is frozen (named).
         """
-        config = self.config
-        selected = distinct_weights(self.filter_modules(pl_module), config.per_layer, config.per_layer_field or "")
-        message = not_compressed(pl_module, self.name, selected, embeddings=config.embeddings_refused)
+        selected, message = settled(pl_module, self.filter_modules(pl_module), self.config, self.name)
         if message is not None:
             rank_zero_warn(message)
         frozen = [n for n, m in selected if isinstance(w := getattr(m, "weight", None), Tensor) and not w.requires_grad]
